@@ -72,3 +72,122 @@ class ModelConfig:
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(int(v) for v in kwargs[key])
         return cls(**kwargs)
+
+
+AMP_DTYPES = ("auto", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; defaults are the paper's PASCAL VOC ``train_aug`` setting.
+
+    Stored verbatim in every training checkpoint (``"train_config"``) so a run can be
+    resumed, or audited, from the file alone.
+
+    Attributes:
+        lr: initial learning rate of the poly schedule (paper: 0.007; 1e-4 to fine-tune
+            on trainval).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum (the paper uses plain momentum).
+        weight_decay: L2 weight decay (paper: 4e-5 Xception/MobileNetV2, 1e-4 ResNet).
+        decay_norm_and_bias: also decay BatchNorm scales/shifts and biases. ``False``
+            matches the TF reference, which regularises conv/linear weights only.
+        poly_power: exponent of ``lr * (1 - step / max_steps) ** power``.
+        max_steps: optimizer steps in the whole run; the poly schedule reaches 0 there.
+        batch_size: GLOBAL batch per optimizer step, summed over processes and
+            accumulation steps (paper: 16). Must divide by ``world_size * accum_steps``.
+            Keeping it global makes the data order independent of the hardware.
+        accum_steps: micro-batches accumulated per optimizer step.
+        crop_size: training crop side (paper: 513 VOC, 769 Cityscapes).
+        scale_range: random rescaling range before cropping (paper: 0.5-2.0).
+        scale_step: rescaling granularity (paper: 0.25; 0 means continuous).
+        hflip: random left-right flip.
+        ignore_index: label ignored by the loss (and the metric).
+        amp: mixed precision (bf16 autocast on CPU; bf16 or fp16 + GradScaler on CUDA).
+        amp_dtype: ``"auto"`` (bf16 where supported, else fp16), ``"bf16"`` or ``"fp16"``.
+        freeze_bn: BatchNorm in eval mode with frozen scale/shift (paper: OS 8 fine-tuning,
+            or when the per-device batch is too small to estimate statistics).
+        sync_bn: synchronise BatchNorm statistics across processes in distributed runs.
+        channels_last: NHWC memory format on CUDA (faster convs with tensor cores).
+        eval_every: evaluate every this many steps (0: only at the end).
+        ckpt_every: write ``last.pt`` every this many steps (0: only at the end).
+        log_every: log train metrics every this many steps.
+        seed: seeds model-side randomness (dropout), shuffling and augmentation.
+        num_workers: DataLoader worker processes (results do not depend on it).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        run_dir: where ``last.pt``, ``best.pt`` and ``metrics.jsonl`` go.
+        resume_from: checkpoint to resume from exactly; ``"auto"`` resumes from
+            ``run_dir/last.pt`` when it exists and starts fresh otherwise.
+    """
+
+    lr: float = 0.007
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 4e-5
+    decay_norm_and_bias: bool = False
+    poly_power: float = 0.9
+    max_steps: int = 30000
+    batch_size: int = 16
+    accum_steps: int = 1
+    crop_size: int = 513
+    scale_range: Tuple[float, float] = (0.5, 2.0)
+    scale_step: float = 0.25
+    hflip: bool = True
+    ignore_index: int = 255
+    amp: bool = False
+    amp_dtype: str = "auto"
+    freeze_bn: bool = False
+    sync_bn: bool = True
+    channels_last: bool = True
+    eval_every: int = 2000
+    ckpt_every: int = 1000
+    log_every: int = 20
+    seed: int = 0
+    num_workers: int = 4
+    device: str = "auto"
+    run_dir: str = "runs/deeplab"
+    resume_from: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("max_steps", "batch_size", "accum_steps", "crop_size", "log_every"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "ckpt_every", "num_workers"):
+            if int(getattr(self, name)) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.batch_size % self.accum_steps:
+            problems.append(
+                f"batch_size={self.batch_size} (global) must be divisible by "
+                f"accum_steps={self.accum_steps}"
+            )
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            problems.append(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
+        if self.amp_dtype not in AMP_DTYPES:
+            problems.append(f"unknown amp_dtype {self.amp_dtype!r}; choose from {list(AMP_DTYPES)}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict (tuples as lists) that ``torch.load(weights_only=True)`` accepts."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error that lists them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown train config keys {unknown}; known keys are {sorted(known)}")
+        kwargs = dict(data)
+        if kwargs.get("scale_range") is not None:
+            kwargs["scale_range"] = tuple(float(v) for v in kwargs["scale_range"])
+        return cls(**kwargs)
