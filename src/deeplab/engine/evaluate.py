@@ -1,0 +1,315 @@
+"""Evaluation loop: a confusion matrix over a whole split, single- or multi-process.
+
+Distributed evaluation must count every pixel exactly once. ``DistributedSampler`` pads
+the index list to a multiple of the world size by repeating samples (or drops samples
+with ``drop_last``), which silently changes mIoU; :class:`ShardSampler` splits indices
+without padding, shards may differ in length by one, and the per-rank matrices are summed
+with one ``all_reduce``. The result equals the single-process matrix exactly (integer
+counts; each image is predicted the same way on any rank).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Sized, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DistributedSampler, Sampler
+from tqdm import tqdm
+
+from deeplab.engine.inference import IntPair, _unwrap, predict_mask
+from deeplab.metrics import ConfusionMatrix
+
+__all__ = ["ShardSampler", "evaluate", "shard_indices", "write_report"]
+
+
+def _dist_active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shard_indices(num_samples: int, num_replicas: int, rank: int) -> List[int]:
+    """Indices of ``range(num_samples)`` for ``rank``: every ``num_replicas``-th from ``rank``.
+
+    The shards are disjoint, cover everything, and are never padded: with 7 samples and
+    2 ranks, rank 0 gets ``[0, 2, 4, 6]`` and rank 1 ``[1, 3, 5]``. Interleaving (rather
+    than contiguous blocks) balances the work when a dataset is sorted by image size.
+    """
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank {rank} outside [0, num_replicas={num_replicas})")
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    return list(range(rank, num_samples, num_replicas))
+
+
+class ShardSampler(Sampler[int]):
+    """Sequential sampler over this rank's :func:`shard_indices`, with no padding.
+
+    Use it for evaluation DataLoaders instead of ``DistributedSampler``.
+
+    Args:
+        data: the dataset (anything with ``len``) or its length.
+        num_replicas: number of ranks; defaults to the process group's world size (1
+            without one).
+        rank: this rank; defaults to the process group's rank (0 without one).
+    """
+
+    def __init__(
+        self,
+        data: Union[Sized, int],
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
+    ) -> None:
+        initialised = dist.is_available() and dist.is_initialized()
+        self.num_samples = int(data) if isinstance(data, int) else len(data)
+        self.num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if initialised else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if initialised else 0)
+        self.indices = shard_indices(self.num_samples, self.num_replicas, self.rank)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _check_sampler(loader: Iterable[Any]) -> None:
+    """Refuse a DistributedSampler that repeats or drops samples (it would skew mIoU)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        n = len(sampler.dataset)  # type: ignore[arg-type]
+        if sampler.total_size != n:
+            how = "repeats" if sampler.total_size > n else "drops"
+            raise ValueError(
+                f"the evaluation DataLoader uses a DistributedSampler that {how} "
+                f"{abs(sampler.total_size - n)} of {n} samples to split them evenly over "
+                f"{sampler.num_replicas} ranks, which changes the confusion matrix; use "
+                "deeplab.engine.evaluate.ShardSampler(dataset) instead"
+            )
+
+
+def _split_batch(batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, Mapping):
+        try:
+            return batch["image"], batch["mask"]
+        except KeyError:
+            raise TypeError(
+                f"a dict batch needs 'image' and 'mask' keys, got {sorted(batch)}"
+            ) from None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"the loader must yield (image (B,3,H,W), mask (B,H,W)) pairs, got {type(batch).__name__}"
+    )
+
+
+def _set_eval(model: nn.Module) -> List[Tuple[nn.Module, bool]]:
+    # Remember every module's own flag: a trainer may keep some layers in eval mode on
+    # purpose (frozen BatchNorm for OS 8 fine-tuning), which model.train() would undo.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    return modes
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    num_classes: int,
+    ignore_index: int = 255,
+    device: Union[str, torch.device] = "cpu",
+    mode: str = "whole",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    crop_size: IntPair = 513,
+    stride: IntPair = 341,
+    output_stride: Optional[int] = None,
+    pad_to: Optional[IntPair] = None,
+    distributed: Optional[bool] = None,
+    progress: bool = True,
+) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` over every sample of ``loader``.
+
+    The model is put in eval mode for the loop and every submodule's previous mode is
+    restored afterwards. Predictions come from :func:`deeplab.engine.inference.predict_mask`
+    with the given inference options; pixels labelled ``ignore_index`` are not counted.
+
+    Distributed use (``torch.distributed`` initialised, more than one process): build the
+    loader with :class:`ShardSampler` so each rank evaluates its own shard, call
+    ``evaluate`` on *every* rank; the matrices are summed with ``all_reduce`` and every
+    rank returns the full-dataset matrix. A ``DistributedSampler`` that would pad or drop
+    samples is refused. To evaluate on one rank only while a process group exists, pass
+    ``distributed=False`` (otherwise the collective would wait for the other ranks forever).
+
+    Args:
+        model: maps ``(B, 3, H, W)`` to logits ``(B, C, H, W)``; already on ``device``. A
+            DDP wrapper is unwrapped (its forward may synchronise buffers, which would
+            hang with shards of unequal length).
+        loader: yields ``(image, mask)`` (extra items ignored) or ``{"image", "mask"}``
+            batches: ``image`` ``(B, 3, H, W)`` float normalised, ``mask`` ``(B, H, W)``
+            integer class ids. Use batch size 1 for images of different sizes.
+        num_classes: ``C``.
+        ignore_index: mask label excluded from the metric.
+        device: where images, masks and the confusion matrix go.
+        mode, scales, flip, crop_size, stride, output_stride, pad_to: inference options,
+            see :func:`deeplab.engine.inference.predict_probs`.
+        distributed: sum over ranks; ``None`` = whenever a multi-process group exists.
+        progress: show a tqdm bar (rank 0 only) with the running (local) mIoU.
+
+    Returns:
+        The accumulated :class:`~deeplab.metrics.ConfusionMatrix` on ``device``.
+
+    Raises:
+        ValueError: model and ``device`` disagree, a DistributedSampler that pads/drops,
+            masks whose size differs from their images, or labels outside the classes.
+    """
+    device = torch.device(device)
+    net = _unwrap(model)
+    param = next(net.parameters(), None)
+    if param is not None and param.device.type != device.type:
+        raise ValueError(
+            f"the model is on {param.device} but device={str(device)!r}; call "
+            f"model.to({str(device)!r}) first or pass device={str(param.device)!r}"
+        )
+    _check_sampler(loader)
+    if distributed is None:
+        distributed = _dist_active()
+    rank = dist.get_rank() if distributed else 0
+
+    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    seen = 0
+    bar = tqdm(
+        loader,
+        total=len(loader) if isinstance(loader, Sized) else None,
+        desc="eval",
+        unit="batch",
+        disable=not progress or rank != 0,
+        dynamic_ncols=True,
+    )
+    modes = _set_eval(model)
+    try:
+        for batch in bar:
+            image, mask = _split_batch(batch)
+            image = image.to(device, non_blocking=True)
+            mask = torch.as_tensor(mask).to(device, non_blocking=True)
+            if mask.dim() == 4 and mask.shape[1] == 1:
+                mask = mask[:, 0]
+            if mask.dim() != 3 or mask.shape[0] != image.shape[0] or mask.shape[-2:] != image.shape[-2:]:
+                raise ValueError(
+                    f"mask {tuple(mask.shape)} does not match image {tuple(image.shape)}; "
+                    "evaluation needs (B, H, W) masks at the image size (resize the image, "
+                    "never the mask, in the validation transform)"
+                )
+            pred = predict_mask(
+                net,
+                image,
+                num_classes=num_classes,
+                mode=mode,
+                scales=scales,
+                flip=flip,
+                crop_size=crop_size,
+                stride=stride,
+                output_stride=output_stride,
+                pad_to=pad_to,
+            )
+            cm.update(pred, mask)
+            seen += int(image.shape[0])
+            if not bar.disable:
+                miou = cm.miou
+                bar.set_postfix(mIoU=f"{100 * miou:.2f}" if not math.isnan(miou) else "-")
+    finally:
+        bar.close()
+        for module, was_training in modes:
+            module.training = was_training
+
+    if distributed:
+        cm.all_reduce()
+        count = torch.tensor([seen], dtype=torch.int64, device=device)
+        dist.all_reduce(count)
+        seen = int(count.item())
+    dataset = getattr(loader, "dataset", None)
+    if distributed and isinstance(dataset, Sized) and seen != len(dataset):
+        warnings.warn(
+            f"distributed evaluation saw {seen} samples in total for a dataset of "
+            f"{len(dataset)}: the ranks' samplers do not partition the dataset (use "
+            "ShardSampler), so pixels were counted more or fewer times than once",
+            stacklevel=2,
+        )
+    return cm
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types: dataclasses/tuples/paths/tensors converted, NaN/inf as None."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(asdict(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        try:
+            return _jsonable(obj.item())
+        except (TypeError, ValueError):
+            pass
+    return str(obj)  # paths, devices, dtypes, enums: their readable form
+
+
+def write_report(
+    cm: ConfusionMatrix,
+    class_names: Optional[Sequence[str]],
+    out_dir: Union[str, Path],
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write ``report.json`` and ``confusion.png`` into ``out_dir``; call on rank 0.
+
+    ``report.json`` holds ``{"config": extra, "metrics": cm.summary(class_names),
+    "class_names": [...], "confusion_matrix": [[int]] (rows = ground truth),
+    "created": ISO time}``; the raw matrix lets any metric be recomputed later. The JSON
+    is written to a temporary file and renamed, so an existing report is never left
+    half-written.
+
+    Args:
+        cm: the evaluated confusion matrix.
+        class_names: ``C`` names, or ``None`` for ``class_0 ..``.
+        out_dir: directory (created if missing).
+        extra: what produced the numbers (checkpoint, inference options, dataset...);
+            dataclasses, paths and tuples are converted to JSON.
+
+    Returns:
+        Path of ``report.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = cm.summary(class_names)
+    report = {
+        "config": _jsonable(extra or {}),
+        "metrics": summary,
+        "class_names": list(summary["per_class"]),
+        "confusion_matrix": cm.matrix.cpu().tolist(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = out / "report.json"
+    tmp = out / f".report.json.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    cm.save_confusion_png(out / "confusion.png", class_names)
+    return path
