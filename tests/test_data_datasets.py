@@ -10,8 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from data_fixtures import (FOLDER_CLASSES, H, W, label_array, make_ade, make_cityscapes,
-                           make_folder, make_voc, save_image, save_mask)
+try:  # tests/ as a package (tests/__init__.py) or as plain rootdir modules
+    from tests.data_fixtures import (FOLDER_CLASSES, H, W, label_array, make_ade,
+                                     make_cityscapes, make_folder, make_voc, save_image,
+                                     save_mask)
+except ImportError:
+    from data_fixtures import (FOLDER_CLASSES, H, W, label_array, make_ade,  # type: ignore
+                               make_cityscapes, make_folder, make_voc, save_image, save_mask)
 from deeplab.data import (ADE20K, DATASETS, Cityscapes, DatasetError, DatasetNotFoundError,
                           FolderSegmentation, TrainTransform, VOCSegmentation, build_dataset)
 from deeplab.data.palettes import VOC_CLASSES, VOC_PALETTE, voc_colormap
@@ -375,3 +380,14 @@ def test_transform_without_generator_parameter(voc_root: Path) -> None:
     # a user transform that knows nothing of generators still works unseeded
     ds = VOCSegmentation(voc_root, "val", transform=lambda im, m: (im.size, m.shape))
     assert ds[0] == ((W, H), (H, W))
+
+
+def test_folder_16bit_and_1bit_masks(tmp_path: Path) -> None:
+    root = make_folder(tmp_path, names=["a", "b"], classes_txt="background\nroad\ncar\n")
+    Image.fromarray(label_array((0, 2, 1000)).astype(np.uint16)).save(root / "masks" / "a.png")
+    Image.fromarray(label_array((0, 1)).astype(bool)).save(root / "masks" / "b.png")
+    ds = FolderSegmentation(root)
+    assert Image.open(root / "masks" / "b.png").mode == "1"
+    np.testing.assert_array_equal(ds[1][1], label_array((0, 1)))
+    with pytest.raises(DatasetError, match=r"a\.png has label value\(s\) 1000 outside"):
+        ds[0]

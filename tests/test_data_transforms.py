@@ -162,3 +162,24 @@ def test_pad_collate_pads_with_zero_and_ignore() -> None:
     assert torch.equal(images[0, :, :20, :30], a[0]) and torch.all(images[0, :, 20:] == 0)
     assert torch.all(masks[0, 20:] == 255) and torch.all(masks[1, :, 10:] == 255)
     assert torch.equal(masks[1, :, :10], b[1])
+
+
+def test_cropped_resize_matches_resize_then_crop() -> None:
+    # the transform resizes only the cropped region; compare with the textbook order
+    img, mask = _image(37, 53, seed=3), (np.arange(37 * 53) % 19).reshape(37, 53).astype(np.uint8)
+    t = TrainTransform(crop_size=(24, 31), flip=False)
+    for seed in range(12):
+        g = _gen(seed)
+        scale = t.sample_scale(g)
+        nw, nh = int(round(53 * scale)), int(round(37 * scale))
+        y0 = int(torch.randint(max(nh, 24) - 24 + 1, (1,), generator=g))
+        x0 = int(torch.randint(max(nw, 31) - 31 + 1, (1,), generator=g))
+        full = np.asarray(img.resize((nw, nh), Image.BILINEAR))[y0:y0 + 24, x0:x0 + 31]
+        full_mask = np.asarray(Image.fromarray(mask).resize((nw, nh), Image.NEAREST))
+        full_mask = full_mask[y0:y0 + 24, x0:x0 + 31]
+        x, y = t(img, mask, generator=_gen(seed))
+        hh, ww = full.shape[:2]
+        got = to_uint8_image(x)[:hh, :ww].astype(int)
+        assert np.abs(got - full.astype(int)).max() <= 2, scale  # filter edge rounding only
+        # nearest picks the same source pixel except at exact ties
+        assert (y[:hh, :ww].numpy() == full_mask).mean() > 0.98, scale

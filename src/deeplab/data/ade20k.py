@@ -81,5 +81,5 @@ class ADE20K(SegmentationDataset):
                 f"ADE20K annotation {path} has value(s) {bad}; SceneParsing annotations hold "
                 f"0 (unlabelled) and 1-150. This is not an ADEChallengeData2016 annotation "
                 f"(the full ADE20K index uses other encodings).")
-        # 0 -> 255 via uint8 wrap-around after the shift: 0 - 1 = -1 -> 255
-        return ((raw - 1) % 256).astype(np.int64)
+        raw = raw.astype(np.uint8)
+        return np.where(raw == 0, np.uint8(self.ignore_index), raw - np.uint8(1))

@@ -93,7 +93,9 @@ def open_mask(path: Path) -> Image.Image:
 
 
 def index_mask_array(mask: Image.Image, path: Path) -> np.ndarray:
-    """Class ids of an *index* mask (mode ``L``, ``P``, ``1``, ``I;16``, ``I``) as int64.
+    """Class ids of an *index* mask (mode ``L``, ``P``, ``1``, ``I;16``, ``I``).
+
+    8-bit masks come back as ``uint8`` (cheap to check and map), 16/32-bit ones as int64.
 
     Palette PNGs (mode ``P``) are read as their indices, not their colours: that is how VOC
     and most annotation tools store class ids.
@@ -101,7 +103,11 @@ def index_mask_array(mask: Image.Image, path: Path) -> np.ndarray:
     Raises:
         DatasetError: the mask is a colour image (RGB/RGBA) or another mode with no ids.
     """
-    if mask.mode in ("L", "P", "1", "I;16", "I;16B", "I;16L", "I"):
+    if mask.mode in ("L", "P"):
+        return np.asarray(mask)
+    if mask.mode == "1":
+        return np.asarray(mask).astype(np.uint8)
+    if mask.mode in ("I;16", "I;16B", "I;16L", "I"):
         return np.asarray(mask).astype(np.int64)
     raise DatasetError(
         f"mask {path} is a {mask.mode} image, but class-id masks are expected (a PNG of mode "
@@ -236,9 +242,15 @@ class SegmentationDataset(Dataset):
         return index_mask_array(mask, path)
 
     def _check_labels(self, ids: np.ndarray, path: Path) -> np.ndarray:
-        valid = ((ids >= 0) & (ids < self.num_classes)) | (ids == self.ignore_index)
-        if not valid.all():
+        if ids.dtype == np.uint8:
+            # a 256-bin histogram is several times cheaper than comparisons on big masks
+            counts = np.bincount(ids.ravel(), minlength=256)
+            counts[self.ignore_index] = 0
+            bad = np.flatnonzero(counts[self.num_classes:]) + self.num_classes
+        else:
+            valid = ((ids >= 0) & (ids < self.num_classes)) | (ids == self.ignore_index)
             bad = np.unique(ids[~valid])
+        if len(bad):
             shown = ", ".join(str(int(v)) for v in bad[:10])
             more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
             raise DatasetError(

@@ -96,7 +96,7 @@ class Cityscapes(SegmentationDataset):
 
     def _decode_mask(self, mask: Image.Image, path: Path) -> np.ndarray:
         ids = index_mask_array(mask, path)
-        if ids.min() < 0 or ids.max() > 255:
+        if ids.dtype != np.uint8 and (ids.min() < 0 or ids.max() > 255):
             raise DatasetError(f"mask {path} has values outside 0-255; it is not a "
                                f"Cityscapes *_labelIds.png.")
         return self._lut[ids]

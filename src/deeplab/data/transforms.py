@@ -150,25 +150,33 @@ class TrainTransform:
         # 1. random scale. Draw order (scale, crop y, crop x, flip) is fixed: it is part of
         # what makes a seed reproduce a sample.
         scale = self.sample_scale(generator)
-        if scale != 1.0:
-            nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
-            img = img.resize((nw, nh), Image.BILINEAR)
-            lbl = np.asarray(Image.fromarray(lbl).resize((nw, nh), Image.NEAREST))
-            w, h = nw, nh
+        nw, nh = (w, h) if scale == 1.0 else (max(1, int(round(w * scale))),
+                                               max(1, int(round(h * scale))))
 
-        # 2-3. pad at bottom/right to at least the crop, then crop at a random offset. The
-        # crop window is cut from the unpadded image and placed into a canvas that already
-        # holds the padding values, which is the same as padding first but cheaper.
+        # 2-3. pad at bottom/right to at least the crop, then crop at a random offset.
         ch, cw = self.crop_size
-        ph, pw = max(h, ch), max(w, cw)
+        ph, pw = max(nh, ch), max(nw, cw)
         y0 = int(torch.randint(ph - ch + 1, (1,), generator=generator))
         x0 = int(torch.randint(pw - cw + 1, (1,), generator=generator))
-        y1, x1 = min(y0 + ch, h), min(x0 + cw, w)
-        rgb = np.asarray(img)[y0:y1, x0:x1]
+        y1, x1 = min(y0 + ch, nh), min(x0 + cw, nw)
+        if scale == 1.0:
+            rgb = np.asarray(img)[y0:y1, x0:x1]
+            crop_lbl = lbl[y0:y1, x0:x1]
+        else:
+            # Resize only the source region that lands in the crop (PIL's box argument):
+            # the same sampling grid as resizing the whole image and cropping, without
+            # resizing pixels that are thrown away (4x the image at scale 2).
+            sx, sy = w / nw, h / nh
+            box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+            size = (x1 - x0, y1 - y0)
+            rgb = np.asarray(img.resize(size, Image.BILINEAR, box=box))
+            crop_lbl = np.asarray(Image.fromarray(lbl).resize(size, Image.NEAREST, box=box))
+        # the crop goes into a canvas that already holds the padding values, which is the
+        # same as padding first
         out_img = torch.zeros(3, ch, cw)  # 0 == the mean pixel after normalisation
         out_img[:, : y1 - y0, : x1 - x0] = _normalize(rgb, self._mean, self._std)
         out_mask = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
-        out_mask[: y1 - y0, : x1 - x0] = torch.from_numpy(lbl[y0:y1, x0:x1].astype(np.int64))
+        out_mask[: y1 - y0, : x1 - x0] = torch.from_numpy(crop_lbl.astype(np.int64))
 
         # 4. random left-right flip, image and mask together
         if self.flip and float(torch.rand(1, generator=generator)) < 0.5:
