@@ -92,6 +92,9 @@ class TrainConfig:
         weight_decay: L2 weight decay (paper: 4e-5 Xception/MobileNetV2, 1e-4 ResNet).
         decay_norm_and_bias: also decay BatchNorm scales/shifts and biases. ``False``
             matches the TF reference, which regularises conv/linear weights only.
+        decay_depthwise: decay depthwise conv kernels too. The TF reference's Xception
+            and separable ASPP/decoder convs do not (``regularize_depthwise=False``);
+            set ``False`` to match it exactly.
         poly_power: exponent of ``lr * (1 - step / max_steps) ** power``.
         max_steps: optimizer steps in the whole run; the poly schedule reaches 0 there.
         batch_size: GLOBAL batch per optimizer step, summed over processes and
@@ -125,6 +128,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 4e-5
     decay_norm_and_bias: bool = False
+    decay_depthwise: bool = True
     poly_power: float = 0.9
     max_steps: int = 30000
     batch_size: int = 16
