@@ -1,3 +1,12 @@
-"""DeepLabv3+ in PyTorch."""
+"""DeepLabv3+ in PyTorch: the paper's models, recipe and evaluation.
+
+>>> import deeplab
+>>> model = deeplab.build_model(arch="deeplabv3plus", backbone="xception65", num_classes=21)
+"""
+
+from .config import ModelConfig
+from .models import BACKBONES, build_model, build_model_from_config
 
 __version__ = "0.1.0"
+
+__all__ = ["BACKBONES", "ModelConfig", "build_model", "build_model_from_config", "__version__"]

@@ -1,0 +1,41 @@
+"""Backbones: name -> builder, each ``builder(*, output_stride, multi_grid) -> Backbone``."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+from .base import Backbone, FeatureSpec, Normalization, check_output_stride
+from .mobilenetv2 import MobileNetV2, mobilenet_v2
+from .resnet import ResNet, resnet50, resnet101
+from .xception import Xception, xception41, xception65, xception71
+
+BACKBONES: Dict[str, Callable[..., Backbone]] = {
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "xception41": xception41,
+    "xception65": xception65,
+    "xception71": xception71,
+    "mobilenet_v2": mobilenet_v2,
+}
+
+
+def build_backbone(
+    name: str, *, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None
+) -> Backbone:
+    """Build a backbone by name for an output stride of 8, 16 or 32."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+    check_output_stride(output_stride)
+    return BACKBONES[name](output_stride=output_stride, multi_grid=multi_grid)
+
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "FeatureSpec",
+    "MobileNetV2",
+    "Normalization",
+    "ResNet",
+    "Xception",
+    "build_backbone",
+]

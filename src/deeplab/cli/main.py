@@ -1,0 +1,42 @@
+"""``deeplab <subcommand> ...``: one module per subcommand, each with ``main(argv=None)``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Dict, List, Optional, Tuple
+
+# name -> (module, one-line help). Modules are imported only when their subcommand runs.
+SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
+    "info": ("deeplab.cli.info", "parameters and Mult-Adds of every model variant"),
+    "weights": ("deeplab.cli.weights", "fetch / list pretrained backbone weights"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: deeplab <subcommand> [options]", "", "subcommands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "run `deeplab <subcommand> --help` for its options"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if args[0] in ("-V", "--version"):
+        from deeplab import __version__
+
+        print(__version__)
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in SUBCOMMANDS:
+        print(f"deeplab: unknown subcommand {name!r}; choose from {sorted(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

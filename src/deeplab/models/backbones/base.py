@@ -1,0 +1,106 @@
+"""The contract between a backbone and the DeepLab heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+OUTPUT_STRIDES = (8, 16, 32)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# TF-trained Xception / MobileNet take pixels scaled to [-1, 1]: (x/255 - 0.5) / 0.5.
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Channels and stride (w.r.t. the input) of one backbone output."""
+
+    channels: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Input normalisation a backbone's weights expect, in [0, 1] pixel units:
+    ``x = (pixel / 255 - mean) / std``."""
+
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+    def to_dict(self) -> Dict[str, List[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+
+class Backbone(nn.Module):
+    """Base class: ``forward(x) -> {"low_level": (B, C_low, H/4, W/4), "out": (B, C, H/OS, W/OS)}``.
+
+    Subclasses set ``feature_specs`` (channels and stride of both outputs), ``output_stride``
+    and ``normalization``, and list the key prefixes of the public ImageNet weight files that
+    the segmentation backbone deliberately does not use (``pretrained_ignore``: classifier
+    layers), so those files load with strict key matching.
+    """
+
+    feature_specs: Dict[str, FeatureSpec]
+    output_stride: int
+    normalization: Normalization
+    pretrained_ignore: Tuple[str, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def check_output_stride(output_stride: int) -> None:
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {list(OUTPUT_STRIDES)}, got {output_stride!r}")
+
+
+def stride_to_dilation(
+    strides: Sequence[int], *, initial_stride: int, output_stride: int
+) -> List[Tuple[int, int]]:
+    """Turn a list of stage strides into ``(stride, dilation)`` pairs for a target output stride.
+
+    The DeepLab rule (TF ``stack_blocks_dense``, timm, torchvision's ``previous_dilation``): the
+    stage whose stride would exceed ``output_stride`` runs with stride 1 at the *current*
+    rate, and every later stage runs at the rate multiplied by the stride it gave up.
+
+    Args:
+        strides: nominal stride of each stage, in order.
+        initial_stride: stride of the input to the first stage.
+        output_stride: target stride of the last stage.
+
+    Returns:
+        ``(stride, dilation)`` for each stage.
+    """
+    check_output_stride(output_stride)
+    current_stride, dilation = initial_stride, 1
+    result: List[Tuple[int, int]] = []
+    for stride in strides:
+        if stride > 1 and current_stride * stride > output_stride:
+            result.append((1, dilation))
+            dilation *= stride
+        else:
+            result.append((stride, dilation))
+            current_stride *= stride
+    if current_stride != output_stride:
+        raise ValueError(
+            f"output_stride {output_stride} cannot be reached; the backbone's natural stride is {current_stride}"
+        )
+    return result
+
+
+def validate_multi_grid(multi_grid: Optional[Sequence[int]], units: int, backbone: str) -> Optional[Tuple[int, ...]]:
+    if multi_grid is None:
+        return None
+    grid = tuple(int(m) for m in multi_grid)
+    if len(grid) != units or any(m < 1 for m in grid):
+        raise ValueError(
+            f"multi_grid for {backbone} needs {units} positive integers (one per unit of the last stage, "
+            f"e.g. (1, 2, 4)); got {tuple(multi_grid)!r}"
+        )
+    return grid

@@ -1,0 +1,284 @@
+"""DeepLabv3 and DeepLabv3+ assembled from a backbone, ASPP and (for v3+) the decoder."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..config import ARCHS, ModelConfig
+from ..nn.layers import ConvBNReLU, conv3x3_bn_relu, resize
+from .aspp import ASPP, default_aspp_rates
+from .backbones import BACKBONES, Backbone, build_backbone
+
+
+class Decoder(nn.Module):
+    """The DeepLabv3+ decoder (paper Sec. 3.1).
+
+    Upsample the encoder output to the low-level feature's size (x4 at OS 16), project the
+    low-level feature to ``low_level_channels`` (48) with 1x1 conv + BN + ReLU, concatenate,
+    apply two 3x3 convs of ``channels`` (256).
+
+    Shapes: ``encoder (B, in_channels, H/OS, W/OS)``, ``low_level (B, low_in, H/4, W/4)`` ->
+    ``(B, channels, H/4, W/4)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        low_level_in_channels: int,
+        *,
+        low_level_channels: int = 48,
+        channels: int = 256,
+        separable: bool = True,
+        align_corners: bool = False,
+    ) -> None:
+        super().__init__()
+        self.low_level = ConvBNReLU(low_level_in_channels, low_level_channels, 1)
+        self.fuse = nn.Sequential(
+            conv3x3_bn_relu(in_channels + low_level_channels, channels, separable=separable),
+            conv3x3_bn_relu(channels, channels, separable=separable),
+        )
+        self.out_channels = channels
+        self.align_corners = align_corners
+
+    def forward(self, x: torch.Tensor, low_level: torch.Tensor) -> torch.Tensor:
+        low = self.low_level(low_level)
+        x = resize(x, low.shape[-2:], align_corners=self.align_corners)
+        return self.fuse(torch.cat([x, low], dim=1))
+
+
+class DeepLabV3(nn.Module):
+    """DeepLabv3: backbone -> ASPP -> 1x1 classifier -> bilinear upsample to the input size.
+
+    ``forward(images (B, 3, H, W) float, normalised) -> logits (B, num_classes, H, W)``; any H, W.
+    The loss lives outside the model.
+
+    Args:
+        backbone: a built :class:`~deeplab.models.backbones.Backbone`.
+        num_classes: classifier outputs.
+        aspp_rates: rates of ASPP's 3x3 branches (``()`` for 1x1 + image pooling only).
+        separable: atrous separable or regular 3x3 convs in the head.
+        image_pooling: ASPP image-level branch.
+        aspp_channels: ASPP width.
+        dropout: dropout after the ASPP projection.
+        align_corners: bilinear resizes with ``align_corners=True`` (TF compatibility).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        num_classes: int,
+        aspp_rates: Sequence[int] = (6, 12, 18),
+        separable: bool = True,
+        image_pooling: bool = True,
+        aspp_channels: int = 256,
+        dropout: float = 0.1,
+        align_corners: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.output_stride = backbone.output_stride
+        self.num_classes = num_classes
+        self.align_corners = align_corners
+        self.aspp = ASPP(
+            backbone.feature_specs["out"].channels,
+            out_channels=aspp_channels,
+            rates=aspp_rates,
+            separable=separable,
+            image_pooling=image_pooling,
+            dropout=dropout,
+        )
+        self.classifier = nn.Conv2d(self._head_channels(), num_classes, 1)
+        self.config: Optional[ModelConfig] = None
+
+    def _head_channels(self) -> int:
+        return self.aspp.out_channels
+
+    def _init_head(self) -> None:
+        for name, m in self.named_modules():
+            if name.startswith("backbone"):
+                continue
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def check_input(x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(
+                f"expected a float image batch of shape (B, 3, H, W), got {shape}; "
+                "add a batch dimension with x[None] and convert grey images to RGB"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"expected a float tensor, got {x.dtype}; normalise pixels first "
+                "(x / 255 - mean) / std with the backbone's normalisation"
+            )
+
+    def _decode(self, features: Dict[str, torch.Tensor], encoded: torch.Tensor) -> torch.Tensor:
+        return encoded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        size = x.shape[-2:]
+        features = self.backbone(x)
+        encoded = self.aspp(features["out"])
+        logits = self.classifier(self._decode(features, encoded))
+        return resize(logits, size, align_corners=self.align_corners)
+
+
+class DeepLabV3Plus(DeepLabV3):
+    """DeepLabv3+: DeepLabv3's encoder + the decoder on the stride-4 low-level feature.
+
+    ``forward(images (B, 3, H, W)) -> logits (B, num_classes, H, W)``.
+
+    Args:
+        backbone: a built backbone; its ``feature_specs`` give the channel counts.
+        num_classes: classifier outputs.
+        low_level_channels: decoder projection width (paper: 48).
+        decoder_channels: width of the decoder's two 3x3 convs (paper: 256).
+        **kwargs: as :class:`DeepLabV3`.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        num_classes: int,
+        low_level_channels: int = 48,
+        decoder_channels: int = 256,
+        separable: bool = True,
+        align_corners: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self._decoder_channels = decoder_channels
+        super().__init__(backbone, num_classes=num_classes, separable=separable, align_corners=align_corners, **kwargs)
+        self.decoder = Decoder(
+            self.aspp.out_channels,
+            backbone.feature_specs["low_level"].channels,
+            low_level_channels=low_level_channels,
+            channels=decoder_channels,
+            separable=separable,
+            align_corners=align_corners,
+        )
+
+    def _head_channels(self) -> int:
+        return self._decoder_channels
+
+    def _decode(self, features: Dict[str, torch.Tensor], encoded: torch.Tensor) -> torch.Tensor:
+        return self.decoder(encoded, features["low_level"])
+
+
+MODELS = {"deeplabv3": DeepLabV3, "deeplabv3plus": DeepLabV3Plus}
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_model(
+    *,
+    arch: str = "deeplabv3plus",
+    backbone: str = "xception65",
+    num_classes: int = 21,
+    output_stride: int = 16,
+    separable: bool = True,
+    pretrained_backbone: Union[str, "os.PathLike[str]", None] = None,
+    aspp_rates: Optional[Sequence[int]] = None,
+    multi_grid: Optional[Sequence[int]] = None,
+    image_pooling: bool = True,
+    aspp_channels: int = 256,
+    low_level_channels: int = 48,
+    decoder_channels: int = 256,
+    dropout: float = 0.1,
+    tf_compat: bool = False,
+) -> DeepLabV3:
+    """Build DeepLabv3 or DeepLabv3+.
+
+    Args:
+        arch: ``"deeplabv3plus"`` or ``"deeplabv3"``.
+        backbone: one of ``BACKBONES`` (resnet50, resnet101, xception41/65/71, mobilenet_v2).
+        num_classes: number of classes (e.g. 21 for PASCAL VOC).
+        output_stride: 8, 16 or 32.
+        separable: atrous separable convs in ASPP and decoder (paper's best), else regular 3x3.
+        pretrained_backbone: ``None`` (random init), ``"imagenet"`` (the public file for this
+            backbone from the torch hub cache, see :mod:`deeplab.weights`) or a file path.
+        aspp_rates: ASPP 3x3 rates; ``None`` derives them from ``output_stride``.
+        multi_grid: rate multipliers for the last backbone stage, e.g. ``(1, 2, 4)``.
+        image_pooling, aspp_channels, low_level_channels, decoder_channels, dropout, tf_compat:
+            see :class:`deeplab.config.ModelConfig`.
+
+    Returns:
+        The model; ``model(images (B, 3, H, W)) -> logits (B, num_classes, H, W)``. It carries
+        ``model.config`` (a :class:`ModelConfig`) and ``model.normalization``.
+
+    Raises:
+        ValueError: unknown arch/backbone, bad output stride, class count or rates.
+    """
+    if arch not in MODELS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {list(ARCHS)}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
+    _check_positive_int("num_classes", num_classes)
+    for name, value in (("aspp_channels", aspp_channels), ("decoder_channels", decoder_channels),
+                        ("low_level_channels", low_level_channels)):
+        _check_positive_int(name, value)
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    body = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid)
+    rates = default_aspp_rates(output_stride) if aspp_rates is None else tuple(aspp_rates)
+    for rate in rates:
+        _check_positive_int("each ASPP rate", rate)
+    config = ModelConfig(
+        arch=arch,
+        backbone=backbone,
+        num_classes=num_classes,
+        output_stride=output_stride,
+        separable=separable,
+        aspp_rates=None if aspp_rates is None else tuple(int(r) for r in aspp_rates),
+        multi_grid=None if multi_grid is None else tuple(int(m) for m in multi_grid),
+        image_pooling=image_pooling,
+        aspp_channels=aspp_channels,
+        low_level_channels=low_level_channels,
+        decoder_channels=decoder_channels,
+        dropout=float(dropout),
+        tf_compat=tf_compat,
+    )
+    kwargs: Dict[str, Any] = dict(
+        num_classes=num_classes,
+        aspp_rates=rates,
+        separable=separable,
+        image_pooling=image_pooling,
+        aspp_channels=aspp_channels,
+        dropout=float(dropout),
+        align_corners=tf_compat,
+    )
+    if arch == "deeplabv3plus":
+        kwargs.update(low_level_channels=low_level_channels, decoder_channels=decoder_channels)
+    model = MODELS[arch](body, **kwargs)
+    model._init_head()
+    model.config = config
+    model.normalization = body.normalization
+    if pretrained_backbone is not None:
+        from ..weights import load_backbone_weights
+
+        load_backbone_weights(body, backbone, pretrained_backbone)
+    return model
+
+
+def build_model_from_config(config: ModelConfig, **overrides: Any) -> DeepLabV3:
+    """``build_model(**config fields, **overrides)``."""
+    kwargs = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    kwargs.update(overrides)
+    return build_model(**kwargs)
