@@ -16,7 +16,7 @@ evaluates on ``val`` (1,449 images).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -128,7 +128,7 @@ class VOCSegmentation(SegmentationDataset):
         return index_mask_array(mask, path)
 
 
-def _check_exist(samples: List, list_file: Path, use_aug: bool) -> None:
+def _check_exist(samples: List[Tuple[Path, Path]], list_file: Path, use_aug: bool) -> None:
     """One error for all missing files of a split (a bad download shows as many)."""
     missing_img = [img for img, _ in samples if not img.is_file()]
     missing_mask = [m for _, m in samples if not m.is_file()]
