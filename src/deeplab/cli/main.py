@@ -10,6 +10,13 @@ from typing import Dict, List, Optional, Tuple
 SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "info": ("deeplab.cli.info", "parameters and Mult-Adds of every model variant"),
     "weights": ("deeplab.cli.weights", "fetch / list pretrained backbone weights"),
+    "train": ("deeplab.cli.train", "train a model (the paper's recipe; DDP under torchrun)"),
+    "eval": ("deeplab.cli.eval", "evaluate a checkpoint: mIoU, per-class IoU, multi-scale + flip"),
+    "predict": ("deeplab.cli.predict", "segment images with a checkpoint or an exported model"),
+    "export": ("deeplab.cli.export", "export a checkpoint to ONNX or TorchScript"),
+    "bench": ("deeplab.cli.bench", "latency / throughput benchmarks"),
+    "demo": ("deeplab.cli.demo", "fine-tune on real VOC photos on the CPU, evaluate, write overlays"),
+    "convert": ("deeplab.cli.convert", "convert the paper's TensorFlow checkpoints"),
 }
 
 
