@@ -301,6 +301,21 @@ def test_resume_with_amp_bf16_on_cpu(tmp_path: Path) -> None:
     assert_identical(resumed.state_dict(), ref.state_dict())
 
 
+def test_fp16_scaler_path_state_is_saved_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA fp16 path's GradScaler logic, run on CPU (bf16 autocast + an enabled scaler)."""
+    import deeplab.engine.train as T
+
+    monkeypatch.setattr(T, "amp_settings", lambda *a, **k: T.AmpSettings(True, torch.bfloat16, True))
+    cfg = make_cfg(tmp_path / "fp16", amp=True, max_steps=5)
+    run(cfg, stop_at=2)
+    scaler = load_checkpoint(tmp_path / "fp16" / "last.pt")["scaler"]
+    assert scaler["scale"] == 65536.0 and scaler["_growth_tracker"] == 2  # two unskipped steps
+    _, resumed = run(dataclasses.replace(cfg, resume_from="auto"))
+    assert load_checkpoint(tmp_path / "fp16" / "last.pt")["scaler"]["_growth_tracker"] == 5
+    _, ref = run(make_cfg(tmp_path / "fp16_ref", amp=True, max_steps=5))
+    assert_identical(resumed.state_dict(), ref.state_dict())
+
+
 def test_gradient_accumulation_matches_one_big_batch_and_freeze_bn(tmp_path: Path) -> None:
     """accum_steps=2 x 2 == 1 x 4 when BN is frozen (and BN really stays frozen)."""
     results = {}
@@ -373,6 +388,34 @@ def test_metrics_checkpoints_best_and_tensorboard(tmp_path: Path, monkeypatch: p
     assert "eval/iou" not in tags  # only scalars go to TensorBoard
 
 
+def test_progress_bar_shows_loss_lr_and_throughput(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    torch.manual_seed(0)
+    train(DropNet(), ToySegData(), make_cfg(tmp_path, max_steps=2), transform=jitter, model_config=MODEL_CONFIG)
+    err = capsys.readouterr().err
+    assert "train" in err and "loss=" in err and "lr=" in err and "img_s=" in err
+
+
+def test_trains_and_reloads_the_real_model(tmp_path: Path) -> None:
+    """Integration with deeplab.models.build_model: train 2 steps, load_model gives the same net."""
+    from deeplab.checkpoint import load_model
+    from deeplab.models import build_model
+
+    config = ModelConfig(backbone="mobilenet_v2", num_classes=3, aspp_channels=8, decoder_channels=8,
+                         low_level_channels=8)
+    torch.manual_seed(0)
+    model = build_model(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+    data = ToySegData(n=4, size=33)
+    result = train(model, data, make_cfg(tmp_path, max_steps=2, batch_size=2), model_config=config,
+                   classes=["a", "b", "c"], progress=False)
+    assert math.isfinite(result.train_loss)
+    loaded, ckpt = load_model(tmp_path / "last.pt", num_classes=3)
+    assert ckpt["classes"] == ["a", "b", "c"]
+    model.eval()
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_refuses_to_overwrite_a_run_and_auto_resumes(tmp_path: Path) -> None:
     run(make_cfg(tmp_path, max_steps=4), stop_at=2)
     before = (tmp_path / "last.pt").read_bytes()
@@ -392,6 +435,9 @@ def test_resume_rejects_changed_recipe_and_inference_checkpoints(tmp_path: Path)
         run(make_cfg(tmp_path, max_steps=6, seed=4, resume_from=last))
     with pytest.raises(CheckpointError, match=r"max_steps=6 in the checkpoint but 9 now"):
         run(make_cfg(tmp_path, max_steps=9, resume_from=last))
+    with pytest.raises(CheckpointError, match=r"another model config \(differs in \['output_stride'\]\)"):
+        run(make_cfg(tmp_path, max_steps=6, resume_from=last),
+            model_config=dataclasses.replace(MODEL_CONFIG, output_stride=8))
     with pytest.warns(UserWarning, match=r"changed settings \(lr: 0.05 -> 0.1\)"):
         run(make_cfg(tmp_path, max_steps=6, lr=0.1, resume_from=last), stop_at=3)
     slim = tmp_path / "slim.pt"

@@ -391,15 +391,15 @@ class _SyncBatchNormFn(torch.autograd.Function):
         sum_dy = dy.sum(dims)
         sum_dy_xhat = (dy * x_hat).sum(dims)
         # Parameter grads stay local: DDP sums (averages) them across ranks like any other.
-        grad_weight = sum_dy_xhat.clone() if weight is not None else None
-        grad_bias = sum_dy.clone() if ctx.has_bias else None
+        grad_weight = sum_dy_xhat.clone() if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = sum_dy.clone() if ctx.has_bias and ctx.needs_input_grad[2] else None
         # Input grads need the global sums because every x entered the global statistics.
         reduced = torch.cat([sum_dy, sum_dy_xhat])
         dist.all_reduce(reduced, group=ctx.group)
         g_sum, g_dot = reduced[:channels] / ctx.count, reduced[channels:] / ctx.count
         scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
         grad_in = (dy - g_sum.view(shape) - x_hat * g_dot.view(shape)) * scale.view(shape)
-        if weight is not None:
+        if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_in.to(ctx.in_dtype), grad_weight, grad_bias, None, None, None, None, None
 

@@ -685,6 +685,8 @@ def train(
         )
     if palette and classes and len(palette) != len(classes):
         raise ValueError(f"{len(palette)} palette colours for {len(classes)} classes; give one colour per class")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ValueError("pass the bare model to train(); it converts BatchNorm and wraps it in DDP itself")
     if stop_at is not None and stop_at < 1:
         raise ValueError(f"stop_at must be >= 1, got {stop_at}")
 
@@ -737,6 +739,12 @@ def train(
     if resume_path is not None:
         ckpt = load_checkpoint(resume_path, map_location="cpu", required_keys=RESUME_KEYS)
         _check_resume(ckpt["train_config"], cfg, resume_path)
+        if config_dict is not None and ckpt["config"] and ckpt["config"] != config_dict:
+            changed = sorted(k for k in config_dict if ckpt["config"].get(k) != config_dict[k])
+            raise CheckpointError(
+                f"cannot resume {resume_path}: it was trained with another model config (differs in {changed}); "
+                "resume with the same model, or start a new run (e.g. OS 8 fine-tuning) initialised from it"
+            )
         try:
             unwrap_model(model).load_state_dict(strip_state_dict_prefixes(ckpt["model"]), strict=True)
         except RuntimeError as exc:
