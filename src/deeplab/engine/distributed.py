@@ -174,7 +174,7 @@ def init_distributed(
     if missing:
         raise RuntimeError(
             f"WORLD_SIZE={world_size} but {missing} are not set; launch with "
-            "`torchrun --nproc_per_node=N -m deeplab.cli.main train ...`, which sets all of "
+            "`torchrun --nproc_per_node=N <script> ...`, which sets all of "
             f"{list(ENV_VARS)}, or set them yourself"
         )
     if not 0 <= rank < world_size:
