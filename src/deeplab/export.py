@@ -1,0 +1,690 @@
+"""Deployment: BatchNorm folding, ONNX / TorchScript export with embedded metadata, parity.
+
+Three things a deployed DeepLab needs that training does not:
+
+* **BatchNorm folding.** At test time BN is a per-channel affine map, so a conv followed
+  directly by BN equals one conv with scaled weights and a bias. :func:`fold_batchnorm`
+  finds every such pair by *running* the model once on a small probe input and watching
+  the data flow (a conv's output must be read by exactly one BN and by nothing else), so
+  it works for any layout - ``ConvBNReLU``'s ``conv``/``bn``, torchvision's ``0``/``1`` and
+  ``conv1``/``bn1``, timm's ``conv_dw``/``bn_dw`` - and never folds a BN that does not
+  directly follow a conv. Folded BNs become ``nn.Identity``; the folded model is checked
+  against the original on the probe input.
+* **Exported files that describe themselves.** ONNX files carry the class names, palette,
+  input normalisation, output stride and model config as ``metadata_props`` (key
+  ``deeplab``, a JSON string); TorchScript files carry the same JSON as the extra file
+  ``deeplab.json``. :func:`read_metadata` reads either.
+* **Parity.** :func:`check_parity` runs the exported file (ONNX Runtime / TorchScript /
+  OpenVINO) and the PyTorch model on the same input and returns ``max |diff|`` of logits.
+
+Exports have a dynamic batch, height and width. Tracing records Python ``int`` sizes as
+constants, and :func:`deeplab.nn.layers.resize` converts its target size to ``int``; so
+while tracing, the model's ``resize`` is swapped for one that passes the traced size
+through (:func:`traceable_resize`), which keeps every resize shape-polymorphic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "LAYOUTS",
+    "ContiguousConv",
+    "METADATA_KEY",
+    "ExportError",
+    "check_parity",
+    "export_model",
+    "export_onnx",
+    "export_torchscript",
+    "find_conv_bn_pairs",
+    "fold_batchnorm",
+    "model_metadata",
+    "optimize_for_inference",
+    "read_metadata",
+    "traceable_resize",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+METADATA_KEY = "deeplab"
+TORCHSCRIPT_METADATA_FILE = "deeplab.json"
+METADATA_FORMAT = "deeplab-export"
+METADATA_VERSION = 1
+DEFAULT_OPSET = 17
+
+
+class ExportError(RuntimeError):
+    """An export could not be written or does not reproduce the model; the message says why."""
+
+
+# --------------------------------------------------------------------------- BN folding
+
+# Tensor calls that read only metadata: they do not consume a conv's output values.
+_METADATA_FUNCS = (
+    torch.Tensor.dim,
+    torch.Tensor.size,
+    torch.Tensor.numel,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.dtype.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.device.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
+)
+
+
+def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _iter_tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _iter_tensors(item)
+
+
+class _DataFlowProbe(TorchFunctionMode):
+    """Records, for every conv output, which code reads it.
+
+    A read made while a BatchNorm module is running is attributed to that BN; any other read
+    (a ReLU, an add, a concat, a second module) is attributed to ``None`` and blocks folding.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # id(output) -> (output, conv name); the tensor is kept so its id is not reused.
+        self.outputs: Dict[int, Tuple[torch.Tensor, str]] = {}
+        self.readers: Dict[str, List[Optional[str]]] = {}
+        self.bn_input: Dict[str, List[Optional[str]]] = {}
+        self.calls: Dict[str, int] = {}
+        self.active_bn: List[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func not in _METADATA_FUNCS:
+            for tensor in _iter_tensors((args, kwargs)):
+                entry = self.outputs.get(id(tensor))
+                if entry is not None and entry[0] is tensor:
+                    self.readers[entry[1]].append(self.active_bn[-1] if self.active_bn else None)
+        return func(*args, **kwargs)
+
+
+def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor) -> List[Tuple[str, str]]:
+    """Names of ``(conv, bn)`` pairs where the BN's input is the conv's output and nothing else
+    reads that output.
+
+    The model is run once (no grad) on ``example_input``; a conv or BN that runs more than once
+    (a shared module) is not paired, nor is a BN without running statistics.
+
+    Args:
+        model: any module; its mode is left as it was.
+        example_input: a (small) input the model accepts, e.g. ``(1, 3, 65, 65)``.
+
+    Returns:
+        ``[(conv_name, bn_name), ...]`` in execution order.
+    """
+    probe = _DataFlowProbe()
+    names = {id(m): name for name, m in model.named_modules()}
+    handles = []
+
+    def conv_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        name = names[id(module)]
+        probe.calls[name] = probe.calls.get(name, 0) + 1
+        if isinstance(output, torch.Tensor):
+            probe.outputs[id(output)] = (output, name)
+            probe.readers.setdefault(name, [])
+
+    def bn_pre_hook(module: nn.Module, inputs: Any) -> None:
+        name = names[id(module)]
+        probe.calls[name] = probe.calls.get(name, 0) + 1
+        entry = probe.outputs.get(id(inputs[0])) if inputs else None
+        source = entry[1] if entry is not None and entry[0] is inputs[0] else None
+        probe.bn_input.setdefault(name, []).append(source)
+        probe.active_bn.append(name)
+
+    def bn_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        probe.active_bn.pop()
+
+    for module in model.modules():
+        if type(module) is nn.Conv2d or (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward):
+            handles.append(module.register_forward_hook(conv_hook))
+        elif isinstance(module, nn.BatchNorm2d):
+            handles.append(module.register_forward_pre_hook(bn_pre_hook))
+            handles.append(module.register_forward_hook(bn_hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), probe:
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+    pairs: List[Tuple[str, str]] = []
+    for bn_name, sources in probe.bn_input.items():
+        bn = model.get_submodule(bn_name)
+        if len(sources) != 1 or sources[0] is None or probe.calls.get(bn_name) != 1:
+            continue
+        conv_name = sources[0]
+        if probe.calls.get(conv_name) != 1 or bn.running_mean is None or bn.running_var is None:
+            continue
+        if set(probe.readers[conv_name]) != {bn_name}:
+            continue  # the raw conv output is also read elsewhere (or not at all by the BN)
+        pairs.append((conv_name, bn_name))
+    return pairs
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Merge eval-mode ``bn`` into ``conv`` in place (float64 arithmetic)."""
+    dtype = conv.weight.dtype
+    var = bn.running_var.double()
+    mean = bn.running_mean.double()
+    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(mean)
+    conv.weight.copy_(weight.to(dtype))
+    new_bias = ((bias - mean) * scale + beta).to(dtype=dtype, device=conv.weight.device)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias, requires_grad=conv.weight.requires_grad)
+    else:
+        conv.bias.copy_(new_bias)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _default_probe(model: nn.Module) -> torch.Tensor:
+    # OS * 4 + 1 keeps every stage at least 5 pixels wide, so BN on the image-pooling map is the
+    # only 1x1 one; it is cheap (a ResNet-101 probe runs in ~0.1 s).
+    stride = int(getattr(model, "output_stride", 16) or 16)
+    side = max(stride * 4 + 1, 33)
+    try:
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, 3, side, side, generator=generator).to(device=device, dtype=dtype)
+
+
+def fold_batchnorm(
+    model: nn.Module,
+    *,
+    example_input: Optional[torch.Tensor] = None,
+    inplace: bool = False,
+    check: bool = True,
+    atol: float = 1e-4,
+) -> nn.Module:
+    """Fold every BatchNorm that directly follows a conv into that conv (test-time only).
+
+    ``y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta`` is a conv with weight
+    ``W * gamma / sqrt(var + eps)`` and bias ``(b - mean) * gamma / sqrt(var + eps) + beta``.
+    Pairs are found by :func:`find_conv_bn_pairs`; each folded BN (including ASPP's
+    ``PoolingBatchNorm``, which is BatchNorm in eval mode) is replaced by ``nn.Identity``.
+    BNs that do not follow a conv are left as they are.
+
+    Args:
+        model: the model; it is put in eval mode (folding uses running statistics).
+        example_input: the probe input; default a ``(1, 3, 4*OS+1, 4*OS+1)`` random image.
+        inplace: modify ``model`` itself instead of a deep copy.
+        check: compare the folded model with the original on the probe input.
+        atol: tolerance of that check, relative to the largest logit magnitude (at least 1).
+
+    Returns:
+        The folded model in eval mode, with ``folded_batchnorms`` (list of ``(conv, bn)`` names).
+
+    Raises:
+        ExportError: the folded model does not reproduce the original (``check=True``).
+    """
+    model.eval()
+    probe = _default_probe(model) if example_input is None else example_input
+    pairs = find_conv_bn_pairs(model, probe)
+    with torch.no_grad():
+        reference = model(probe) if check else None
+    folded = model if inplace else copy.deepcopy(model)
+    for conv_name, bn_name in pairs:
+        conv = folded.get_submodule(conv_name)
+        bn = folded.get_submodule(bn_name)
+        _fold_into(conv, bn)  # type: ignore[arg-type]
+        _set_submodule(folded, bn_name, nn.Identity())
+    folded.eval()
+    folded.folded_batchnorms = pairs  # type: ignore[assignment]
+    if check and isinstance(reference, torch.Tensor):
+        with torch.no_grad():
+            out = folded(probe)
+        diff = (out - reference).abs().max().item()
+        scale = max(1.0, reference.abs().max().item())
+        if not diff <= atol * scale:
+            raise ExportError(
+                f"BatchNorm folding changed the output (max |diff| {diff:.3g} at logit scale {scale:.3g}); "
+                "a BN subclass with a non-standard forward was folded - report this with the model's config"
+            )
+    return folded
+
+
+# --------------------------------------------------------------------------- eager inference
+
+LAYOUTS = ("auto", "contiguous", "channels_last")
+
+
+class ContiguousConv(nn.Module):
+    """Runs one conv in NCHW inside a channels_last model and hands back channels_last.
+
+    oneDNN's depthwise *dilated* convs in channels_last (nhwc) run ~10-50x slower than in its
+    blocked NCHW path on AVX2 CPUs, while dense convs prefer nhwc; converting around just those
+    convs costs two cheap copies of a thin tensor.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.contiguous()).contiguous(memory_format=torch.channels_last)
+
+
+def _is_dilated_depthwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups > 1
+        and module.groups == module.in_channels
+        and max(module.dilation) > 1
+    )
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    fold_bn: bool = True,
+    layout: str = "auto",
+) -> nn.Module:
+    """The fastest eager PyTorch form of a model for test-time use (same outputs).
+
+    * BatchNorm folded into the convs (:func:`fold_batchnorm`).
+    * ``layout="channels_last"``: weights in NHWC, the input converted on entry (a forward
+      pre-hook), and every depthwise dilated conv wrapped in :class:`ContiguousConv`, which runs
+      it in NCHW. ``"auto"`` picks channels_last on CPU (oneDNN's dense convs avoid per-call
+      reorders in NHWC) and leaves CUDA models contiguous. ``"contiguous"`` changes no layout.
+
+    Args:
+        model: the model (a deep copy is optimised; the original is untouched).
+        device: the device it will run on.
+        fold_bn: fold BatchNorm.
+        layout: ``"auto"``, ``"contiguous"`` or ``"channels_last"``.
+
+    Returns:
+        The optimised model in eval mode (``model.config`` etc. are kept).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
+    model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    if layout == "auto":
+        layout = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+    if layout == "channels_last":
+        for name, module in list(model.named_modules()):
+            if _is_dilated_depthwise(module):
+                _set_submodule(model, name, ContiguousConv(module))  # type: ignore[arg-type]
+        model = model.to(memory_format=torch.channels_last)
+
+        def to_channels_last(_: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+            x = args[0]
+            if isinstance(x, torch.Tensor) and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return (x, *args[1:])
+
+        model.register_forward_pre_hook(to_channels_last)
+    model.inference_layout = layout  # type: ignore[assignment]
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- tracing helpers
+
+_PATCH_LOCK = threading.RLock()
+
+
+def _traceable_resize(x: torch.Tensor, size: Sequence[Any], *, align_corners: bool = False) -> torch.Tensor:
+    # ``size`` may hold traced sizes; passing them through keeps the graph shape-polymorphic.
+    return F.interpolate(x, size=tuple(size[-2:]), mode="bilinear", align_corners=align_corners)
+
+
+@contextlib.contextmanager
+def traceable_resize() -> Iterator[None]:
+    """While tracing, use a ``resize`` that does not turn traced sizes into constants.
+
+    The model modules import :func:`deeplab.nn.layers.resize` by name; this swaps that name in
+    the modules that use it and restores it afterwards (thread-safe, re-entrant).
+    """
+    import deeplab.models.deeplab as deeplab_module
+    import deeplab.nn.layers as layers_module
+
+    modules = [m for m in (deeplab_module, layers_module) if hasattr(m, "resize")]
+    with _PATCH_LOCK:
+        saved = [(m, m.resize) for m in modules]
+        try:
+            for m in modules:
+                m.resize = _traceable_resize  # type: ignore[attr-defined]
+            yield
+        finally:
+            for m, fn in saved:
+                m.resize = fn  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    # Tracer/exporter warnings about constant shape checks (``x.shape[1] != 3``) and the
+    # legacy exporter's deprecation notice say nothing actionable to a user of `deeplab export`.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+        yield
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def model_metadata(
+    model: nn.Module,
+    *,
+    classes: Optional[Sequence[str]] = None,
+    palette: Optional[Sequence[Sequence[int]]] = None,
+    normalization: Optional[Mapping[str, Sequence[float]]] = None,
+) -> Dict[str, Any]:
+    """What a deployed model needs besides its weights, as plain JSON-able data.
+
+    Missing class names become ``class_0 ...``; a missing palette the VOC colormap; a missing
+    normalisation the model's own (``model.normalization``).
+
+    Returns:
+        ``{"format", "version", "num_classes", "classes", "palette", "normalization",
+        "output_stride", "align_corners", "config", "deeplab_version"}``.
+    """
+    from deeplab import __version__
+    from deeplab.data.palettes import default_palette
+
+    config = getattr(model, "config", None)
+    num_classes = int(getattr(model, "num_classes", 0) or (config.num_classes if config is not None else 0))
+    if classes is None:
+        classes = [f"class_{i}" for i in range(num_classes)]
+    classes = [str(c) for c in classes]
+    if num_classes and len(classes) != num_classes:
+        raise ValueError(f"{len(classes)} class names for a model with {num_classes} classes")
+    if palette is None or len(palette) < len(classes):
+        palette = default_palette(len(classes))
+    if normalization is None:
+        norm = getattr(model, "normalization", None)
+        normalization = norm.to_dict() if norm is not None else {"mean": [0.0] * 3, "std": [1.0] * 3}
+    return {
+        "format": METADATA_FORMAT,
+        "version": METADATA_VERSION,
+        "num_classes": len(classes),
+        "classes": classes,
+        "palette": [[int(v) for v in color] for color in palette[: len(classes)]],
+        "normalization": {k: [float(v) for v in normalization[k]] for k in ("mean", "std")},
+        "output_stride": int(getattr(model, "output_stride", 16)),
+        "align_corners": bool(getattr(model, "align_corners", False)),
+        "config": config.to_dict() if config is not None else None,
+        "deeplab_version": __version__,
+    }
+
+
+def _validate_metadata(meta: Any, path: Path) -> Dict[str, Any]:
+    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+        raise ExportError(f"{path} carries no deeplab metadata; re-export it with `deeplab export`")
+    if int(meta.get("version", 0)) > METADATA_VERSION:
+        raise ExportError(f"{path} was exported by a newer deeplab (metadata version {meta['version']}); upgrade deeplab")
+    return meta
+
+
+def read_metadata(path: PathLike) -> Dict[str, Any]:
+    """The metadata embedded by :func:`export_onnx` / :func:`export_torchscript`.
+
+    ONNX files are read with the ``onnx`` package when it is installed, else with OpenVINO
+    (``rt_info``); TorchScript files need only torch.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ExportError: the file has no deeplab metadata or cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model not found: {path}")
+    if _is_onnx(path):
+        text = _onnx_metadata_text(path)
+    else:
+        extra = {TORCHSCRIPT_METADATA_FILE: ""}
+        try:
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as exc:  # torch raises RuntimeError with a long C++ trace
+            raise ExportError(f"cannot read {path} as ONNX or TorchScript: {str(exc).splitlines()[0]}") from exc
+        text = extra[TORCHSCRIPT_METADATA_FILE]
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+    if not text:
+        raise ExportError(f"{path} carries no deeplab metadata; re-export it with `deeplab export`")
+    return _validate_metadata(json.loads(text), path)
+
+
+def _is_onnx(path: Path) -> bool:
+    if path.suffix.lower() == ".onnx":
+        return True
+    # TorchScript files are zip archives; an ONNX protobuf is not.
+    with open(path, "rb") as handle:
+        return handle.read(2) != b"PK"
+
+
+def _onnx_metadata_text(path: Path) -> str:
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise ExportError(f"cannot read ONNX file {path}: {exc}") from exc
+        return next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), "")
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise ExportError(
+            f"reading {path} needs the onnx package (pip install 'deeplab[onnx]') or openvino"
+        ) from exc
+    model = ov.Core().read_model(str(path))
+    for keys in (["framework", METADATA_KEY], [METADATA_KEY]):
+        if model.has_rt_info(keys):
+            value = model.get_rt_info(keys)
+            return str(value.astype(str) if hasattr(value, "astype") else value)
+    return ""
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _prepare(model: nn.Module, fold_bn: bool) -> nn.Module:
+    model = copy.deepcopy(model).float().cpu().eval()
+    if fold_bn:
+        model = fold_batchnorm(model, inplace=True)
+    return model
+
+
+def _example(model: nn.Module, example_input: Optional[torch.Tensor]) -> torch.Tensor:
+    if example_input is not None:
+        return example_input.float().cpu()
+    # Not square and not OS*k+1, so no size coincidence can hide a constant baked by tracing.
+    stride = int(getattr(model, "output_stride", 16) or 16)
+    return torch.randn(1, 3, stride * 4 + 1, stride * 5 + 1, generator=torch.Generator().manual_seed(0))
+
+
+def export_onnx(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    metadata: Optional[Mapping[str, Any]] = None,
+    example_input: Optional[torch.Tensor] = None,
+    fold_bn: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export to ONNX with dynamic batch, height and width; input ``image``, output ``logits``.
+
+    Uses the TorchScript-based exporter (``dynamo=False``): it needs no ``onnxscript`` and gives
+    a graph ONNX Runtime and OpenVINO both optimise well.
+
+    Args:
+        model: a DeepLab model (any ``nn.Module`` taking ``(B, 3, H, W)``).
+        path: output file.
+        metadata: embedded as ``metadata_props["deeplab"]`` (JSON); default
+            :func:`model_metadata` of the model.
+        example_input: traced input; default a small non-square image.
+        fold_bn: fold BatchNorm into the convs first (the graph then has no BN nodes).
+        opset: ONNX opset.
+
+    Returns:
+        ``path``.
+    """
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ExportError("ONNX export needs the onnx package: pip install 'deeplab[onnx]'") from exc
+    path = Path(path)
+    meta = dict(metadata) if metadata is not None else model_metadata(model)
+    prepared = _prepare(model, fold_bn)
+    x = _example(prepared, example_input)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with traceable_resize(), _quiet_tracing(), torch.no_grad():
+            torch.onnx.export(
+                prepared,
+                (x,),
+                str(tmp),
+                dynamo=False,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={"image": axes, "logits": axes},
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(meta)
+        proto.doc_string = f"deeplab {meta.get('config') or ''}"[:1000]
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def export_torchscript(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    metadata: Optional[Mapping[str, Any]] = None,
+    example_input: Optional[torch.Tensor] = None,
+    fold_bn: bool = True,
+) -> Path:
+    """Export to TorchScript by tracing (dynamic batch, height and width).
+
+    The metadata JSON is stored as the extra file ``deeplab.json``
+    (``torch.jit.load(path, _extra_files={"deeplab.json": ""})`` reads it back).
+
+    Args: as :func:`export_onnx`.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    meta = dict(metadata) if metadata is not None else model_metadata(model)
+    prepared = _prepare(model, fold_bn)
+    x = _example(prepared, example_input)
+    with traceable_resize(), _quiet_tracing(), torch.no_grad():
+        traced = torch.jit.trace(prepared, (x,), check_trace=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with _quiet_tracing():
+            torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def export_model(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    format: str = "onnx",
+    metadata: Optional[Mapping[str, Any]] = None,
+    example_input: Optional[torch.Tensor] = None,
+    fold_bn: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """:func:`export_onnx` or :func:`export_torchscript` by ``format`` (``"onnx"``/``"torchscript"``)."""
+    if format == "onnx":
+        return export_onnx(model, path, metadata=metadata, example_input=example_input, fold_bn=fold_bn, opset=opset)
+    if format == "torchscript":
+        return export_torchscript(model, path, metadata=metadata, example_input=example_input, fold_bn=fold_bn)
+    raise ValueError(f"unknown export format {format!r}; choose from {list(EXPORT_FORMATS)}")
+
+
+def check_parity(
+    model: nn.Module,
+    path: PathLike,
+    inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
+    *,
+    backend: str = "auto",
+) -> float:
+    """``max |exported(x) - model(x)|`` over the logits of every input in ``inputs``.
+
+    Args:
+        model: the PyTorch model that was exported (unfolded is fine).
+        path: the exported file.
+        inputs: one ``(B, 3, H, W)`` tensor or several (e.g. of different sizes, to check
+            that the shapes really are dynamic).
+        backend: ``"onnxruntime"``, ``"openvino"``, ``"torchscript"`` or ``"auto"`` (ONNX
+            Runtime for ONNX files, TorchScript otherwise).
+    """
+    from deeplab.engine.predict import load_exported
+
+    runner = load_exported(path, backend=backend)
+    model = model.eval()
+    worst = 0.0
+    for x in [inputs] if isinstance(inputs, torch.Tensor) else list(inputs):
+        x = x.float().cpu()
+        with torch.no_grad():
+            ref = model(x)
+            out = runner(x)
+        if out.shape != ref.shape:
+            raise ExportError(f"exported model returned {tuple(out.shape)} for {tuple(x.shape)}, expected {tuple(ref.shape)}")
+        worst = max(worst, (out.float() - ref.float()).abs().max().item())
+    return worst

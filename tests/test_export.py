@@ -1,0 +1,331 @@
+"""Export: BN folding (general, data-flow checked), ONNX / TorchScript round trips with dynamic
+shapes and embedded metadata, runtime backends, the eager inference layout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import deeplab
+from deeplab.checkpoint import save_checkpoint
+from deeplab.engine.predict import OnnxRuntimeModel, TorchScriptModel, load_exported
+from deeplab.export import (
+    ContiguousConv,
+    ExportError,
+    check_parity,
+    export_model,
+    export_onnx,
+    export_torchscript,
+    find_conv_bn_pairs,
+    fold_batchnorm,
+    model_metadata,
+    optimize_for_inference,
+    read_metadata,
+)
+from deeplab.models.aspp import PoolingBatchNorm
+
+try:
+    import openvino  # noqa: F401
+
+    HAVE_OPENVINO = True
+except ImportError:  # optional extra
+    HAVE_OPENVINO = False
+
+needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino not installed (pip install 'deeplab[openvino]')")
+
+CLASSES = ["background", "cat", "dog"]
+PALETTE = [[0, 0, 0], [200, 30, 30], [30, 200, 30]]
+NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters, so that folding
+    really changes the weights (a fresh model's BNs are identities)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def small_model(arch: str = "deeplabv3plus", backbone: str = "mobilenet_v2", num_classes: int = 3, **kw: Any) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(deeplab.build_model(arch=arch, backbone=backbone, num_classes=num_classes, **kw))
+
+
+def make_checkpoint(path: Path, arch: str = "deeplabv3plus", backbone: str = "mobilenet_v2") -> Path:
+    """A checkpoint in the documented payload format, for a tiny 3-class model."""
+    model = small_model(arch, backbone)
+    payload: Dict[str, Any] = {
+        "model": model.state_dict(),
+        "config": model.config.to_dict(),
+        "classes": list(CLASSES),
+        "palette": [list(c) for c in PALETTE],
+        "normalization": dict(NORM),
+    }
+    return save_checkpoint(path, payload)
+
+
+def n_batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+# --------------------------------------------------------------------------- BN folding
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50", "xception41"])
+def test_fold_batchnorm_folds_every_bn_of_the_model_and_keeps_outputs(backbone: str) -> None:
+    model = small_model(backbone=backbone)
+    before = n_batchnorms(model)
+    folded = fold_batchnorm(model)
+    # Every BN of DeepLab follows a conv: torchvision (features.N.0/1, conv1/bn1, downsample.0/1),
+    # timm (conv_dw/bn_dw, conv_pw/bn_pw, conv/bn), ConvBNReLU (conv/bn), image pooling's PoolingBatchNorm.
+    assert len(folded.folded_batchnorms) == before
+    assert n_batchnorms(folded) == 0
+    assert n_batchnorms(model) == before, "the original must be untouched"
+    x = torch.randn(2, 3, 67, 71)
+    with torch.no_grad():
+        ref, out = model(x), folded(x)
+    assert (out - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_fold_batchnorm_names_follow_each_layout() -> None:
+    pairs = dict(find_conv_bn_pairs(small_model(backbone="xception41"), torch.randn(1, 3, 65, 65)))
+    assert pairs["backbone.stem.0.conv"] == "backbone.stem.0.bn"
+    assert pairs["backbone.blocks.0.stack.conv1.conv_dw"] == "backbone.blocks.0.stack.conv1.bn_dw"
+    assert pairs["backbone.blocks.0.stack.conv1.conv_pw"] == "backbone.blocks.0.stack.conv1.bn_pw"
+    assert pairs["backbone.blocks.0.shortcut.conv"] == "backbone.blocks.0.shortcut.bn"
+    assert pairs["aspp.image_pool.conv"] == "aspp.image_pool.bn"
+    assert pairs["decoder.fuse.0.depthwise.conv"] == "decoder.fuse.0.depthwise.bn"
+    mb = dict(find_conv_bn_pairs(small_model(backbone="mobilenet_v2"), torch.randn(1, 3, 65, 65)))
+    assert mb["backbone.features.0.0"] == "backbone.features.0.1"
+    assert mb["backbone.features.2.conv.2"] == "backbone.features.2.conv.3"
+
+
+def test_pooling_batchnorm_is_folded_and_works_at_batch_one() -> None:
+    model = small_model(backbone="mobilenet_v2")
+    assert isinstance(model.aspp.image_pool.bn, PoolingBatchNorm)
+    folded = fold_batchnorm(model)
+    assert isinstance(folded.aspp.image_pool.bn, nn.Identity)
+    assert folded.aspp.image_pool.conv.bias is not None
+    x = torch.randn(1, 3, 49, 49)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class _Tricky(nn.Module):
+    """BNs that must not be folded: after a ReLU, after a conv whose output is reused, shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn_after_relu = nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.bn_reused_input = nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn_ok = nn.BatchNorm2d(4)
+        self.d = nn.Conv2d(4, 4, 1)
+        self.shared = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn_after_relu(torch.relu(self.a(x)))
+        y = self.b(x)
+        x = self.bn_reused_input(y) + y  # the conv output is read twice
+        x = self.bn_ok(self.c(x))
+        x = self.shared(self.d(x))
+        return self.shared(x)  # the same BN twice
+
+
+def test_fold_batchnorm_leaves_unfoldable_pairs_alone() -> None:
+    model = randomize_bn(_Tricky())
+    folded = fold_batchnorm(model, example_input=torch.randn(1, 3, 8, 8))
+    assert folded.folded_batchnorms == [("c", "bn_ok")]
+    assert isinstance(folded.bn_after_relu, nn.BatchNorm2d)
+    assert isinstance(folded.bn_reused_input, nn.BatchNorm2d)
+    assert isinstance(folded.shared, nn.BatchNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fold_batchnorm_inplace_and_training_flag_restored() -> None:
+    model = randomize_bn(_Tricky()).train()
+    pairs = find_conv_bn_pairs(model, torch.randn(1, 3, 8, 8))
+    assert model.training and pairs == [("c", "bn_ok")]
+    same = fold_batchnorm(model, example_input=torch.randn(1, 3, 8, 8), inplace=True)
+    assert same is model and isinstance(model.bn_ok, nn.Identity)
+
+
+def test_optimize_for_inference_channels_last_keeps_outputs() -> None:
+    model = small_model(backbone="mobilenet_v2")
+    fast = optimize_for_inference(model, layout="channels_last")
+    assert fast.inference_layout == "channels_last"
+    # ASPP has no atrous branch in the released MobileNetV2 head, but the backbone's OS 16
+    # stage has dilated depthwise convs: each runs in NCHW.
+    wrapped = [m for m in fast.modules() if isinstance(m, ContiguousConv)]
+    assert wrapped and all(max(w.conv.dilation) > 1 and w.conv.groups == w.conv.in_channels for w in wrapped)
+    x = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
+    plain = optimize_for_inference(model, layout="contiguous")
+    assert n_batchnorms(plain) == 0 and not any(isinstance(m, ContiguousConv) for m in plain.modules())
+    with pytest.raises(ValueError, match="layout"):
+        optimize_for_inference(model, layout="nhwc")
+
+
+# --------------------------------------------------------------------------- export round trips
+
+
+def _round_trip(tmp_path: Path, arch: str, backbone: str, fmt: str) -> None:
+    model = small_model(arch, backbone)
+    path = tmp_path / ("m.onnx" if fmt == "onnx" else "m.ts")
+    export_model(model, path, format=fmt, metadata=model_metadata(model, classes=CLASSES, palette=PALETTE))
+    # dynamic batch, height and width: other sizes than the traced one (odd, non-square)
+    inputs = [torch.randn(1, 3, 65, 65), torch.randn(2, 3, 50, 83)]
+    diff = check_parity(model, path, inputs, backend="onnxruntime" if fmt == "onnx" else "torchscript")
+    assert diff < 1e-4
+    meta = read_metadata(path)
+    assert meta["classes"] == CLASSES and meta["config"]["backbone"] == backbone and meta["output_stride"] == 16
+
+
+FAST_VARIANTS = [("deeplabv3plus", "mobilenet_v2"), ("deeplabv3", "mobilenet_v2"), ("deeplabv3plus", "resnet50")]
+SLOW_VARIANTS = [
+    (arch, bb)
+    for arch in ("deeplabv3plus", "deeplabv3")
+    for bb in ("resnet50", "resnet101", "xception41", "xception65", "xception71", "mobilenet_v2")
+    if (arch, bb) not in FAST_VARIANTS
+]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("arch,backbone", FAST_VARIANTS)
+def test_export_round_trip(tmp_path: Path, arch: str, backbone: str, fmt: str) -> None:
+    _round_trip(tmp_path, arch, backbone, fmt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("arch,backbone", SLOW_VARIANTS)
+def test_export_round_trip_all_variants(tmp_path: Path, arch: str, backbone: str, fmt: str) -> None:
+    _round_trip(tmp_path, arch, backbone, fmt)
+
+
+def test_onnx_graph_has_no_batchnorm_and_dynamic_axes(tmp_path: Path) -> None:
+    import onnx
+
+    model = small_model()
+    path = export_onnx(model, tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    ops = {node.op_type for node in proto.graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+    dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "", "height", "width"] or dims[0] == "batch" and dims[2:] == ["height", "width"]
+    keys = {p.key for p in proto.metadata_props}
+    assert "deeplab" in keys
+    unfolded = export_onnx(model, tmp_path / "u.onnx", fold_bn=False)
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(unfolded)).graph.node} or True  # ORT may fold it itself
+    assert check_parity(model, unfolded, torch.randn(1, 3, 49, 49)) < 1e-4
+
+
+def test_metadata_round_trip_and_defaults(tmp_path: Path) -> None:
+    model = small_model()
+    meta = model_metadata(model)
+    assert meta["classes"] == ["class_0", "class_1", "class_2"]
+    assert len(meta["palette"]) == 3 and meta["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    with pytest.raises(ValueError, match="class names"):
+        model_metadata(model, classes=["a", "b"])
+    path = export_torchscript(model, tmp_path / "m.ts", metadata=model_metadata(model, classes=CLASSES, palette=PALETTE, normalization=NORM))
+    meta = read_metadata(path)
+    assert meta["palette"] == PALETTE and meta["normalization"] == NORM
+    json.dumps(meta)
+
+
+def test_read_metadata_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_metadata(tmp_path / "missing.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ExportError):
+        read_metadata(junk)
+    traced = torch.jit.trace(nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4))
+    torch.jit.save(traced, str(tmp_path / "plain.ts"))
+    with pytest.raises(ExportError, match="no deeplab metadata"):
+        read_metadata(tmp_path / "plain.ts")
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_model(small_model(), tmp_path / "x", format="tflite")
+
+
+def test_load_exported_backend_checks(tmp_path: Path) -> None:
+    model = small_model()
+    onnx_path = export_onnx(model, tmp_path / "m.onnx")
+    ts_path = export_torchscript(model, tmp_path / "m.ts")
+    assert isinstance(load_exported(onnx_path), OnnxRuntimeModel)
+    assert isinstance(load_exported(ts_path), TorchScriptModel)
+    assert isinstance(load_exported(ts_path, backend="torch"), TorchScriptModel)
+    with pytest.raises(ExportError, match="ONNX file"):
+        load_exported(onnx_path, backend="torchscript")
+    with pytest.raises(ExportError, match="TorchScript file"):
+        load_exported(ts_path, backend="onnxruntime")
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_exported(onnx_path, backend="tensorrt")
+    runner = load_exported(onnx_path, threads=1)
+    assert runner.output_stride == 16 and runner.num_classes == 3 and not runner.training
+    # the runner follows the model contract, so the package's inference runs it unchanged
+    from deeplab.engine.inference import predict_probs
+
+    x = torch.randn(1, 3, 40, 57)
+    torch.testing.assert_close(predict_probs(runner, x, scales=(0.75, 1.0), flip=True),
+                               predict_probs(model, x, scales=(0.75, 1.0), flip=True), atol=1e-5, rtol=1e-4)
+
+
+@needs_openvino
+def test_openvino_backend_parity_dynamic_and_static(tmp_path: Path) -> None:
+    model = small_model()
+    path = export_onnx(model, tmp_path / "m.onnx")
+    inputs = [torch.randn(1, 3, 65, 65), torch.randn(2, 3, 50, 83)]
+    assert check_parity(model, path, inputs, backend="openvino") < 1e-4
+    runner = load_exported(path, backend="openvino", static_shapes=True)
+    x = torch.randn(1, 3, 33, 49)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), model(x), atol=1e-4, rtol=1e-4)
+        runner(x)
+    assert len(runner._compiled) == 1
+
+
+@needs_openvino
+def test_onnx_metadata_readable_without_onnx_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = export_onnx(small_model(), tmp_path / "m.onnx", metadata=model_metadata(small_model(), classes=CLASSES))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # an openvino-only install
+    assert read_metadata(path)["classes"] == CLASSES
+
+
+def test_export_does_not_change_the_model_or_the_resize_function(tmp_path: Path) -> None:
+    import deeplab.models.deeplab as D
+    from deeplab.nn import layers
+
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "m.onnx")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert D.resize is layers.resize
+    assert not model.training and n_batchnorms(model) > 0
+
+
+def test_checkpoint_helper_round_trip(tmp_path: Path) -> None:
+    path = make_checkpoint(tmp_path / "ck.pt")
+    model, ckpt = deeplab.checkpoint.load_model(path)
+    assert ckpt["classes"] == CLASSES
+    assert np.allclose(ckpt["palette"], PALETTE)
