@@ -6,7 +6,8 @@
 
 from .config import ModelConfig
 from .models import BACKBONES, build_model, build_model_from_config
+from .segmenter import Segmenter
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKBONES", "ModelConfig", "build_model", "build_model_from_config", "__version__"]
+__all__ = ["BACKBONES", "ModelConfig", "Segmenter", "build_model", "build_model_from_config", "__version__"]
