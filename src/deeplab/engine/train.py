@@ -614,6 +614,7 @@ def train(
     classes: Sequence[str] = (),
     palette: Sequence[Sequence[int]] = (),
     normalization: Optional[Mapping[str, Sequence[float]]] = None,
+    dataset_info: Optional[Mapping[str, Any]] = None,
     optimizer: Optional[Optimizer] = None,
     scheduler: Optional[LRScheduler] = None,
     collate_fn: Optional[Callable[..., Any]] = None,
@@ -641,6 +642,9 @@ def train(
             returns metrics including ``best_metric``. RNG state is preserved around it.
         model_config, classes, palette, normalization: stored in checkpoints so they
             rebuild and describe the model on their own.
+        dataset_info: what the model was trained on (``{"dataset": "voc", "root": ...,
+            "train_split": ..., "val_split": ...}``), stored as ``"dataset"`` so evaluation
+            can default to it.
         optimizer, scheduler: override :func:`build_optimizer` / :class:`PolyLR`.
         collate_fn: DataLoader collate function.
         best_metric: metric (higher is better) deciding ``best.pt``.
@@ -833,6 +837,7 @@ def train(
                 "world_size": world_size,
             },
             "train_config": cfg.to_dict(),
+            "dataset": to_plain(dict(dataset_info or {})),
             "metrics": to_plain(last_eval),
             "best": to_plain(best),
         }

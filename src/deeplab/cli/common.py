@@ -1,0 +1,106 @@
+"""Helpers shared by the subcommands: presets, datasets from flags, printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import yaml
+
+from deeplab.data import DATASETS, build_dataset
+from deeplab.data.base import SegmentationDataset, Transform
+
+# Keys a preset may carry for people, not for the program.
+DOC_KEYS = ("notes", "expected_miou", "paper")
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def load_preset(path: str, allowed: Sequence[str]) -> Dict[str, Any]:
+    """Read a flat YAML preset whose keys are the command's flag names (``-`` or ``_``).
+
+    Raises:
+        CLIError: missing/unreadable file, not a mapping, or unknown keys (listed with the choices).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"config file {file} does not exist; presets live in configs/ (e.g. configs/voc_xception65_os16.yaml)")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CLIError(f"{file} is not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise CLIError(f"{file} must be a flat mapping of option: value, got {type(data).__name__}")
+    out = {str(k).replace("-", "_"): v for k, v in data.items() if str(k) not in DOC_KEYS}
+    unknown = sorted(set(out) - set(allowed))
+    if unknown:
+        raise CLIError(f"{file}: unknown keys {unknown}; allowed keys are {sorted(allowed)} (+ {list(DOC_KEYS)})")
+    return out
+
+
+def parse_with_preset(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """Parse ``argv``; a ``--config`` preset fills every option not given on the command line."""
+    args = parser.parse_args(argv)
+    config = getattr(args, "config", None)
+    if config:
+        dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
+        preset = load_preset(config, dests)
+        # Re-parse into a namespace pre-filled with a sentinel: argparse then fills in only
+        # what was typed, which tells command-line values (they win) from defaults.
+        explicit = parser.parse_args(argv, namespace=argparse.Namespace(**{d: _UNSET for d in dests}))
+        actions = {a.dest: a for a in parser._actions}
+        for key, value in preset.items():
+            if getattr(explicit, key, _UNSET) is _UNSET:
+                setattr(args, key, _convert(actions[key], value, config))
+    return args
+
+
+def _convert(action: argparse.Action, value: Any, source: str) -> Any:
+    """Give a preset value the type its flag would (YAML reads ``1e-4`` as a string)."""
+    if value is None or action.type is None:
+        return value
+    try:
+        if isinstance(value, (list, tuple)):
+            return [action.type(v) for v in value]
+        return action.type(value)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"{source}: {action.dest}: {value!r} is not a valid {getattr(action.type, '__name__', action.type)}") from exc
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET = _Unset()
+
+
+def add_data_args(parser: argparse.ArgumentParser, *, split: Optional[str], with_split: bool = True) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                       help="dataset layout (default: the checkpoint's, else voc)")
+    group.add_argument("--data-root", default=None, help="dataset root directory")
+    if with_split:
+        group.add_argument("--split", default=split, help=f"split to use (default: {split})")
+
+
+def make_dataset(name: str, root: Optional[str], split: Optional[str], transform: Optional[Transform],
+                 **kwargs: Any) -> SegmentationDataset:
+    if not root:
+        raise CLIError("--data-root is required: the folder holding the dataset (see README 'Datasets')")
+    return build_dataset(name, root, split, transform, **kwargs)
+
+
+def print_config(title: str, config: Mapping[str, Any], *, stream: Any = None) -> None:
+    """Print the resolved configuration at the start of a run."""
+    stream = stream or sys.stdout
+    print(f"{title}:", file=stream)
+    width = max((len(k) for k in config), default=0)
+    for key, value in config.items():
+        print(f"  {key:<{width}}  {json.dumps(value, default=str)}", file=stream)
+    stream.flush()

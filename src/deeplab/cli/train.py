@@ -1,0 +1,216 @@
+"""``deeplab train``: train DeepLabv3/v3+ with the paper's recipe.
+
+``deeplab train --config configs/voc_resnet101_os16.yaml --data-root DATA --out runs/r101``.
+Every flag maps to one field of ``ModelConfig`` / ``TrainConfig`` (``--config`` fills any flag
+not typed). The same command runs under ``torchrun --nproc_per_node N`` (DDP + SyncBatchNorm);
+``--resume auto`` (default) continues an interrupted run exactly from ``RUN_DIR/last.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from deeplab.checkpoint import CheckpointError, load_checkpoint, strip_state_dict_prefixes
+from deeplab.cli.common import CLIError, add_data_args, make_dataset, parse_with_preset, print_config
+from deeplab.config import ARCHS, ModelConfig, TrainConfig
+from deeplab.data import DatasetError, EvalTransform, TrainTransform
+from deeplab.engine import distributed as dist_utils
+from deeplab.engine.evaluate import ShardSampler, evaluate
+from deeplab.engine.train import TrainResult, train
+from deeplab.models import BACKBONES, build_model
+from deeplab.weights import WeightsError, resolve_pretrained
+
+# Flags whose name differs from their config field.
+FLAG_NAMES = {"run_dir": "out", "resume_from": "resume", "hflip": "hflip"}
+MODEL_FLAGS = [f.name for f in dataclasses.fields(ModelConfig)]
+TRAIN_FLAGS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _field_help(cls: type) -> Dict[str, str]:
+    """One line of each field's description from the dataclass docstring."""
+    doc = cls.__doc__ or ""
+    helps: Dict[str, str] = {}
+    current = None
+    for line in doc.splitlines():
+        stripped = line.strip()
+        head = stripped.split(":", 1)
+        if len(head) == 2 and head[0].replace("_", "").isalnum() and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            current = head[0]
+            helps[current] = head[1].strip()
+        elif current and stripped and line.startswith(" " * 12):
+            helps[current] += " " + stripped
+    return helps
+
+
+def _add_dataclass_flags(group: argparse._ArgumentGroup, cls: type, skip: tuple = ()) -> None:
+    helps = _field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
+        hint = hints[f.name]
+        kwargs: Dict[str, Any] = dict(dest=f.name, default=f.default, help=helps.get(f.name, "").replace("``", ""))
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is typing.Union and type(None) in args:  # Optional[...]
+            inner = [a for a in args if a is not type(None)][0]
+            if typing.get_origin(inner) is tuple:
+                kwargs.update(nargs="*", type=int)
+            else:
+                kwargs["type"] = inner
+        elif origin is tuple:
+            kwargs.update(nargs=len(args), type=args[0])
+        else:
+            kwargs["type"] = hint
+        group.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deeplab train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="flat YAML preset (configs/*.yaml) filling any flag not typed")
+    add_data_args(parser, split=None, with_split=False)
+    parser.add_argument("--train-split", default="train", help="training split (paper: VOC train_aug)")
+    parser.add_argument("--val-split", default="val", help="split evaluated every --eval-every steps; 'none' to skip")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N validation images")
+    model = parser.add_argument_group("model (ModelConfig)")
+    _add_dataclass_flags(model, ModelConfig, skip=("num_classes",))
+    model.add_argument("--num-classes", type=int, default=None, help="default: the dataset's class count")
+    model.add_argument("--init-from", default=None,
+                       help="start from the weights of this deeplab checkpoint (e.g. the OS 16 run's best.pt "
+                            "before OS 8 fine-tuning); optimizer and step start fresh")
+    model.add_argument("--pretrained-backbone", default="imagenet",
+                       help="'imagenet' (the backbone's public file; `deeplab weights fetch NAME`), a .pth path, or 'none'")
+    recipe = parser.add_argument_group("recipe (TrainConfig)")
+    _add_dataclass_flags(recipe, TrainConfig)
+    recipe.set_defaults(resume_from="auto")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
+    values = {name: getattr(args, name) for name in MODEL_FLAGS if name != "num_classes"}
+    for key in ("aspp_rates", "multi_grid"):
+        if values[key] is not None:
+            values[key] = tuple(int(v) for v in values[key])
+    if values["arch"] not in ARCHS:
+        raise CLIError(f"unknown arch {values['arch']!r}; choose from {list(ARCHS)}")
+    if values["backbone"] not in BACKBONES:
+        raise CLIError(f"unknown backbone {values['backbone']!r}; choose from {sorted(BACKBONES)}")
+    return ModelConfig(num_classes=num_classes, **values)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    values = {name: getattr(args, name) for name in TRAIN_FLAGS}
+    values["scale_range"] = tuple(float(v) for v in values["scale_range"])
+    if values["resume_from"] in ("none", "", None):
+        values["resume_from"] = None
+    return TrainConfig(**values)
+
+
+def init_from(model: torch.nn.Module, path: str) -> None:
+    """Load a deeplab checkpoint's weights into a freshly built model (strict keys and shapes)."""
+    ckpt = load_checkpoint(path)
+    state = strip_state_dict_prefixes(ckpt["model"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        theirs = ckpt.get("config") or {}
+        raise CLIError(
+            f"--init-from {path}: its weights do not fit this model ({theirs.get('arch')} / {theirs.get('backbone')}, "
+            f"{theirs.get('num_classes')} classes in the file); use the same arch, backbone and class count "
+            f"(output stride may differ). {' '.join(str(exc).split())[:300]}"
+        ) from exc
+
+
+def make_eval_fn(val_set: Any, *, num_classes: int, device: torch.device, world_size: int,
+                 num_workers: int) -> Callable[[torch.nn.Module], Dict[str, Any]]:
+    sampler = ShardSampler(val_set) if world_size > 1 else None
+    loader = DataLoader(val_set, batch_size=1, shuffle=False, sampler=sampler, num_workers=min(num_workers, 2))
+
+    def eval_fn(model: torch.nn.Module) -> Dict[str, Any]:
+        cm = evaluate(model, loader, num_classes=num_classes, device=device, progress=False)
+        return {"mIoU": cm.miou, "pixel_accuracy": cm.pixel_accuracy, "iou": [float(v) for v in cm.iou]}
+
+    return eval_fn
+
+
+def run(args: argparse.Namespace) -> TrainResult:
+    """Build everything from parsed flags and train."""
+    info = dist_utils.init_distributed(device=args.device)
+    dataset_name = args.dataset or "voc"
+    train_set = make_dataset(dataset_name, args.data_root, args.train_split, None)
+    num_classes = args.num_classes or train_set.num_classes
+    if num_classes != train_set.num_classes:
+        raise CLIError(f"--num-classes {num_classes} but the {dataset_name} dataset has {train_set.num_classes} classes")
+    model_config = _model_config(args, num_classes)
+    cfg = _train_config(args)
+    pretrained = None if str(args.pretrained_backbone).lower() in ("none", "") else args.pretrained_backbone
+    if pretrained is not None and info.is_main:
+        resolve_pretrained(model_config.backbone, pretrained)  # fetch once, before the other ranks look
+    dist_utils.barrier()
+    model = build_model(**dataclasses.asdict(model_config), pretrained_backbone=pretrained)
+    if args.init_from:
+        init_from(model, args.init_from)
+    norm = model.normalization
+    transform = TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, scale_step=cfg.scale_step,
+                               mean=norm.mean, std=norm.std, flip=cfg.hflip, ignore_index=cfg.ignore_index)
+    eval_fn = None
+    if str(args.val_split).lower() != "none":
+        val_set = make_dataset(dataset_name, args.data_root, args.val_split, EvalTransform(mean=norm.mean, std=norm.std))
+        if args.eval_limit is not None:
+            val_set = torch.utils.data.Subset(val_set, range(min(args.eval_limit, len(val_set))))
+        eval_fn = make_eval_fn(val_set, num_classes=num_classes, device=info.device, world_size=info.world_size,
+                               num_workers=cfg.num_workers)
+    if info.is_main:
+        print_config("model", model_config.to_dict())
+        print_config("recipe", cfg.to_dict())
+        print_config("data", {"dataset": dataset_name, "data_root": args.data_root, "train_split": args.train_split,
+                              "train_images": len(train_set), "val_split": args.val_split,
+                              "pretrained_backbone": str(pretrained), "world_size": info.world_size,
+                              "device": str(info.device)})
+    result = train(
+        model, train_set, cfg, transform=transform, eval_fn=eval_fn, model_config=model_config,
+        classes=train_set.classes, palette=train_set.palette, normalization=norm.to_dict(),
+        dataset_info={"dataset": dataset_name, "root": str(args.data_root), "train_split": args.train_split,
+                      "val_split": args.val_split},
+        progress=info.is_main and not args.no_progress,
+    )
+    if info.is_main:
+        best = f"{100 * result.best_metric:.2f}" if result.best_metric is not None else "n/a"
+        print(f"{result.reason} at step {result.step}; best mIoU {best}; last: {result.last_checkpoint}; "
+              f"best: {result.best_checkpoint}; metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}")
+    dist_utils.cleanup()
+    return result
+
+
+USER_ERRORS = (CLIError, CheckpointError, DatasetError, WeightsError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parse_with_preset(parser, argv)
+        run(args)
+    except USER_ERRORS as exc:
+        if os.environ.get("DEEPLAB_DEBUG"):
+            raise
+        print(f"deeplab train: {exc}\n(set DEEPLAB_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
