@@ -160,7 +160,9 @@ def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor) -> List[Tu
         probe.active_bn.pop()
 
     for module in model.modules():
-        if type(module) is nn.Conv2d or (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward):
+        # Subclasses count too (e.g. TF-"SAME" padding convs pad, then convolve: still linear in
+        # the weights); fold_batchnorm's numerical check guards against exotic forwards.
+        if isinstance(module, nn.Conv2d):
             handles.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.BatchNorm2d):
             handles.append(module.register_forward_pre_hook(bn_pre_hook))
