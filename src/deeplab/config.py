@@ -34,8 +34,11 @@ class ModelConfig:
         low_level_channels: channels of the decoder's low-level projection (paper: 48).
         decoder_channels: channels of the decoder's two 3x3 convs.
         dropout: dropout after the ASPP projection in training (TF reference: 0.1).
-        tf_compat: reproduce TensorFlow-reference behaviour that changes outputs
-            (align_corners resizes); set by the TF checkpoint converter.
+        tf_compat: reproduce TensorFlow-reference behaviour that changes outputs; set by the
+            TF checkpoint converter (``deeplab convert tf``). Bilinear resizes (decoder
+            upsampling, final upsampling) use ``align_corners=True``; the MobileNetV2 backbone
+            uses TF "SAME" padding for its strided convs, BatchNorm epsilon 1e-3 and [-1, 1]
+            inputs. Xception already matches TF and ResNet has no TF counterpart here.
     """
 
     arch: str = "deeplabv3plus"

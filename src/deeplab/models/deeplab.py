@@ -236,7 +236,7 @@ def build_model(
         _check_positive_int(name, value)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    body = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid)
+    body = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid, tf_compat=bool(tf_compat))
     rates = default_aspp_rates(output_stride) if aspp_rates is None else tuple(aspp_rates)
     for rate in rates:
         _check_positive_int("each ASPP rate", rate)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,41 @@ def conv3x3_bn_relu(
     if separable:
         return SeparableConv2d(in_channels, out_channels, 3, dilation=dilation)
     return ConvBNReLU(in_channels, out_channels, 3, dilation=dilation)
+
+
+def tf_same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> Tuple[int, int]:
+    """TensorFlow's ``padding="SAME"`` for one spatial dimension: ``(before, after)``.
+
+    The output has ``ceil(size / stride)`` elements and the odd pixel of padding goes *after*
+    (bottom/right). For stride 1 this is PyTorch's symmetric ``dilation * (k - 1) // 2``; for a
+    stride-2 3x3 conv on an even size TF pads ``(0, 1)`` where PyTorch pads ``(1, 1)``, which
+    shifts every output pixel by half an input pixel.
+    """
+    effective = dilation * (kernel_size - 1) + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+class Conv2dSame(nn.Conv2d):
+    """``nn.Conv2d`` with TensorFlow's ``"SAME"`` padding, computed from each input's size.
+
+    Used by TF-compatible backbones (``tf_compat=True``) for strided convs, where TF's
+    asymmetric padding differs from PyTorch's symmetric one on even input sizes. Parameter
+    names and shapes are ``nn.Conv2d``'s; the constructor's ``padding`` must be 0.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("padding", 0) != 0:
+            raise ValueError("Conv2dSame computes its padding; pass padding=0")
+        super().__init__(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = tf_same_padding(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
+        left, right = tf_same_padding(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return super().forward(x)
 
 
 def resize(x: torch.Tensor, size: Sequence[int], *, align_corners: bool = False) -> torch.Tensor:

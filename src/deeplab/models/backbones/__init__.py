@@ -1,4 +1,4 @@
-"""Backbones: name -> builder, each ``builder(*, output_stride, multi_grid) -> Backbone``."""
+"""Backbones: name -> builder, each ``builder(*, output_stride, multi_grid, tf_compat) -> Backbone``."""
 
 from __future__ import annotations
 
@@ -20,13 +20,18 @@ BACKBONES: Dict[str, Callable[..., Backbone]] = {
 
 
 def build_backbone(
-    name: str, *, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None
+    name: str, *, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None, tf_compat: bool = False
 ) -> Backbone:
-    """Build a backbone by name for an output stride of 8, 16 or 32."""
+    """Build a backbone by name for an output stride of 8, 16 or 32.
+
+    ``tf_compat=True`` builds the variant that computes what the TF reference computes with the
+    same weights (MobileNetV2: TF "SAME" padding, BN eps 1e-3, [-1, 1] inputs; Xception is
+    already TF's; ResNet is unchanged).
+    """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
     check_output_stride(output_stride)
-    return BACKBONES[name](output_stride=output_stride, multi_grid=multi_grid)
+    return BACKBONES[name](output_stride=output_stride, multi_grid=multi_grid, tf_compat=tf_compat)
 
 
 __all__ = [

@@ -145,11 +145,17 @@ class ResNet(Backbone):
         return {"low_level": low_level, "out": out}
 
 
-def resnet50(*, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None) -> ResNet:
-    """ResNet-50 (torchvision layout)."""
+def resnet50(
+    *, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None, tf_compat: bool = False
+) -> ResNet:
+    """ResNet-50 (torchvision layout). ``tf_compat`` changes nothing in the backbone: the TF
+    reference's ``resnet_v1_*_beta`` is another network (three-conv stem), not a variant of it."""
     return ResNet((3, 4, 6, 3), output_stride=output_stride, multi_grid=multi_grid, name="resnet50")
 
 
-def resnet101(*, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None) -> ResNet:
-    """ResNet-101 (torchvision layout)."""
+def resnet101(
+    *, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None, tf_compat: bool = False
+) -> ResNet:
+    """ResNet-101 (torchvision layout). ``tf_compat`` changes nothing in the backbone (see
+    :func:`resnet50`)."""
     return ResNet((3, 4, 23, 3), output_stride=output_stride, multi_grid=multi_grid, name="resnet101")

@@ -227,11 +227,18 @@ class Xception(Backbone):
 
 
 def _builder(name: str):
-    def build(*, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None) -> Xception:
+    def build(
+        *, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None, tf_compat: bool = False
+    ) -> Xception:
+        # tf_compat needs nothing here: this network already computes what the TF reference does
+        # (explicit symmetric ``fixed_padding`` for strided convs, BN eps 1e-3, [-1, 1] inputs).
         return Xception(XCEPTION_DEFS[name], output_stride=output_stride, multi_grid=multi_grid, name=name)
 
     build.__name__ = name
-    build.__doc__ = f"Modified aligned {name.capitalize()} (timm layout)."
+    build.__doc__ = (
+        f"Modified aligned {name.capitalize()} (timm layout); equal to the TF reference's network, so "
+        "``tf_compat`` changes nothing here."
+    )
     return build
 
 
