@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> TrainResult:
     if pretrained is not None and info.is_main:
         resolve_pretrained(model_config.backbone, pretrained)  # fetch once, before the other ranks look
     dist_utils.barrier()
+    # The same seed gives the same initial head on every rank and in every rerun.
+    torch.manual_seed(cfg.seed)
     model = build_model(**dataclasses.asdict(model_config), pretrained_backbone=pretrained)
     if args.init_from:
         init_from(model, args.init_from)
