@@ -129,10 +129,11 @@ class Conv2dSame(nn.Conv2d):
     names and shapes are ``nn.Conv2d``'s; the constructor's ``padding`` must be 0.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("padding", 0) != 0:
-            raise ValueError("Conv2dSame computes its padding; pass padding=0")
-        super().__init__(*args, **kwargs)
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1, padding: Any = 0,
+                 **kwargs: Any) -> None:
+        if padding not in (0, (0, 0)):
+            raise ValueError(f"Conv2dSame computes its padding from the input; pass padding=0, not {padding!r}")
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])

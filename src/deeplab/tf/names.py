@@ -1,0 +1,220 @@
+"""Name maps between the TF reference's variables and this package's parameters.
+
+Every rule says which TF variable fills which parameter/buffer and how its layout changes. The
+TF names are those of tensorflow/models ``research/deeplab`` (``model.py``,
+``core/xception.py``, ``core/feature_extractor.py``, ``core/utils.py``) and slim's
+``nets/mobilenet`` (``mobilenet_v2.py``, ``conv_blocks.py``), as they appear in the released
+model-zoo checkpoints:
+
+- slim ``conv2d``: ``SCOPE/weights`` ``[kh, kw, in, out]`` (HWIO), ``SCOPE/biases`` when it has
+  no normaliser, else ``SCOPE/BatchNorm/{gamma, beta, moving_mean, moving_variance}``.
+- slim ``separable_conv2d`` with ``num_outputs=None`` (a depthwise conv):
+  ``SCOPE/depthwise_weights`` ``[kh, kw, in, multiplier]``.
+- Xception: ``xception_65/entry_flow/conv1_{1,2}``, ``xception_65/{entry,middle,exit}_flow/
+  blockB/unit_U/xception_module/separable_conv{1,2,3}_{depthwise,pointwise}`` and ``shortcut``;
+  BatchNorm epsilon 1e-3 (``xception_arg_scope`` as ``feature_extractor`` calls it).
+- MobileNetV2: ``MobilenetV2/Conv``, ``MobilenetV2/expanded_conv[_N]/{expand, depthwise,
+  project}``; BatchNorm epsilon 1e-3 (slim's default; ``training_scope`` sets none).
+- Head (``model.py``): ``image_pooling``, ``aspp0``, ``aspp{i}_{depthwise,pointwise}``
+  (``split_separable_conv2d``), ``concat_projection``, ``decoder/feature_projection0``,
+  ``decoder/decoder_conv{0,1}_{depthwise,pointwise}``, ``logits/semantic/{weights,biases}``;
+  BatchNorm epsilon 1e-5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..models.backbones.xception import XCEPTION_BN_EPS, XCEPTION_DEFS
+
+TF_HEAD_BN_EPS = 1e-5
+TF_MOBILENET_BN_EPS = 1e-3
+
+# TF variable scope of each backbone -> our backbone name.
+BACKBONE_SCOPES: Dict[str, str] = {
+    "xception_41": "xception41",
+    "xception_65": "xception65",
+    "xception_71": "xception71",
+    "MobilenetV2": "mobilenet_v2",
+}
+
+# Entry-flow blocks and middle-flow units of each Xception in the reference.
+XCEPTION_FLOWS: Dict[str, Tuple[int, int]] = {"xception41": (3, 8), "xception65": (3, 16), "xception71": (5, 16)}
+
+# Kinds of layout change (see :func:`tf_layout` and :func:`to_torch`).
+CONV = "conv"  # [kh, kw, in, out] -> [out, in, kh, kw]
+DEPTHWISE = "depthwise"  # [kh, kw, channels, multiplier] -> [channels * multiplier, 1, kh, kw]
+VECTOR = "vector"  # BatchNorm gamma/beta/moving stats, biases: unchanged
+LOGITS_WEIGHT = "logits_weight"  # a CONV whose output channels may drop leading classes
+LOGITS_BIAS = "logits_bias"  # a VECTOR that may drop leading classes
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One TF variable -> one of our state-dict entries.
+
+    Attributes:
+        tf_name: the reference's variable name.
+        key: our parameter/buffer name (``model.state_dict()`` key).
+        kind: layout change (``conv``, ``depthwise``, ``vector``, ``logits_weight``, ``logits_bias``).
+        bn_eps: for BatchNorm entries, the reference's epsilon for that layer (checked against
+            our module's).
+        drop_classes: for the logits, leading classes of the checkpoint that our model does not
+            have (ADE20K's class 0, "other", which the reference trains with ignore_label=0).
+    """
+
+    tf_name: str
+    key: str
+    kind: str
+    bn_eps: Optional[float] = None
+    drop_classes: int = 0
+
+
+def tf_layout(kind: str, torch_shape: Sequence[int], drop_classes: int = 0) -> Tuple[int, ...]:
+    """The TF shape a variable must have to fill a tensor of ``torch_shape``."""
+    shape = tuple(int(s) for s in torch_shape)
+    if kind in (CONV, LOGITS_WEIGHT):
+        out, cin, kh, kw = shape
+        return (kh, kw, cin, out + (drop_classes if kind == LOGITS_WEIGHT else 0))
+    if kind == DEPTHWISE:
+        channels, _, kh, kw = shape
+        return (kh, kw, channels, 1)
+    if kind == LOGITS_BIAS:
+        return (shape[0] + drop_classes,)
+    return shape
+
+
+def to_torch(kind: str, array: np.ndarray, drop_classes: int = 0) -> np.ndarray:
+    """Apply the layout change of ``kind`` to a TF array (returns a new contiguous array)."""
+    if kind in (CONV, LOGITS_WEIGHT):
+        out = array.transpose(3, 2, 0, 1)
+        if kind == LOGITS_WEIGHT and drop_classes:
+            out = out[drop_classes:]
+    elif kind == DEPTHWISE:
+        kh, kw, channels, multiplier = array.shape
+        # Output channel c * multiplier + m of TF's depthwise conv is PyTorch's group c, member m.
+        out = array.reshape(kh, kw, channels * multiplier).transpose(2, 0, 1)[:, None]
+    elif kind == LOGITS_BIAS:
+        out = array[drop_classes:]
+    else:
+        out = array
+    return np.ascontiguousarray(out)
+
+
+def _bn(tf_scope: str, key: str, eps: float) -> List[Rule]:
+    pairs = (("gamma", "weight"), ("beta", "bias"), ("moving_mean", "running_mean"), ("moving_variance", "running_var"))
+    return [Rule(f"{tf_scope}/BatchNorm/{tf_leaf}", f"{key}.{leaf}", VECTOR, bn_eps=eps) for tf_leaf, leaf in pairs]
+
+
+def _conv_bn(tf_scope: str, conv_key: str, bn_key: str, eps: float, *, depthwise: bool = False) -> List[Rule]:
+    leaf, kind = ("depthwise_weights", DEPTHWISE) if depthwise else ("weights", CONV)
+    return [Rule(f"{tf_scope}/{leaf}", f"{conv_key}.weight", kind)] + _bn(tf_scope, bn_key, eps)
+
+
+def xception_unit_scopes(backbone: str) -> List[str]:
+    """TF scope of each of our Xception blocks, in order (``entry_flow/block1/unit_1``...)."""
+    entry, middle = XCEPTION_FLOWS[backbone]
+    scopes = [f"entry_flow/block{b}/unit_1" for b in range(1, entry + 1)]
+    scopes += [f"middle_flow/block1/unit_{u}" for u in range(1, middle + 1)]
+    scopes += ["exit_flow/block1/unit_1", "exit_flow/block2/unit_1"]
+    if len(scopes) != len(XCEPTION_DEFS[backbone]):  # pragma: no cover - guards the tables above
+        raise AssertionError(f"{backbone}: {len(scopes)} TF units vs {len(XCEPTION_DEFS[backbone])} blocks")
+    return scopes
+
+
+def xception_rules(backbone: str, tf_scope: str, prefix: str = "backbone.") -> List[Rule]:
+    """Rules for an Xception backbone (our timm layout)."""
+    eps = XCEPTION_BN_EPS
+    rules = _conv_bn(f"{tf_scope}/entry_flow/conv1_1", f"{prefix}stem.0.conv", f"{prefix}stem.0.bn", eps)
+    rules += _conv_bn(f"{tf_scope}/entry_flow/conv1_2", f"{prefix}stem.1.conv", f"{prefix}stem.1.bn", eps)
+    for index, (unit, spec) in enumerate(zip(xception_unit_scopes(backbone), XCEPTION_DEFS[backbone])):
+        scope = f"{tf_scope}/{unit}/xception_module"
+        block = f"{prefix}blocks.{index}"
+        for j in (1, 2, 3):
+            conv = f"{block}.stack.conv{j}"
+            rules += _conv_bn(f"{scope}/separable_conv{j}_depthwise", f"{conv}.conv_dw", f"{conv}.bn_dw", eps,
+                              depthwise=True)
+            rules += _conv_bn(f"{scope}/separable_conv{j}_pointwise", f"{conv}.conv_pw", f"{conv}.bn_pw", eps)
+        # 'conv' skip connections (a 1x1 projection) are exactly the blocks that change width or stride.
+        if spec.skip and (spec.out_channels[-1] != spec.in_channels or spec.stride != 1):
+            rules += _conv_bn(f"{scope}/shortcut", f"{block}.shortcut.conv", f"{block}.shortcut.bn", eps)
+    return rules
+
+
+def mobilenet_v2_rules(tf_scope: str = "MobilenetV2", prefix: str = "backbone.") -> List[Rule]:
+    """Rules for MobileNetV2 up to ``layer_18`` (our torchvision layout, ``features.0-17``)."""
+    from ..models.backbones.mobilenetv2 import INVERTED_RESIDUAL_SETTING
+
+    eps = TF_MOBILENET_BN_EPS
+    rules = _conv_bn(f"{tf_scope}/Conv", f"{prefix}features.0.0", f"{prefix}features.0.1", eps)
+    unit = 0
+    for t, _, n, _ in INVERTED_RESIDUAL_SETTING:
+        for _ in range(n):
+            scope = f"{tf_scope}/expanded_conv" + (f"_{unit}" if unit else "")
+            layer = f"{prefix}features.{unit + 1}.conv"
+            i = 0
+            if t != 1:  # TF creates 'expand' only when it widens the input
+                rules += _conv_bn(f"{scope}/expand", f"{layer}.0.0", f"{layer}.0.1", eps)
+                i = 1
+            rules += _conv_bn(f"{scope}/depthwise", f"{layer}.{i}.0", f"{layer}.{i}.1", eps, depthwise=True)
+            rules += _conv_bn(f"{scope}/project", f"{layer}.{i + 1}", f"{layer}.{i + 2}", eps)
+            unit += 1
+    return rules
+
+
+def head_rules(*, atrous_branches: int, image_pooling: bool, decoder: bool, drop_classes: int = 0) -> List[Rule]:
+    """Rules for ASPP, the decoder and the classifier (separable ASPP/decoder convs)."""
+    eps = TF_HEAD_BN_EPS
+    rules: List[Rule] = []
+    if image_pooling:
+        rules += _conv_bn("image_pooling", "aspp.image_pool.conv", "aspp.image_pool.bn", eps)
+    rules += _conv_bn("aspp0", "aspp.convs.0.conv", "aspp.convs.0.bn", eps)
+    for i in range(1, atrous_branches + 1):
+        branch = f"aspp.convs.{i}"
+        rules += _conv_bn(f"aspp{i}_depthwise", f"{branch}.depthwise.conv", f"{branch}.depthwise.bn", eps,
+                          depthwise=True)
+        rules += _conv_bn(f"aspp{i}_pointwise", f"{branch}.pointwise.conv", f"{branch}.pointwise.bn", eps)
+    rules += _conv_bn("concat_projection", "aspp.project.conv", "aspp.project.bn", eps)
+    if decoder:
+        rules += _conv_bn("decoder/feature_projection0", "decoder.low_level.conv", "decoder.low_level.bn", eps)
+        for j in (0, 1):
+            fuse = f"decoder.fuse.{j}"
+            rules += _conv_bn(f"decoder/decoder_conv{j}_depthwise", f"{fuse}.depthwise.conv", f"{fuse}.depthwise.bn",
+                              eps, depthwise=True)
+            rules += _conv_bn(f"decoder/decoder_conv{j}_pointwise", f"{fuse}.pointwise.conv", f"{fuse}.pointwise.bn",
+                              eps)
+    rules.append(Rule("logits/semantic/weights", "classifier.weight", LOGITS_WEIGHT, drop_classes=drop_classes))
+    rules.append(Rule("logits/semantic/biases", "classifier.bias", LOGITS_BIAS, drop_classes=drop_classes))
+    return rules
+
+
+def backbone_rules(backbone: str, tf_scope: str, prefix: str = "backbone.") -> List[Rule]:
+    if backbone == "mobilenet_v2":
+        return mobilenet_v2_rules(tf_scope, prefix)
+    return xception_rules(backbone, tf_scope, prefix)
+
+
+# --------------------------------------------------------------------------- ignored variables
+
+# Optimizer slots and training state: never part of the network.
+IGNORED_SUFFIXES: Tuple[str, ...] = (
+    "/Momentum", "/ExponentialMovingAverage", "/Adam", "/Adam_1", "/RMSProp", "/RMSProp_1",
+    "/Adagrad", "/Ftrl", "/Ftrl_1", "/AdamW", "/AdamW_1", "/LARSOptimizer",
+)
+IGNORED_NAMES: Tuple[str, ...] = ("global_step", "beta1_power", "beta2_power", "_CHECKPOINTABLE_OBJECT_GRAPH")
+
+
+def ignore_reason(tf_name: str, *, backbone_scope: str, backbone_only: bool) -> Optional[str]:
+    """Why a variable is deliberately not used, or ``None`` when it must be used."""
+    if tf_name in IGNORED_NAMES:
+        return "training state"
+    if tf_name.endswith(IGNORED_SUFFIXES):
+        return "optimizer slot / moving-average shadow (the reference evaluates the raw variables)"
+    if tf_name.startswith(f"{backbone_scope}/logits/"):
+        return "ImageNet classifier of the backbone (DeepLab uses the network up to its features)"
+    if backbone_only and not tf_name.startswith(f"{backbone_scope}/"):
+        return "segmentation head (a backbone file keeps the backbone only)"
+    return None
