@@ -1,0 +1,332 @@
+"""The TF reference's DeepLab forward pass in raw TensorFlow ops, for tests (needs TensorFlow).
+
+Written from tensorflow/models ``research/deeplab`` (``model.py``: ``extract_features``,
+``refine_by_decoder``, ``get_branch_logits``; ``core/xception.py``; ``core/utils.py``) and slim's
+``nets/mobilenet`` (``mobilenet.mobilenet_base``, ``conv_blocks.expanded_conv``, ``V2_DEF``), with
+slim's layers spelled out as the TF ops they run in inference:
+
+- ``slim.conv2d`` -> ``tf.nn.conv2d`` (+ ``BatchNorm`` or ``biases``) + activation;
+- ``slim.separable_conv2d(x, None, ...)`` -> ``tf.nn.depthwise_conv2d`` (+ ``BatchNorm``);
+- ``slim.batch_norm`` (inference) -> ``fused_batch_norm(is_training=False, epsilon)``;
+- ``resize_bilinear`` -> ``tf.compat.v1.image.resize_bilinear(align_corners=True)``.
+
+Variables are created by name on first use inside nested scopes, like ``tf.variable_scope``,
+with seeded random values. So building the network once yields both the reference's variable
+set (names and shapes as its code creates them, independent of ``deeplab.tf.names``) and its
+output; ``save`` writes them with TensorFlow's own ``Saver``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+XCEPTION_EPS = 1e-3  # xception_arg_scope as feature_extractor calls it
+MOBILENET_EPS = 1e-3  # slim.batch_norm default; mobilenet's training_scope sets none
+HEAD_EPS = 1e-5  # model.py batch_norm_params
+
+
+def scale_dimension(dim: int, scale: float) -> int:
+    """``core/utils.scale_dimension``."""
+    return int((float(dim) - 1.0) * scale + 1.0)
+
+
+# (scope, depth_list, skip_connection_type, activation_fn_in_separable_conv, num_units, stride)
+XCEPTION_BLOCKS: Dict[str, List[Tuple[str, Sequence[int], str, bool, int, int]]] = {
+    "xception_65": [
+        ("entry_flow/block1", [128, 128, 128], "conv", False, 1, 2),
+        ("entry_flow/block2", [256, 256, 256], "conv", False, 1, 2),
+        ("entry_flow/block3", [728, 728, 728], "conv", False, 1, 2),
+        ("middle_flow/block1", [728, 728, 728], "sum", False, 16, 1),
+        ("exit_flow/block1", [728, 1024, 1024], "conv", False, 1, 2),
+        ("exit_flow/block2", [1536, 1536, 2048], "none", True, 1, 1),
+    ],
+    "xception_41": [
+        ("entry_flow/block1", [128, 128, 128], "conv", False, 1, 2),
+        ("entry_flow/block2", [256, 256, 256], "conv", False, 1, 2),
+        ("entry_flow/block3", [728, 728, 728], "conv", False, 1, 2),
+        ("middle_flow/block1", [728, 728, 728], "sum", False, 8, 1),
+        ("exit_flow/block1", [728, 1024, 1024], "conv", False, 1, 2),
+        ("exit_flow/block2", [1536, 1536, 2048], "none", True, 1, 1),
+    ],
+    "xception_71": [
+        ("entry_flow/block1", [128, 128, 128], "conv", False, 1, 2),
+        ("entry_flow/block2", [256, 256, 256], "conv", False, 1, 1),
+        ("entry_flow/block3", [256, 256, 256], "conv", False, 1, 2),
+        ("entry_flow/block4", [728, 728, 728], "conv", False, 1, 1),
+        ("entry_flow/block5", [728, 728, 728], "conv", False, 1, 2),
+        ("middle_flow/block1", [728, 728, 728], "sum", False, 16, 1),
+        ("exit_flow/block1", [728, 1024, 1024], "conv", False, 1, 2),
+        ("exit_flow/block2", [1536, 1536, 2048], "none", True, 1, 1),
+    ],
+}
+# The decoder's low-level end point of each Xception (feature_extractor.networks_to_feature_maps).
+XCEPTION_DECODER_END_POINT = {
+    "xception_41": "entry_flow/block2/unit_1/xception_module/separable_conv2_pointwise",
+    "xception_65": "entry_flow/block2/unit_1/xception_module/separable_conv2_pointwise",
+    "xception_71": "entry_flow/block3/unit_1/xception_module/separable_conv2_pointwise",
+}
+# V2_DEF spec after the first conv: (expansion, outputs, stride).
+MOBILENET_V2_SPEC = [(1, 16, 1)] + [(6, 24, 2), (6, 24, 1)] + [(6, 32, 2)] + [(6, 32, 1)] * 2 + [(6, 64, 2)] + \
+    [(6, 64, 1)] * 3 + [(6, 96, 1)] * 3 + [(6, 160, 2)] + [(6, 160, 1)] * 2 + [(6, 320, 1)]
+
+
+def make_divisible(v: float, divisor: int, min_value: Optional[int] = None) -> int:
+    """``conv_blocks._make_divisible``."""
+    min_value = divisor if min_value is None else min_value
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+class ReferenceNet:
+    """Builds reference networks with TF ops, creating variables on first use.
+
+    Args:
+        tf: the ``tensorflow`` module.
+        seed: seed of the variables' random values.
+    """
+
+    def __init__(self, tf, seed: int = 0, dtype: str = "float32",
+                 initializer: Optional[Callable[[str, Tuple[int, ...]], np.ndarray]] = None) -> None:
+        self.tf = tf
+        self.dtype = dtype  # float64 only to separate rounding from real differences
+        self.initializer = initializer  # (name, shape) -> values, instead of the seeded defaults
+        self.rng = np.random.default_rng(seed)
+        self.values: Dict[str, np.ndarray] = {}
+        self._scope: List[str] = []
+        self._uniquify: Dict[str, int] = {}
+
+    # ---------------------------------------------------------------- variables
+
+    @contextlib.contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        self._scope.append(name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def unique(self, default_name: str) -> str:
+        """``tf.variable_scope(None, default_name=...)``: name, name_1, name_2, ..."""
+        key = "/".join(self._scope + [default_name])
+        count = self._uniquify.get(key, 0)
+        self._uniquify[key] = count + 1
+        return default_name if count == 0 else f"{default_name}_{count}"
+
+    def var(self, leaf: str, shape: Sequence[int], init: Callable[[Tuple[int, ...]], np.ndarray]):
+        name = "/".join(self._scope + [leaf])
+        shape = tuple(int(s) for s in shape)
+        if name not in self.values:
+            values = init(shape) if self.initializer is None else self.initializer(name, shape)
+            self.values[name] = np.asarray(values, dtype=np.float32)
+        assert self.values[name].shape == shape, (name, self.values[name].shape, shape)
+        return self.tf.constant(self.values[name].astype(self.dtype))
+
+    def _he(self, fan_in: int) -> Callable[[Tuple[int, ...]], np.ndarray]:
+        return lambda shape: self.rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+
+    # ---------------------------------------------------------------- slim layers as TF ops
+
+    def batch_norm(self, x, eps: float):
+        tf = self.tf
+        c = int(x.shape[-1])
+        # Moving statistics near the statistics of what the layer sees the first time (as after
+        # training), so activations stay O(1) through 65 layers and every branch matters.
+        # (+0.1: the image-pooling BatchNorm sees one value per channel; a near-zero variance would
+        # make the comparison ill-conditioned.)
+        seen = x.numpy().reshape(-1, c).astype(np.float64)
+        seen_mean, seen_std = seen.mean(0), np.sqrt(seen.var(0) + 0.1)
+        with self.scope("BatchNorm"):
+            gamma = self.var("gamma", [c], lambda s: self.rng.uniform(0.5, 1.5, s))
+            beta = self.var("beta", [c], lambda s: self.rng.normal(0.0, 0.2, s))
+            mean = self.var("moving_mean", [c], lambda s: seen_mean + self.rng.normal(0.0, 0.2, s) * seen_std)
+            variance = self.var("moving_variance", [c], lambda s: seen_std ** 2 * self.rng.uniform(0.5, 2.0, s))
+        if self.dtype != "float32":  # fused_batch_norm is float32-only; same formula
+            return tf.nn.batch_normalization(x, mean, variance, beta, gamma, eps)
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, mean, variance, epsilon=eps, is_training=False)
+        return y
+
+    def conv2d(self, x, cout: int, k: int, scope: str, *, stride: int = 1, rate: int = 1, padding: str = "SAME",
+               bn_eps: Optional[float] = None, act=None, bias: bool = False):
+        tf = self.tf
+        cin = int(x.shape[-1])
+        with self.scope(scope):
+            w = self.var("weights", [k, k, cin, cout], self._he(k * k * cin))
+            y = tf.nn.conv2d(x, w, strides=stride, padding=padding, dilations=rate)
+            if bn_eps is not None:
+                y = self.batch_norm(y, bn_eps)
+            if bias:
+                y = y + self.var("biases", [cout], lambda s: self.rng.normal(0.0, 0.1, s))
+        return act(y) if act is not None else y
+
+    def depthwise(self, x, k: int, scope: str, *, stride: int = 1, rate: int = 1, padding: str = "SAME",
+                  bn_eps: float, act=None):
+        tf = self.tf
+        cin = int(x.shape[-1])
+        with self.scope(scope):
+            w = self.var("depthwise_weights", [k, k, cin, 1], self._he(k * k))
+            y = tf.nn.depthwise_conv2d(x, w, strides=[1, stride, stride, 1], padding=padding, dilations=[rate, rate])
+            y = self.batch_norm(y, bn_eps)
+        return act(y) if act is not None else y
+
+    def fixed_padding(self, x, k: int, rate: int = 1):
+        effective = k + (k - 1) * (rate - 1)
+        total = effective - 1
+        beg = total // 2
+        return self.tf.pad(x, [[0, 0], [beg, total - beg], [beg, total - beg], [0, 0]])
+
+    def resize_bilinear(self, x, size: Sequence[int]):
+        y = self.tf.compat.v1.image.resize_bilinear(x, [int(size[0]), int(size[1])], align_corners=True)
+        return self.tf.cast(y, x.dtype)  # utils.resize_bilinear casts back (TF's op returns float32)
+
+    # ---------------------------------------------------------------- backbones
+
+    def xception_module(self, x, depth_list, skip, stride, rate, unit_rates, act_in_sep, end_points, name):
+        tf = self.tf
+        with self.scope("xception_module"):
+            residual = x
+            for i in range(3):
+                if act_in_sep:
+                    act = tf.nn.relu
+                else:
+                    act = None
+                    residual = tf.nn.relu(residual)
+                s = stride if i == 2 else 1
+                r = rate * unit_rates[i]
+                if s == 1:
+                    inp, padding = residual, "SAME"
+                else:  # separable_conv2d_same with use_explicit_padding
+                    inp, padding = self.fixed_padding(residual, 3, r), "VALID"
+                residual = self.depthwise(inp, 3, f"separable_conv{i + 1}_depthwise", stride=s, rate=r,
+                                          padding=padding, bn_eps=XCEPTION_EPS, act=act)
+                residual = self.conv2d(residual, depth_list[i], 1, f"separable_conv{i + 1}_pointwise",
+                                       bn_eps=XCEPTION_EPS, act=act)
+                end_points[f"{name}/xception_module/separable_conv{i + 1}_pointwise"] = residual
+            if skip == "conv":
+                shortcut = self.conv2d(x, depth_list[-1], 1, "shortcut", stride=stride, bn_eps=XCEPTION_EPS)
+                return residual + shortcut
+            if skip == "sum":
+                return residual + x
+            return residual
+
+    def xception(self, images, variant: str, output_stride: int, multi_grid: Sequence[int] = (1, 1, 1)):
+        tf = self.tf
+        end_points: Dict[str, object] = {}
+        with self.scope(variant):
+            target = output_stride // 2  # the stem's stride 2 is taken out first
+            x = self.fixed_padding(images, 3)
+            x = self.conv2d(x, 32, 3, "entry_flow/conv1_1", stride=2, padding="VALID", bn_eps=XCEPTION_EPS,
+                            act=tf.nn.relu)
+            x = self.conv2d(x, 64, 3, "entry_flow/conv1_2", bn_eps=XCEPTION_EPS, act=tf.nn.relu)
+            current, rate = 1, 1
+            for block, depth_list, skip, act_in_sep, units, stride in XCEPTION_BLOCKS[variant]:
+                unit_rates = multi_grid if block == "exit_flow/block2" else (1, 1, 1)
+                for u in range(units):
+                    name = f"{block}/unit_{u + 1}"
+                    with self.scope(block), self.scope(f"unit_{u + 1}"):
+                        if current == target:
+                            x = self.xception_module(x, depth_list, skip, 1, rate, unit_rates, act_in_sep,
+                                                     end_points, name)
+                            rate *= stride
+                        else:
+                            x = self.xception_module(x, depth_list, skip, stride, 1, unit_rates, act_in_sep,
+                                                     end_points, name)
+                            current *= stride
+        return x, end_points[XCEPTION_DECODER_END_POINT[variant]]
+
+    def expanded_conv(self, x, expansion: int, outputs: int, stride: int, rate: int):
+        tf = self.tf
+        with self.scope(self.unique("expanded_conv")):
+            inp = x
+            cin = int(x.shape[-1])
+            inner = make_divisible(cin * expansion, 1 if expansion == 1 else 8)
+            if inner > cin:
+                x = self.conv2d(x, inner, 1, "expand", bn_eps=MOBILENET_EPS, act=tf.nn.relu6)
+            x = self.depthwise(x, 3, "depthwise", stride=stride, rate=rate, bn_eps=MOBILENET_EPS, act=tf.nn.relu6)
+            x = self.conv2d(x, outputs, 1, "project", bn_eps=MOBILENET_EPS, act=None)
+            if stride == 1 and outputs == cin:
+                x = x + inp
+        return x
+
+    def mobilenet_v2(self, images, output_stride: int):
+        tf = self.tf
+        with self.scope("MobilenetV2"):
+            current, rate = 1, 1
+            layers = [("conv", 0, 32, 2)] + [("expanded", t, c, s) for t, c, s in MOBILENET_V2_SPEC]
+            x = images
+            for kind, t, c, stride in layers:
+                if current == output_stride:
+                    layer_stride, layer_rate = 1, rate
+                    rate *= stride
+                else:
+                    layer_stride, layer_rate = stride, 1
+                    current *= stride
+                if kind == "conv":
+                    x = self.conv2d(x, c, 3, "Conv", stride=layer_stride, rate=layer_rate, bn_eps=MOBILENET_EPS,
+                                    act=tf.nn.relu6)
+                else:
+                    x = self.expanded_conv(x, t, c, layer_stride, layer_rate)
+        return x, None
+
+    # ---------------------------------------------------------------- DeepLab
+
+    def deeplab(self, images, *, backbone: str, num_classes: int, output_stride: int = 16,
+                atrous_rates: Sequence[int] = (6, 12, 18), decoder: bool = True, image_pooling: bool = True,
+                crop_size: Optional[Sequence[int]] = None, multi_grid: Sequence[int] = (1, 1, 1)):
+        """Logits ``(B, H, W, classes)`` at the input size, as ``predict_labels`` computes them
+        (``prediction_with_upsampled_logits``), for NHWC ``images`` already scaled to [-1, 1]."""
+        tf = self.tf
+        h, w = int(images.shape[1]), int(images.shape[2])
+        crop = (h, w) if crop_size is None else tuple(crop_size)
+        if backbone == "MobilenetV2":
+            features, low_level = self.mobilenet_v2(images, output_stride)
+        else:
+            features, low_level = self.xception(images, backbone, output_stride, multi_grid)
+        relu = tf.nn.relu
+        branches = []
+        if image_pooling:
+            ph, pw = scale_dimension(crop[0], 1.0 / output_stride), scale_dimension(crop[1], 1.0 / output_stride)
+            pooled = tf.nn.avg_pool2d(features, [ph, pw], strides=1, padding="VALID")
+            pooled = self.conv2d(pooled, 256, 1, "image_pooling", bn_eps=HEAD_EPS, act=relu)
+            branches.append(self.resize_bilinear(pooled, [ph, pw]))
+        branches.append(self.conv2d(features, 256, 1, "aspp0", bn_eps=HEAD_EPS, act=relu))
+        for i, rate in enumerate(atrous_rates, 1):
+            y = self.depthwise(features, 3, f"aspp{i}_depthwise", rate=rate, bn_eps=HEAD_EPS, act=relu)
+            branches.append(self.conv2d(y, 256, 1, f"aspp{i}_pointwise", bn_eps=HEAD_EPS, act=relu))
+        x = self.conv2d(tf.concat(branches, 3), 256, 1, "concat_projection", bn_eps=HEAD_EPS, act=relu)
+        if decoder:
+            with self.scope("decoder"):
+                low = self.conv2d(low_level, 48, 1, "feature_projection0", bn_eps=HEAD_EPS, act=relu)
+                size = [scale_dimension(crop[0], 0.25), scale_dimension(crop[1], 0.25)]
+                y = tf.concat([self.resize_bilinear(x, size), self.resize_bilinear(low, size)], 3)
+                for j in (0, 1):
+                    y = self.depthwise(y, 3, f"decoder_conv{j}_depthwise", bn_eps=HEAD_EPS, act=relu)
+                    y = self.conv2d(y, 256, 1, f"decoder_conv{j}_pointwise", bn_eps=HEAD_EPS, act=relu)
+                x = y
+        with self.scope("logits"):
+            logits = self.conv2d(x, num_classes, 1, "semantic", bias=True)
+        return self.resize_bilinear(logits, [h, w])
+
+    # ---------------------------------------------------------------- writing
+
+    def save(self, prefix: str, extra: Optional[Dict[str, np.ndarray]] = None) -> str:
+        """Write every variable (plus ``extra`` tensors) with TF1's ``Saver``; returns the prefix."""
+        tf = self.tf
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        tensors = dict(self.values)
+        tensors.update(extra or {})
+        variables = {name: tf.Variable(value, name=name.replace("/", "_")) for name, value in tensors.items()}
+        saver = tf.compat.v1.train.Saver(var_list=variables)
+        return saver.save(None, prefix)
+
+
+def imagenet_logits(net: ReferenceNet, variant: str, num_classes: int = 1001) -> None:
+    """The ImageNet classifier of the reference's Xception (``VARIANT/logits``, 1x1 conv with biases)."""
+    with net.scope(variant), net.scope("logits"):
+        net.var("weights", [1, 1, 2048, num_classes], net._he(2048))
+        net.var("biases", [num_classes], lambda s: np.zeros(s))
