@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from deeplab.checkpoint import load_model
@@ -108,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         side_by_side(np.asarray(image), np.asarray(mask), pred.numpy().astype(np.uint8), dataset.palette,
                      dataset.classes).save(out / "overlays" / f"{dataset.names[i]}.png")
     elapsed = time.time() - start
-    report = write_report(cm, dataset.classes, out, extra={
+    write_report(cm, dataset.classes, out, extra={
         "what": "deeplab demo: DeepLabv3+ MobileNetV2 OS16 fine-tuned and evaluated on the same real VOC photos",
         "images": len(dataset), "steps": args.steps, "batch_size": args.batch_size, "crop_size": args.crop_size,
         "lr": args.lr, "wall_time_s": round(elapsed, 1), "sources": str(root / "SOURCES.txt"),
@@ -124,7 +123,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("mIoU during training: " + ", ".join(curve))
     print(HONEST.format(n=len(dataset)))
     print(f"wall time {elapsed:.0f} s\nresults in {out.resolve()}: report.json, confusion.png, overlays/, metrics.jsonl, last.pt")
-    del report
     return 0
 
 
