@@ -4,10 +4,20 @@
 >>> model = deeplab.build_model(arch="deeplabv3plus", backbone="xception65", num_classes=21)
 """
 
-from .config import ModelConfig
+from .checkpoint import load_model
+from .config import ModelConfig, TrainConfig
 from .models import BACKBONES, build_model, build_model_from_config
 from .segmenter import Segmenter
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKBONES", "ModelConfig", "Segmenter", "build_model", "build_model_from_config", "__version__"]
+__all__ = [
+    "BACKBONES",
+    "ModelConfig",
+    "Segmenter",
+    "TrainConfig",
+    "build_model",
+    "build_model_from_config",
+    "load_model",
+    "__version__",
+]

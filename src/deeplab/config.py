@@ -27,8 +27,8 @@ class ModelConfig:
         aspp_rates: atrous rates of ASPP's 3x3 branches; ``None`` derives them from the
             output stride (16 -> (6, 12, 18), 8 -> (12, 24, 36), 32 -> (3, 6, 9)); ``()``
             keeps only the 1x1 branch and image pooling (the released MobileNetV2 head).
-        multi_grid: per-unit rate multipliers for the last backbone stage (ResNet only),
-            e.g. ``(1, 2, 4)``.
+        multi_grid: rate multipliers for the units of the last backbone stage (ResNet
+            layer4; Xception's last block), e.g. ``(1, 2, 4)``.
         image_pooling: keep ASPP's image-level branch.
         aspp_channels: channels of every ASPP branch and its projection.
         low_level_channels: channels of the decoder's low-level projection (paper: 48).
