@@ -19,6 +19,8 @@ from deeplab.engine.predict import OnnxRuntimeModel, TorchScriptModel, load_expo
 from deeplab.export import (
     ContiguousConv,
     ExportError,
+    FusedBottleneck,
+    FusedConv2d,
     check_parity,
     export_model,
     export_onnx,
@@ -168,9 +170,31 @@ def test_fold_batchnorm_inplace_and_training_flag_restored() -> None:
     assert same is model and isinstance(model.bn_ok, nn.Identity)
 
 
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50", "xception41"])
+def test_optimize_for_inference_fuses_activations(backbone: str) -> None:
+    model = small_model(backbone=backbone)
+    fast = optimize_for_inference(model, layout="channels_last", fuse=True)
+    fused = [m for m in fast.modules() if isinstance(m, FusedConv2d)]
+    # every conv runs through oneDNN directly, none through aten's conv any more
+    assert fused and not any(type(m) is nn.Conv2d for m in fast.modules())
+    assert n_batchnorms(fast) == 0
+    with_act = sum(m.attr != "none" for m in fused)
+    relus = sum(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in fast.modules())
+    if backbone == "resnet50":
+        # conv3 + residual add + ReLU in one call: no ReLU module runs any more
+        assert any(isinstance(m, FusedBottleneck) for m in fast.modules()) and relus == 0
+    assert with_act >= len(fast.fused_activations) > 0
+    x = torch.randn(2, 3, 67, 71)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
+    nchw = optimize_for_inference(model, layout="contiguous", fuse=True)
+    with torch.no_grad():
+        torch.testing.assert_close(nchw(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_optimize_for_inference_channels_last_keeps_outputs() -> None:
     model = small_model(backbone="mobilenet_v2")
-    fast = optimize_for_inference(model, layout="channels_last")
+    fast = optimize_for_inference(model, layout="channels_last", fuse=False)
     assert fast.inference_layout == "channels_last"
     # ASPP has no atrous branch in the released MobileNetV2 head, but the backbone's OS 16
     # stage has dilated depthwise convs: each runs in NCHW.
@@ -179,7 +203,7 @@ def test_optimize_for_inference_channels_last_keeps_outputs() -> None:
     x = torch.randn(2, 3, 65, 97)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
-    plain = optimize_for_inference(model, layout="contiguous")
+    plain = optimize_for_inference(model, layout="contiguous", fuse=False)
     assert n_batchnorms(plain) == 0 and not any(isinstance(m, ContiguousConv) for m in plain.modules())
     with pytest.raises(ValueError, match="layout"):
         optimize_for_inference(model, layout="nhwc")

@@ -43,6 +43,10 @@ __all__ = [
     "EXPORT_FORMATS",
     "LAYOUTS",
     "ContiguousConv",
+    "FusedBottleneck",
+    "FusedConv2d",
+    "fuse_conv_activations",
+    "mkldnn_fusion_available",
     "METADATA_KEY",
     "ExportError",
     "check_parity",
@@ -123,20 +127,14 @@ class _DataFlowProbe(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor) -> List[Tuple[str, str]]:
-    """Names of ``(conv, bn)`` pairs where the BN's input is the conv's output and nothing else
-    reads that output.
-
-    The model is run once (no grad) on ``example_input``; a conv or BN that runs more than once
-    (a shared module) is not paired, nor is a BN without running statistics.
-
-    Args:
-        model: any module; its mode is left as it was.
-        example_input: a (small) input the model accepts, e.g. ``(1, 3, 65, 65)``.
-
-    Returns:
-        ``[(conv_name, bn_name), ...]`` in execution order.
-    """
+def _conv_consumer_pairs(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    consumer_types: Tuple[type, ...],
+    conv_types: Tuple[type, ...] = (nn.Conv2d,),
+) -> List[Tuple[str, str]]:
+    """``(conv, consumer)`` name pairs: the consumer module's input is the conv's output, nothing
+    else reads that output, and both modules run exactly once on ``example_input``."""
     probe = _DataFlowProbe()
     names = {id(m): name for name, m in model.named_modules()}
     handles = []
@@ -148,7 +146,7 @@ def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor) -> List[Tu
             probe.outputs[id(output)] = (output, name)
             probe.readers.setdefault(name, [])
 
-    def bn_pre_hook(module: nn.Module, inputs: Any) -> None:
+    def consumer_pre_hook(module: nn.Module, inputs: Any) -> None:
         name = names[id(module)]
         probe.calls[name] = probe.calls.get(name, 0) + 1
         entry = probe.outputs.get(id(inputs[0])) if inputs else None
@@ -156,17 +154,20 @@ def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor) -> List[Tu
         probe.bn_input.setdefault(name, []).append(source)
         probe.active_bn.append(name)
 
-    def bn_hook(module: nn.Module, inputs: Any, output: Any) -> None:
+    def consumer_hook(module: nn.Module, inputs: Any, output: Any) -> None:
         probe.active_bn.pop()
+        # An in-place consumer (ReLU(inplace=True)) returns the conv's tensor object: later reads
+        # of it read the consumer's result, not the raw conv output.
+        entry = probe.outputs.get(id(output))
+        if entry is not None and entry[0] is output:
+            del probe.outputs[id(output)]
 
     for module in model.modules():
-        # Subclasses count too (e.g. TF-"SAME" padding convs pad, then convolve: still linear in
-        # the weights); fold_batchnorm's numerical check guards against exotic forwards.
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, conv_types):
             handles.append(module.register_forward_hook(conv_hook))
-        elif isinstance(module, nn.BatchNorm2d):
-            handles.append(module.register_forward_pre_hook(bn_pre_hook))
-            handles.append(module.register_forward_hook(bn_hook))
+        elif isinstance(module, consumer_types):
+            handles.append(module.register_forward_pre_hook(consumer_pre_hook))
+            handles.append(module.register_forward_hook(consumer_hook))
     was_training = model.training
     try:
         model.eval()
@@ -178,17 +179,40 @@ def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor) -> List[Tu
             handle.remove()
 
     pairs: List[Tuple[str, str]] = []
-    for bn_name, sources in probe.bn_input.items():
-        bn = model.get_submodule(bn_name)
-        if len(sources) != 1 or sources[0] is None or probe.calls.get(bn_name) != 1:
+    for consumer_name, sources in probe.bn_input.items():
+        if len(sources) != 1 or sources[0] is None or probe.calls.get(consumer_name) != 1:
             continue
         conv_name = sources[0]
-        if probe.calls.get(conv_name) != 1 or bn.running_mean is None or bn.running_var is None:
+        if probe.calls.get(conv_name) != 1:
             continue
-        if set(probe.readers[conv_name]) != {bn_name}:
-            continue  # the raw conv output is also read elsewhere (or not at all by the BN)
-        pairs.append((conv_name, bn_name))
+        if set(probe.readers[conv_name]) != {consumer_name}:
+            continue  # the raw conv output is also read elsewhere (or not at all by the consumer)
+        pairs.append((conv_name, consumer_name))
     return pairs
+
+
+def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor) -> List[Tuple[str, str]]:
+    """Names of ``(conv, bn)`` pairs where the BN's input is the conv's output and nothing else
+    reads that output.
+
+    The model is run once (no grad) on ``example_input``; a conv or BN that runs more than once
+    (a shared module) is not paired, nor is a BN without running statistics. Subclasses of
+    ``nn.Conv2d`` count too (e.g. TF-"SAME" padding convs pad, then convolve: still linear in the
+    weights); :func:`fold_batchnorm`'s numerical check guards against exotic forwards.
+
+    Args:
+        model: any module; its mode is left as it was.
+        example_input: a (small) input the model accepts, e.g. ``(1, 3, 65, 65)``.
+
+    Returns:
+        ``[(conv_name, bn_name), ...]`` in execution order.
+    """
+    pairs = _conv_consumer_pairs(model, example_input, (nn.BatchNorm2d,))
+    return [
+        (conv, bn)
+        for conv, bn in pairs
+        if model.get_submodule(bn).running_mean is not None and model.get_submodule(bn).running_var is not None
+    ]
 
 
 @torch.no_grad()
@@ -308,11 +332,134 @@ class ContiguousConv(nn.Module):
 
 def _is_dilated_depthwise(module: nn.Module) -> bool:
     return (
-        isinstance(module, nn.Conv2d)
+        isinstance(module, (nn.Conv2d, FusedConv2d))
         and module.groups > 1
         and module.groups == module.in_channels
         and max(module.dilation) > 1
     )
+
+
+def mkldnn_fusion_available() -> bool:
+    """Whether oneDNN's fused conv + post-op kernels (``torch.ops.mkldnn._convolution_pointwise``)
+    are in this torch build."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+_ACTIVATIONS = {nn.ReLU: ("relu", []), nn.ReLU6: ("hardtanh", [0.0, 6.0])}
+
+
+class FusedConv2d(nn.Module):
+    """A (BN-folded) ``nn.Conv2d`` + activation [+ residual add before it] as one oneDNN call.
+
+    ``forward(x)`` = ``act(conv(x))``; ``forward(x, other)`` = ``act(conv(x) + other)``. The
+    activation is applied to the conv's output while it is still in cache, saving the separate
+    memory pass of an elementwise ReLU (and of the add). CPU, inference only (no autograd).
+
+    Attributes ``weight``/``bias`` keep ``nn.Conv2d``'s names, so a state dict still reads.
+    """
+
+    def __init__(self, conv: nn.Conv2d, activation: Optional[type] = None) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("FusedConv2d needs an nn.Conv2d with explicit zero padding")
+        self.weight = nn.Parameter(conv.weight.detach(), requires_grad=False)
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=conv.weight.dtype)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+        self.padding = list(conv.padding)
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.groups = conv.groups
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.attr, self.scalars = _ACTIVATIONS[activation] if activation is not None else ("none", [])
+
+    def forward(self, x: torch.Tensor, other: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if other is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                self.attr, self.scalars, "",
+            )
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            "add", None, None if self.attr == "none" else self.attr, self.scalars, "",
+        )
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel={tuple(self.weight.shape[2:])}, stride={self.stride}, "
+                f"dilation={self.dilation}, groups={self.groups}, post_op={self.attr}")
+
+
+class FusedBottleneck(nn.Module):
+    """ResNet's Bottleneck with every conv fused: conv1+ReLU, conv2+ReLU, conv3+residual+ReLU."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.conv1 = FusedConv2d(block.conv1, nn.ReLU)
+        self.conv2 = FusedConv2d(block.conv2, nn.ReLU)
+        self.conv3 = FusedConv2d(block.conv3, nn.ReLU)
+        self.downsample = None if block.downsample is None else FusedConv2d(block.downsample[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv3(self.conv2(self.conv1(x)), identity)
+
+
+def _plain_conv(module: Any) -> bool:
+    return type(module) is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def fuse_conv_activations(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> nn.Module:
+    """Fuse a BN-folded model's conv -> ReLU/ReLU6 pairs (and ResNet's residual add + ReLU) into
+    oneDNN fused convs, in place. Pairs are found by data flow like the BN folding; an activation
+    module that runs more than once (torchvision's shared ``Bottleneck.relu``) is handled by the
+    :class:`FusedBottleneck` rewrite; activations applied functionally are left as they are.
+
+    Returns:
+        ``model`` with ``fused_activations`` (list of ``(conv, activation)`` names).
+    """
+    from deeplab.models.backbones.resnet import Bottleneck
+    from deeplab.models.backbones.xception import XceptionSeparableConv2d
+    from deeplab.models.backbones.xception import _ConvBN as _XceptionConvBN
+
+    probe = _default_probe(model) if example_input is None else example_input
+    fused: List[Tuple[str, str]] = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Bottleneck) and all(
+            isinstance(getattr(module, bn), nn.Identity) for bn in ("bn1", "bn2", "bn3")
+        ) and all(_plain_conv(getattr(module, c)) for c in ("conv1", "conv2", "conv3")) and (
+            module.downsample is None
+            or (_plain_conv(module.downsample[0]) and isinstance(module.downsample[1], nn.Identity))
+        ):
+            _set_submodule(model, name, FusedBottleneck(module))
+            fused.append((name, "relu"))
+    for conv_name, act_name in _conv_consumer_pairs(model, probe, tuple(_ACTIVATIONS)):
+        conv = model.get_submodule(conv_name)
+        act = model.get_submodule(act_name)
+        if not _plain_conv(conv):
+            continue
+        _set_submodule(model, conv_name, FusedConv2d(conv, type(act)))  # type: ignore[arg-type]
+        _set_submodule(model, act_name, nn.Identity())
+        fused.append((conv_name, act_name))
+    # timm-style Xception modules apply ReLU functionally behind a ``relu`` flag.
+    for name, module in list(model.named_modules()):
+        if isinstance(module, _XceptionConvBN) and module.relu is True and isinstance(module.bn, nn.Identity) \
+                and _plain_conv(module.conv):
+            module.conv = FusedConv2d(module.conv, nn.ReLU)
+            module.relu = False
+            fused.append((f"{name}.conv", f"{name}.relu"))
+        elif isinstance(module, XceptionSeparableConv2d) and module.relu is True \
+                and isinstance(module.bn_dw, nn.Identity) and isinstance(module.bn_pw, nn.Identity) \
+                and _plain_conv(module.conv_dw) and _plain_conv(module.conv_pw):
+            module.conv_dw = FusedConv2d(module.conv_dw, nn.ReLU)
+            module.conv_pw = FusedConv2d(module.conv_pw, nn.ReLU)
+            module.relu = False
+            fused += [(f"{name}.conv_dw", f"{name}.relu"), (f"{name}.conv_pw", f"{name}.relu")]
+    # Every other conv calls oneDNN directly too: aten's dispatcher would send some NCHW shapes
+    # to its slower im2col path.
+    for name, module in list(model.named_modules()):
+        if _plain_conv(module):
+            _set_submodule(model, name, FusedConv2d(module))  # type: ignore[arg-type]
+    model.fused_activations = fused  # type: ignore[assignment]
+    return model
 
 
 def optimize_for_inference(
@@ -321,29 +468,44 @@ def optimize_for_inference(
     device: Union[str, torch.device] = "cpu",
     fold_bn: bool = True,
     layout: str = "auto",
+    fuse: Optional[bool] = None,
+    check: bool = True,
 ) -> nn.Module:
     """The fastest eager PyTorch form of a model for test-time use (same outputs).
 
     * BatchNorm folded into the convs (:func:`fold_batchnorm`).
+    * ``fuse`` (default: on CPU when the build has oneDNN): conv + ReLU/ReLU6 and ResNet's
+      conv + residual add + ReLU run as single oneDNN calls (:func:`fuse_conv_activations`).
     * ``layout="channels_last"``: weights in NHWC, the input converted on entry (a forward
-      pre-hook), and every depthwise dilated conv wrapped in :class:`ContiguousConv`, which runs
-      it in NCHW. ``"auto"`` picks channels_last on CPU (oneDNN's dense convs avoid per-call
-      reorders in NHWC) and leaves CUDA models contiguous. ``"contiguous"`` changes no layout.
+      pre-hook), and every depthwise *dilated* conv wrapped in :class:`ContiguousConv`, which
+      runs it in NCHW (oneDNN's NHWC kernel for those is slow on AVX2). ``"auto"`` picks
+      channels_last on CPU and leaves CUDA models contiguous; ``"contiguous"`` changes no layout.
 
     Args:
         model: the model (a deep copy is optimised; the original is untouched).
         device: the device it will run on.
         fold_bn: fold BatchNorm.
         layout: ``"auto"``, ``"contiguous"`` or ``"channels_last"``.
+        fuse: fuse activations (CPU only); ``None`` = when available.
+        check: compare with the original model on a small probe input.
 
     Returns:
-        The optimised model in eval mode (``model.config`` etc. are kept).
+        The optimised model in eval mode (``model.config`` etc. are kept). Inference only.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {list(LAYOUTS)}")
-    model = fold_batchnorm(model) if fold_bn else copy.deepcopy(model).eval()
+    cpu = torch.device(device).type == "cpu"
+    original = model.eval()
+    model = fold_batchnorm(model, check=False) if fold_bn else copy.deepcopy(model).eval()
+    probe = _default_probe(model)
+    if fuse is None:
+        fuse = cpu and fold_bn and mkldnn_fusion_available()
+    if fuse:
+        if not cpu:
+            raise ValueError("fused oneDNN convs run on the CPU only; pass fuse=False for other devices")
+        fuse_conv_activations(model, probe)
     if layout == "auto":
-        layout = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+        layout = "channels_last" if cpu else "contiguous"
     if layout == "channels_last":
         for name, module in list(model.named_modules()):
             if _is_dilated_depthwise(module):
@@ -358,7 +520,15 @@ def optimize_for_inference(
 
         model.register_forward_pre_hook(to_channels_last)
     model.inference_layout = layout  # type: ignore[assignment]
-    return model.eval()
+    model.eval()
+    if check:
+        with torch.no_grad():
+            ref = original(probe)
+            out = model(probe)
+        diff = (out - ref).abs().max().item()
+        if not diff <= 1e-4 * max(1.0, ref.abs().max().item()):
+            raise ExportError(f"optimize_for_inference changed the output (max |diff| {diff:.3g}); use fuse=False / fold_bn=False")
+    return model
 
 
 # --------------------------------------------------------------------------- tracing helpers
