@@ -6,15 +6,47 @@ keyword arguments) as objects.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar
 
 ARCHS = ("deeplabv3plus", "deeplabv3")
 OUTPUT_STRIDES = (8, 16, 32)
+_C = TypeVar("_C", bound="_PlainDict")
+
+
+class _PlainDict:
+    """``to_dict``/``from_dict`` shared by the config dataclasses.
+
+    ``_TUPLES`` maps tuple-valued fields to their element type, so lists read back from a
+    checkpoint or YAML become tuples again.
+    """
+
+    _TUPLES: ClassVar[Dict[str, type]] = {}
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict (tuples as lists) that ``torch.load(weights_only=True)`` accepts."""
+        out = asdict(self)  # type: ignore[call-overload]
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls: Type[_C], data: Dict[str, Any]) -> _C:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that lists them."""
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
+        kwargs = dict(data)
+        for key, kind in cls._TUPLES.items():
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kind(v) for v in kwargs[key])
+        return cls(**kwargs)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_PlainDict):
     """Everything needed to rebuild a model; stored verbatim in every checkpoint.
 
     Attributes:
@@ -55,33 +87,15 @@ class ModelConfig:
     dropout: float = 0.1
     tf_compat: bool = False
 
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain dict (tuples as lists) that ``torch.load(weights_only=True)`` accepts."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
+    _TUPLES: ClassVar[Dict[str, type]] = {"aspp_rates": int, "multi_grid": int}
 
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error that lists them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(known)}")
-        kwargs = dict(data)
-        for key in ("aspp_rates", "multi_grid"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = tuple(int(v) for v in kwargs[key])
-        return cls(**kwargs)
 
 
 AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_PlainDict):
     """The training recipe; defaults are the paper's PASCAL VOC ``train_aug`` setting.
 
     Stored verbatim in every training checkpoint (``"train_config"``) so a run can be
@@ -155,6 +169,8 @@ class TrainConfig:
     run_dir: str = "runs/deeplab"
     resume_from: Optional[str] = None
 
+    _TUPLES: ClassVar[Dict[str, type]] = {"scale_range": float}
+
     def __post_init__(self) -> None:
         problems = []
         for name in ("max_steps", "batch_size", "accum_steps", "crop_size", "log_every"):
@@ -178,23 +194,3 @@ class TrainConfig:
             problems.append(f"unknown amp_dtype {self.amp_dtype!r}; choose from {list(AMP_DTYPES)}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Plain dict (tuples as lists) that ``torch.load(weights_only=True)`` accepts."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, tuple):
-                out[key] = list(value)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are an error that lists them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown train config keys {unknown}; known keys are {sorted(known)}")
-        kwargs = dict(data)
-        if kwargs.get("scale_range") is not None:
-            kwargs["scale_range"] = tuple(float(v) for v in kwargs["scale_range"])
-        return cls(**kwargs)

@@ -12,6 +12,7 @@ from ..config import ARCHS, ModelConfig
 from ..nn.layers import ConvBNReLU, conv3x3_bn_relu, resize
 from .aspp import ASPP, default_aspp_rates
 from .backbones import BACKBONES, Backbone, build_backbone
+from .backbones.base import init_conv_bn
 
 
 class Decoder(nn.Module):
@@ -99,16 +100,9 @@ class DeepLabV3(nn.Module):
         return self.aspp.out_channels
 
     def _init_head(self) -> None:
-        for name, m in self.named_modules():
-            if name.startswith("backbone"):
-                continue
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for name, child in self.named_children():
+            if name != "backbone":
+                init_conv_bn(child)
 
     @staticmethod
     def check_input(x: torch.Tensor) -> None:

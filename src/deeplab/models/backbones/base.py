@@ -55,6 +55,19 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
 
+def init_conv_bn(module: nn.Module) -> None:
+    """torchvision's initialisation: He-normal (fan-out, ReLU gain) convs with zero bias,
+    BatchNorm scale 1 and shift 0, so an untrained network behaves like theirs."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def check_output_stride(output_stride: int) -> None:
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {list(OUTPUT_STRIDES)}, got {output_stride!r}")

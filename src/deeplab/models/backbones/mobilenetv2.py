@@ -13,7 +13,6 @@ inputs scaled to [-1, 1].
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -28,6 +27,7 @@ from .base import (
     Backbone,
     FeatureSpec,
     Normalization,
+    init_conv_bn,
     stride_to_dilation,
 )
 
@@ -147,15 +147,8 @@ class MobileNetV2(Backbone):
             "low_level": FeatureSpec(features[self.low_level_index].out_channels, 4),
             "out": FeatureSpec(cin, output_stride),
         }
-        self._init_weights()
+        init_conv_bn(self)
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         low_level = x

@@ -19,6 +19,7 @@ from .base import (
     Backbone,
     FeatureSpec,
     Normalization,
+    init_conv_bn,
     stride_to_dilation,
     validate_multi_grid,
 )
@@ -115,7 +116,7 @@ class ResNet(Backbone):
             "low_level": FeatureSpec(256, 4),
             "out": FeatureSpec(512 * Bottleneck.expansion, output_stride),
         }
-        self._init_weights()
+        init_conv_bn(self)
 
     def _make_layer(self, planes: int, units: int, *, stride: int, rates: Sequence[int]) -> nn.Sequential:
         downsample = None
@@ -129,14 +130,6 @@ class ResNet(Backbone):
         blocks += [Bottleneck(self.inplanes, planes, dilation=rate) for rate in rates[1:]]
         return nn.Sequential(*blocks)
 
-    def _init_weights(self) -> None:
-        # torchvision's initialisation, so an untrained backbone behaves like theirs.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

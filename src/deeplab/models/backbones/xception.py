@@ -27,6 +27,7 @@ from .base import (
     Backbone,
     FeatureSpec,
     Normalization,
+    init_conv_bn,
     stride_to_dilation,
     validate_multi_grid,
 )
@@ -205,15 +206,8 @@ class Xception(Backbone):
             "low_level": FeatureSpec(blocks[self.low_level_index].out_channels[1], 4),
             "out": FeatureSpec(blocks[-1].out_channels[-1], output_stride),
         }
-        self._init_weights()
+        init_conv_bn(self)
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self.stem(x)
