@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Dict, Optional, Sequence, Union
 
@@ -273,6 +274,7 @@ def build_model(
 
 def build_model_from_config(config: ModelConfig, **overrides: Any) -> DeepLabV3:
     """``build_model(**config fields, **overrides)``."""
-    kwargs = {f: getattr(config, f) for f in config.__dataclass_fields__}
+    # dataclasses.fields, not __dataclass_fields__: the latter also lists ClassVars (``_TUPLES``).
+    kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     kwargs.update(overrides)
     return build_model(**kwargs)
