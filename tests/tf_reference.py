@@ -135,17 +135,17 @@ class ReferenceNet:
     def batch_norm(self, x, eps: float):
         tf = self.tf
         c = int(x.shape[-1])
-        # Moving statistics near the statistics of what the layer sees the first time (as after
-        # training), so activations stay O(1) through 65 layers and every branch matters.
-        # (+0.1: the image-pooling BatchNorm sees one value per channel; a near-zero variance would
-        # make the comparison ill-conditioned.)
+        # Moving variance near the mean square of what the layer sees the first time, so
+        # activations stay O(1) through 65 layers and every branch matters; moving mean small
+        # against it, so BatchNorm does not cancel large values (which would amplify rounding).
+        # (+0.1: the image-pooling BatchNorm sees one value per channel.)
         seen = x.numpy().reshape(-1, c).astype(np.float64)
-        seen_mean, seen_std = seen.mean(0), np.sqrt(seen.var(0) + 0.1)
+        rms = np.sqrt((seen ** 2).mean(0) + 0.1)
         with self.scope("BatchNorm"):
             gamma = self.var("gamma", [c], lambda s: self.rng.uniform(0.5, 1.5, s))
             beta = self.var("beta", [c], lambda s: self.rng.normal(0.0, 0.2, s))
-            mean = self.var("moving_mean", [c], lambda s: seen_mean + self.rng.normal(0.0, 0.2, s) * seen_std)
-            variance = self.var("moving_variance", [c], lambda s: seen_std ** 2 * self.rng.uniform(0.5, 2.0, s))
+            mean = self.var("moving_mean", [c], lambda s: self.rng.normal(0.0, 0.2, s) * rms)
+            variance = self.var("moving_variance", [c], lambda s: rms ** 2 * self.rng.uniform(0.5, 2.0, s))
         if self.dtype != "float32":  # fused_batch_norm is float32-only; same formula
             return tf.nn.batch_normalization(x, mean, variance, beta, gamma, eps)
         y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, gamma, beta, mean, variance, epsilon=eps, is_training=False)
@@ -330,3 +330,185 @@ def imagenet_logits(net: ReferenceNet, variant: str, num_classes: int = 1001) ->
     with net.scope(variant), net.scope("logits"):
         net.var("weights", [1, 1, 2048, num_classes], net._he(2048))
         net.var("biases", [num_classes], lambda s: np.zeros(s))
+
+
+# --------------------------------------------------------------------------- everything the slow tests need
+
+LAYER_CASES = {
+    "strided_same": [8, 9, 16, 17],
+    "xception_strided": [8, 9],
+    "atrous_separable": [1, 6, 12],
+    "resize": [((5, 5), (17, 17)), ((33, 33), (129, 129)), ((4, 7), (13, 26)), ((17, 17), (9, 9)), ((1, 1), (33, 33))],
+    "image_pooling": [(513, 16), (385, 16), (513, 8)],
+}
+
+
+def _bn_values(rng: np.random.Generator, c: int) -> Dict[str, np.ndarray]:
+    return {
+        "gamma": rng.uniform(0.5, 1.5, c).astype(np.float32),
+        "beta": rng.normal(0, 0.2, c).astype(np.float32),
+        "moving_mean": rng.normal(0, 0.2, c).astype(np.float32),
+        "moving_variance": rng.uniform(0.5, 2.0, c).astype(np.float32),
+    }
+
+
+def layer_cases(tf) -> Dict[str, np.ndarray]:
+    """Inputs, TF-layout weights and TF's float32 outputs of single layers (keys ``case/what``)."""
+    out: Dict[str, np.ndarray] = {}
+
+    def bn(x, values, eps):
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(x, values["gamma"], values["beta"], values["moving_mean"],
+                                                   values["moving_variance"], epsilon=eps, is_training=False)
+        return y
+
+    def put(prefix: str, **arrays) -> None:
+        for key, value in arrays.items():
+            if isinstance(value, dict):
+                for leaf, v in value.items():
+                    out[f"{prefix}/{key}/{leaf}"] = np.asarray(v)
+            else:
+                out[f"{prefix}/{key}"] = np.asarray(value)
+
+    for size in LAYER_CASES["strided_same"]:
+        rng = np.random.default_rng(size)
+        x = rng.standard_normal((1, size, size + 1, 8)).astype(np.float32)  # an even and an odd side
+        w = (rng.standard_normal((3, 3, 8, 16)) * 0.3).astype(np.float32)
+        wd = (rng.standard_normal((3, 3, 8, 1)) * 0.3).astype(np.float32)
+        b, bd = _bn_values(rng, 16), _bn_values(rng, 8)
+        conv = tf.nn.relu6(bn(tf.nn.conv2d(x, w, strides=2, padding="SAME"), b, MOBILENET_EPS))
+        dw = tf.nn.relu6(bn(tf.nn.depthwise_conv2d(x, wd, [1, 2, 2, 1], "SAME"), bd, MOBILENET_EPS))
+        put(f"strided_same_{size}", x=x, w=w, wd=wd, bn=b, bnd=bd, conv=conv.numpy(), dw=dw.numpy())
+    for size in LAYER_CASES["xception_strided"]:
+        rng = np.random.default_rng(100 + size)
+        x = rng.standard_normal((1, size, size, 8)).astype(np.float32)
+        wd = (rng.standard_normal((3, 3, 8, 1)) * 0.3).astype(np.float32)
+        wp = (rng.standard_normal((1, 1, 8, 12)) * 0.3).astype(np.float32)
+        bd, bp = _bn_values(rng, 8), _bn_values(rng, 12)
+        padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])  # xception.fixed_padding(kernel 3, rate 1)
+        y = bn(tf.nn.depthwise_conv2d(padded, wd, [1, 2, 2, 1], "VALID"), bd, XCEPTION_EPS)
+        y = bn(tf.nn.conv2d(y, wp, 1, "SAME"), bp, XCEPTION_EPS)
+        put(f"xception_strided_{size}", x=x, wd=wd, wp=wp, bnd=bd, bnp=bp, out=y.numpy())
+    for rate in LAYER_CASES["atrous_separable"]:
+        rng = np.random.default_rng(200 + rate)
+        x = rng.standard_normal((2, 17, 13, 16)).astype(np.float32)
+        wd = (rng.standard_normal((3, 3, 16, 1)) * 0.3).astype(np.float32)
+        wp = (rng.standard_normal((1, 1, 16, 24)) * 0.3).astype(np.float32)
+        bd, bp = _bn_values(rng, 16), _bn_values(rng, 24)
+        # model.py's split_separable_conv2d: depthwise (rate, SAME) -> BN -> ReLU -> 1x1 -> BN -> ReLU.
+        y = tf.nn.relu(bn(tf.nn.depthwise_conv2d(x, wd, [1, 1, 1, 1], "SAME", dilations=[rate, rate]), bd, HEAD_EPS))
+        y = tf.nn.relu(bn(tf.nn.conv2d(y, wp, 1, "SAME"), bp, HEAD_EPS))
+        put(f"atrous_separable_{rate}", x=x, wd=wd, wp=wp, bnd=bd, bnp=bp, out=y.numpy())
+    for i, (src, dst) in enumerate(LAYER_CASES["resize"]):
+        x = np.random.default_rng(300 + i).standard_normal((2, *src, 3)).astype(np.float32)
+        put(f"resize_{i}", x=x, out=tf.compat.v1.image.resize_bilinear(x, dst, align_corners=True).numpy())
+    for crop, output_stride in LAYER_CASES["image_pooling"]:
+        rng = np.random.default_rng(crop + output_stride)
+        side = scale_dimension(crop, 1.0 / output_stride)  # the feature map of a crop-sized input
+        features = rng.standard_normal((1, side, side, 32)).astype(np.float32)
+        w = (rng.standard_normal((1, 1, 32, 16)) * 0.3).astype(np.float32)
+        b = _bn_values(rng, 16)
+        # model.py with crop_size: avg_pool2d over a [crop / OS] window (VALID), conv, BN, ReLU, resize.
+        pooled = tf.nn.avg_pool2d(features, [side, side], strides=1, padding="VALID")
+        y = tf.nn.relu(bn(tf.nn.conv2d(pooled, w, 1, "SAME"), b, HEAD_EPS))
+        y = tf.compat.v1.image.resize_bilinear(y, [side, side], align_corners=True)
+        put(f"image_pooling_{crop}_{output_stride}", x=features, w=w, bn=b, out=y.numpy())
+    return out
+
+
+def _slots(net: ReferenceNet, names: Sequence[str]) -> Dict[str, np.ndarray]:
+    """What a training checkpoint carries besides the variables."""
+    extra: Dict[str, np.ndarray] = {"global_step": np.int64(30000)}
+    for name in names:
+        extra[f"{name}/Momentum"] = np.zeros_like(net.values[name])
+        extra[f"{name}/ExponentialMovingAverage"] = net.values[name] * 0.5
+    return extra
+
+
+def _f64(tf, net: ReferenceNet) -> ReferenceNet:
+    """The same variables, computed in float64 (TF's bilinear resize still rounds to float32)."""
+    return ReferenceNet(tf, dtype="float64", initializer=lambda name, shape: net.values[name])
+
+
+def _image(seed: int, size: int, dtype=np.float32) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (1, size, size, 3)).astype(dtype)
+
+
+def generate(out_dir: str) -> None:
+    """Write checkpoints (TF's Saver) and TF's outputs for tests/test_convert_tf.py into ``out_dir``.
+
+    Runs in its own process, so TensorFlow never shares a process (threads, fork) with the test run.
+    """
+    import hashlib
+    import json
+
+    import tensorflow as tf
+
+    out = Path(out_dir)
+    refs: Dict[str, np.ndarray] = {}
+
+    # Xception-65 DeepLabv3+ for VOC, with training leftovers.
+    net = ReferenceNet(tf, seed=0)
+    refs["xception_voc/image"] = _image(1, 49)
+    refs["xception_voc/logits"] = net.deeplab(tf.constant(refs["xception_voc/image"]), backbone="xception_65",
+                                              num_classes=21).numpy()
+    extra = _slots(net, ["aspp0/weights", "xception_65/entry_flow/conv1_1/weights", "logits/semantic/biases"])
+    prefix = net.save(str(out / "xception_voc" / "model.ckpt-30000"), extra=extra)
+    f64 = _f64(tf, net)
+    for size, output_stride, rates in ((33, 16, (6, 12, 18)), (34, 8, (12, 24, 36))):
+        image = _image(size, size, np.float64)
+        refs[f"xception_voc/f64_{size}_{output_stride}/image"] = image
+        refs[f"xception_voc/f64_{size}_{output_stride}/logits"] = f64.deeplab(
+            tf.constant(image), backbone="xception_65", num_classes=21, output_stride=output_stride,
+            atrous_rates=rates).numpy()
+    # What TensorFlow's own reader returns, for comparison with ours.
+    reader = tf.train.load_checkpoint(prefix)
+    listing = {}
+    for name, shape in reader.get_variable_to_shape_map().items():
+        value = np.asarray(reader.get_tensor(name))
+        listing[name] = {"shape": list(shape), "dtype": str(value.dtype),
+                         "sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()}
+    (out / "xception_voc" / "tf_reader.json").write_text(json.dumps(listing))
+    (out / "xception_voc" / "variables.json").write_text(json.dumps(sorted(net.values)))
+    (out / "xception_voc" / "extra.json").write_text(json.dumps(sorted(extra)))
+
+    # MobileNetV2 DeepLabv3 for Cityscapes (19 classes).
+    net = ReferenceNet(tf, seed=7)
+    net.deeplab(tf.constant(_image(0, 64)), backbone="MobilenetV2", num_classes=19, atrous_rates=(), decoder=False)
+    net.save(str(out / "mnv2_cityscapes" / "model.ckpt-90000"), extra=_slots(net, ["MobilenetV2/Conv/weights"]))
+    (out / "mnv2_cityscapes" / "variables.json").write_text(json.dumps(sorted(net.values)))
+    for size, output_stride in ((64, 16), (65, 16), (66, 8), (63, 32)):
+        f64 = _f64(tf, net)
+        image = _image(size, size, np.float64)
+        refs[f"mnv2/{size}_{output_stride}/image"] = image
+        refs[f"mnv2/{size}_{output_stride}/logits"] = f64.deeplab(
+            tf.constant(image), backbone="MobilenetV2", num_classes=19, output_stride=output_stride, atrous_rates=(),
+            decoder=False).numpy()
+
+    # ADE20K: 151 logits.
+    net = ReferenceNet(tf, seed=3)
+    net.deeplab(tf.constant(_image(4, 33)), backbone="MobilenetV2", num_classes=151, atrous_rates=(), decoder=False)
+    net.save(str(out / "mnv2_ade20k" / "model.ckpt"))
+    refs["ade20k/image"] = _image(4, 33, np.float64)
+    refs["ade20k/logits"] = _f64(tf, net).deeplab(tf.constant(refs["ade20k/image"]), backbone="MobilenetV2",
+                                                  num_classes=151, atrous_rates=(), decoder=False).numpy()
+
+    # ImageNet Xception backbones (with their 1001-class classifier).
+    for variant in ("xception_41", "xception_65", "xception_71"):
+        net = ReferenceNet(tf, seed=11)
+        net.xception(tf.constant(_image(5, 25)), variant, output_stride=16)
+        imagenet_logits(net, variant)
+        net.save(str(out / f"imagenet_{variant}" / "model.ckpt"), extra={"global_step": np.int64(1)})
+        image = _image(5, 25, np.float64)
+        features, low_level = _f64(tf, net).xception(tf.constant(image), variant, output_stride=16)
+        refs[f"imagenet_{variant}/image"] = image
+        refs[f"imagenet_{variant}/out"] = features.numpy()
+        refs[f"imagenet_{variant}/low_level"] = low_level.numpy()
+
+    refs.update(layer_cases(tf))
+    np.savez(out / "refs.npz", **refs)
+
+
+if __name__ == "__main__":
+    import sys
+
+    generate(sys.argv[1])
