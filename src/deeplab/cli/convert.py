@@ -121,8 +121,7 @@ def _convert(args: argparse.Namespace) -> int:
 
         h, w = EVAL_CROP_SIZE[conv.dataset]
         print(f"the reference evaluates {conv.dataset} images whole, padded to {h}x{w} (bottom/right, mean "
-              f"pixel): evaluate with that padding (deeplab.engine.inference pad_to=({h}, {w})) to reproduce "
-              "its numbers exactly")
+              f"pixel); to reproduce its numbers: deeplab eval --checkpoint {out} --data-root DIR --pad-to {h} {w}")
     return 0
 
 

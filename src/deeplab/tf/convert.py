@@ -206,6 +206,12 @@ def recognise(shapes: Mapping[str, Tuple[int, ...]]) -> Recognised:
         )
     tf_scope = found[0]
     backbone = BACKBONE_SCOPES[tf_scope]
+    stem = shapes.get("MobilenetV2/Conv/weights")
+    if backbone == "mobilenet_v2" and stem is not None and tuple(stem)[-1:] != (32,):
+        raise ConversionError(
+            f"MobilenetV2/Conv/weights has shape {list(stem)}: a MobileNetV2 with depth multiplier "
+            f"{tuple(stem)[-1] / 32:g} (e.g. the model zoo's mobilenetv2_dm05_*); our MobileNetV2 has width 1.0"
+        )
     if "logits/semantic/weights" not in shapes:
         return Recognised(backbone=backbone, tf_scope=tf_scope, has_head=False)
     logits = shapes["logits/semantic/weights"]
@@ -300,7 +306,7 @@ class Conversion:
         if self.dataset is not None:
             info["dataset"] = self.dataset
             info["eval_crop_size"] = list(EVAL_CROP_SIZE[self.dataset])
-        return {
+        payload: Dict[str, Any] = {
             "model": self.state_dict(),
             "config": self.config.to_dict(),
             "classes": list(self.classes),
@@ -308,6 +314,10 @@ class Conversion:
             "normalization": model.normalization.to_dict(),  # type: ignore[union-attr]
             "converted_from": info,
         }
+        if self.dataset is not None:
+            # What training checkpoints carry too; `deeplab eval` picks its dataset from it.
+            payload["dataset"] = {"dataset": self.dataset, "source": "tensorflow model zoo"}
+        return payload
 
 
 def _dataset_for(num_classes: int, dataset: Optional[str]) -> Optional[str]:
