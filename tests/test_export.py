@@ -17,7 +17,6 @@ import deeplab
 from deeplab.checkpoint import save_checkpoint
 from deeplab.engine.predict import OnnxRuntimeModel, TorchScriptModel, load_exported
 from deeplab.export import (
-    ContiguousConv,
     ExportError,
     FusedBottleneck,
     FusedConv2d,
@@ -31,6 +30,7 @@ from deeplab.export import (
     optimize_for_inference,
     read_metadata,
 )
+from deeplab.export import ShiftDepthwiseConv
 from deeplab.models.aspp import PoolingBatchNorm
 
 try:
@@ -178,7 +178,8 @@ def test_optimize_for_inference_fuses_activations(backbone: str) -> None:
     # every conv runs through oneDNN directly, none through aten's conv any more
     assert fused and not any(type(m) is nn.Conv2d for m in fast.modules())
     assert n_batchnorms(fast) == 0
-    with_act = sum(m.attr != "none" for m in fused)
+    with_act = sum(m.attr != "none" for m in fused) + sum(
+        isinstance(m, ShiftDepthwiseConv) and m.relu for m in fast.modules())
     relus = sum(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in fast.modules())
     if backbone == "resnet50":
         # conv3 + residual add + ReLU in one call: no ReLU module runs any more
@@ -193,20 +194,37 @@ def test_optimize_for_inference_fuses_activations(backbone: str) -> None:
 
 
 def test_optimize_for_inference_channels_last_keeps_outputs() -> None:
-    model = small_model(backbone="mobilenet_v2")
+    model = small_model(backbone="mobilenet_v2", aspp_rates=(6, 12, 18))
     fast = optimize_for_inference(model, layout="channels_last", fuse=False)
     assert fast.inference_layout == "channels_last"
-    # ASPP has no atrous branch in the released MobileNetV2 head, but the backbone's OS 16
-    # stage has dilated depthwise convs: each runs in NCHW.
-    wrapped = [m for m in fast.modules() if isinstance(m, ContiguousConv)]
-    assert wrapped and all(max(w.conv.dilation) > 1 and w.conv.groups == w.conv.in_channels for w in wrapped)
+    # ASPP's rate 6/12/18 depthwise convs become shifted multiply-adds; the backbone's rate-2
+    # depthwise convs stay oneDNN convs (its NHWC kernel is fine up to rate ~4).
+    shifted = [m for m in fast.modules() if isinstance(m, ShiftDepthwiseConv)]
+    assert sorted(m.dilation for m in shifted) == [(6, 6), (12, 12), (18, 18)]
     x = torch.randn(2, 3, 65, 97)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
     plain = optimize_for_inference(model, layout="contiguous", fuse=False)
-    assert n_batchnorms(plain) == 0 and not any(isinstance(m, ContiguousConv) for m in plain.modules())
+    assert n_batchnorms(plain) == 0 and not any(isinstance(m, ShiftDepthwiseConv) for m in plain.modules())
     with pytest.raises(ValueError, match="layout"):
         optimize_for_inference(model, layout="nhwc")
+
+
+@pytest.mark.parametrize("rate,size,relu", [(6, 9, True), (12, 33, False), (3, 5, True), (18, 7, False)])
+def test_shift_depthwise_conv_equals_the_conv(rate: int, size: int, relu: bool) -> None:
+    torch.manual_seed(rate)
+    conv = nn.Conv2d(16, 16, 3, padding=rate, dilation=rate, groups=16).eval()
+    assert ShiftDepthwiseConv.supports(conv)
+    assert not ShiftDepthwiseConv.supports(nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16))
+    assert not ShiftDepthwiseConv.supports(nn.Conv2d(16, 16, 3, padding=6, dilation=6))  # not depthwise
+    shift = ShiftDepthwiseConv(FusedConv2d(conv, nn.ReLU) if relu else conv)
+    x = torch.randn(2, 16, size, size + 3).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = conv(x)
+        ref = ref.relu() if relu else ref
+        out = shift(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- export round trips
