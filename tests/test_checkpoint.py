@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import random
 import signal
 import subprocess
@@ -274,7 +274,7 @@ def test_load_model_with_the_real_builder(tmp_path: Path) -> None:
     torch.manual_seed(0)
     from deeplab.models import build_model
 
-    model = build_model(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+    model = build_model(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     path = C.save_checkpoint(tmp_path / "real.pt", {"model": model.state_dict(), "config": config.to_dict()})
     loaded, _ = C.load_model(path, num_classes=4)
     assert type(loaded) is type(model)

@@ -7,7 +7,6 @@ independent of the real models; the behaviour under test is the loop's.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import signal
@@ -403,7 +402,7 @@ def test_trains_and_reloads_the_real_model(tmp_path: Path) -> None:
     config = ModelConfig(backbone="mobilenet_v2", num_classes=3, aspp_channels=8, decoder_channels=8,
                          low_level_channels=8)
     torch.manual_seed(0)
-    model = build_model(**{k: getattr(config, k) for k in config.__dataclass_fields__})
+    model = build_model(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
     data = ToySegData(n=4, size=33)
     result = train(model, data, make_cfg(tmp_path, max_steps=2, batch_size=2), model_config=config,
                    classes=["a", "b", "c"], progress=False)
