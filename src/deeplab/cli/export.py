@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = model.config
     print(
         f"deeplab export: {args.checkpoint} ({cfg.arch} / {cfg.backbone}, OS {model.output_stride}, "
-        f"{model.num_classes} classes) -> {args.out} [{args.format}, opset {args.opset}, "
+        f"{model.num_classes} classes) -> {args.out} [{args.format}{f', opset {args.opset}' if args.format == 'onnx' else ''}, "
         f"fold_bn={not args.no_fold_bn}]",
         flush=True,
     )
