@@ -407,3 +407,45 @@ def test_fixture_values_are_what_the_generator_wrote(mnv2_tensors) -> None:
     name = "MobilenetV2/expanded_conv_5/depthwise/BatchNorm/moving_variance"
     tile = np.random.default_rng(zlib.crc32(name.encode())).uniform(0.5, 1.5, 61).astype(np.float32)
     np.testing.assert_array_equal(mnv2_tensors[name], np.resize(tile, 192))
+
+
+def _tf_tensors_of(model: torch.nn.Module, rules) -> dict:
+    """TF-layout arrays holding a model's own values (the inverse of the conversion)."""
+    state = model.state_dict()
+    out = {}
+    for rule in rules:
+        value = state[rule.key].numpy()
+        if value.ndim == 4 and rule.tf_name.endswith("depthwise_weights"):
+            value = value.transpose(2, 3, 0, 1)
+        elif value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+        out[rule.tf_name] = value
+    return out
+
+
+def test_converted_checkpoint_is_ready_for_eval_predict_and_export(tmp_path: Path, capsys) -> None:
+    from deeplab.checkpoint import save_checkpoint
+
+    from .data_fixtures import make_voc
+
+    # A well-conditioned network (PyTorch's initialisation), as TF variables. (The fixture tarball's
+    # synthetic weights amplify float32 rounding to ~1e-3, beyond export's BN-folding check.)
+    torch.manual_seed(0)
+    source = build_model(arch="deeplabv3", backbone="mobilenet_v2", num_classes=21, aspp_rates=(), tf_compat=True)
+    rules = backbone_rules("mobilenet_v2", "MobilenetV2") + head_rules(atrous_branches=0, image_pooling=True,
+                                                                       decoder=False)
+    conv = convert_source(DictSource(_tf_tensors_of(source, rules)))
+    for key, value in source.state_dict().items():  # the round trip is exact
+        assert torch.equal(conv.module.state_dict()[key], value), key
+    ckpt = save_checkpoint(tmp_path / "mnv2_voc.pt", conv.checkpoint_payload(source="test"))
+    root = make_voc(tmp_path / "data", {"val": ["a", "b"]})
+    assert cli(["eval", "--checkpoint", str(ckpt), "--data-root", str(root), "--pad-to", "65", "65",
+                "--out", str(tmp_path / "eval"), "--num-workers", "0", "--no-progress"]) == 0
+    assert '"dataset": "voc"' in (tmp_path / "eval" / "report.json").read_text()  # from the checkpoint
+    images = sorted((root / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))
+    assert cli(["predict", str(images[0]), "--checkpoint", str(ckpt), "--out", str(tmp_path / "pred"),
+                "--quiet"]) == 0
+    assert list((tmp_path / "pred").glob("*.png"))
+    assert cli(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.ts.pt"),
+                "--parity-size", "65"]) == 0
+    capsys.readouterr()

@@ -95,7 +95,7 @@ class ReferenceNet:
                  initializer: Optional[Callable[[str, Tuple[int, ...]], np.ndarray]] = None) -> None:
         self.tf = tf
         self.dtype = dtype  # float64 only to separate rounding from real differences
-        self.initializer = initializer  # (name, shape) -> values, instead of the seeded defaults
+        self.initializer = initializer  # (name, shape) -> values (None: the seeded default)
         self.rng = np.random.default_rng(seed)
         self.values: Dict[str, np.ndarray] = {}
         self._scope: List[str] = []
@@ -122,8 +122,8 @@ class ReferenceNet:
         name = "/".join(self._scope + [leaf])
         shape = tuple(int(s) for s in shape)
         if name not in self.values:
-            values = init(shape) if self.initializer is None else self.initializer(name, shape)
-            self.values[name] = np.asarray(values, dtype=np.float32)
+            values = None if self.initializer is None else self.initializer(name, shape)
+            self.values[name] = np.asarray(init(shape) if values is None else values, dtype=np.float32)
         assert self.values[name].shape == shape, (name, self.values[name].shape, shape)
         return self.tf.constant(self.values[name].astype(self.dtype))
 
