@@ -210,6 +210,13 @@ def test_cli_converts_the_tarball_for_eval_and_load_model(tmp_path: Path, capsys
     assert os8.backbone.output_stride == 8
 
 
+def test_truncated_tarball_is_a_clear_error(tmp_path: Path) -> None:
+    broken = tmp_path / "deeplabv3_mnv2_pascal_train_aug_2018_01_29.tar.gz"
+    broken.write_bytes(MNV2_TARBALL.read_bytes()[:50_000])
+    with pytest.raises(ConversionError, match="not a readable tar archive .* download it again"):
+        convert_checkpoint(broken)
+
+
 def test_cli_lists_variables_and_reports_errors(tmp_path: Path, capsys) -> None:
     assert cli(["convert", "tf", str(MNV2_TARBALL), "--list"]) == 0
     listing = capsys.readouterr().out
@@ -423,6 +430,7 @@ def _tf_tensors_of(model: torch.nn.Module, rules) -> dict:
     return out
 
 
+@pytest.mark.slow  # ~15 s: eval, predict and a TorchScript export with its parity check
 def test_converted_checkpoint_is_ready_for_eval_predict_and_export(tmp_path: Path, capsys) -> None:
     from deeplab.checkpoint import save_checkpoint
 

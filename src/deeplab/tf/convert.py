@@ -16,6 +16,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
@@ -105,7 +106,12 @@ class PythonSource:
 
 
 def _is_tarball(path: Path) -> bool:
-    return path.is_file() and (path.name.endswith((".tar.gz", ".tgz", ".tar")) or tarfile.is_tarfile(path))
+    if not path.is_file():
+        return False
+    if path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return True
+    # A renamed download: sniff it, but never a checkpoint's own files.
+    return not (path.name.endswith(".index") or ".data-" in path.name) and tarfile.is_tarfile(path)
 
 
 def _extract_checkpoint(tarball: Path, dest: Path) -> Path:
@@ -154,11 +160,11 @@ def open_checkpoint(path: PathLike, *, reader: str = "python") -> Iterator[Tenso
             "DIR/model.ckpt for DIR/model.ckpt.index + DIR/model.ckpt.data-00000-of-00001)"
         )
     with contextlib.ExitStack() as stack:
-        if _is_tarball(p) and not p.name.endswith(".index"):
+        if _is_tarball(p):
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deeplab-tf-")))
             try:
                 p = _extract_checkpoint(p, tmp)
-            except (tarfile.TarError, EOFError, OSError) as exc:
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
                 raise ConversionError(f"{path}: not a readable tar archive ({exc}); download it again") from exc
         try:
             source: TensorSource = PythonSource(p) if reader == "python" else TensorFlowSource(p)
