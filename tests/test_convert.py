@@ -399,14 +399,9 @@ def test_tf_compat_changes_behaviour_not_names() -> None:
     assert sum(isinstance(m, Conv2dSame) for m in plain.modules()) == 0
     assert sum(isinstance(m, Conv2dSame) for m in tf.modules()) == 4  # stem + three stride-2 units at OS 16
     assert plain.normalization.mean == (0.485, 0.456, 0.406) and tf.normalization.mean == (0.5, 0.5, 0.5)
-    # Xception already computes TF's function: tf_compat builds the same network.
-    torch.manual_seed(0)
-    a = build_backbone("xception41", output_stride=32).eval()
-    b = build_backbone("xception41", output_stride=32, tf_compat=True).eval()
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(1, 3, 34, 34)
-    with torch.no_grad():
-        torch.testing.assert_close(a(x)["out"], b(x)["out"], rtol=0, atol=0)
+    # Xception already computes TF's function (checked against TF in test_convert_tf.py): same network.
+    assert repr(build_backbone("xception41", output_stride=32)) == repr(
+        build_backbone("xception41", output_stride=32, tf_compat=True))
 
 
 def test_fixture_values_are_what_the_generator_wrote(mnv2_tensors) -> None:
