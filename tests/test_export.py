@@ -238,7 +238,10 @@ def _round_trip(tmp_path: Path, arch: str, backbone: str, fmt: str) -> None:
     # dynamic batch, height and width: other sizes than the traced one (odd, non-square)
     inputs = [torch.randn(1, 3, 65, 65), torch.randn(2, 3, 50, 83)]
     diff = check_parity(model, path, inputs, backend="onnxruntime" if fmt == "onnx" else "torchscript")
-    assert diff < 1e-4
+    with torch.no_grad():
+        scale = max(model(x).abs().max().item() for x in inputs)
+    # untrained deep nets (ResNet-101) have logits in the thousands: compare relative to them
+    assert diff < 1e-5 * max(1.0, scale), (diff, scale)
     meta = read_metadata(path)
     assert meta["classes"] == CLASSES and meta["config"]["backbone"] == backbone and meta["output_stride"] == 16
 

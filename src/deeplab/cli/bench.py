@@ -4,8 +4,10 @@ In one run, for each backbone (default ResNet-101, Xception-65, MobileNetV2; Dee
 separable ASPP/decoder, ``1 x 3 x 513 x 513``, fp32), it measures the latency of
 
 * ``eager``      - the model as built, NCHW, ``torch.inference_mode``;
-* ``eager_opt``  - :func:`deeplab.export.optimize_for_inference`: BN folded, channels_last
-  with depthwise dilated convs kept in NCHW;
+* ``eager_cl``   - BN folded, channels_last, ASPP's atrous depthwise convs as shifted
+  multiply-adds (:func:`deeplab.export.optimize_for_inference` with ``fuse=False``);
+* ``eager_opt``  - the same plus conv + ReLU/ReLU6 and ResNet's conv + add + ReLU as single
+  oneDNN calls (:func:`deeplab.export.optimize_for_inference`, what ``Segmenter`` runs);
 * ``compile``    - ``torch.compile`` (inductor, weight freezing) of the BN-folded model;
 * ``onnxruntime``- the exported ONNX file (BN folded), ``ORT_ENABLE_ALL``, intra-op threads;
 * ``openvino``   - the same ONNX file, OpenVINO CPU, ``PERFORMANCE_HINT=LATENCY``, f32, the
@@ -44,10 +46,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-PATHS = ("eager", "eager_opt", "compile", "onnxruntime", "openvino")
+PATHS = ("eager", "eager_cl", "eager_opt", "compile", "onnxruntime", "openvino")
 PATH_LABELS = {
     "eager": "eager fp32",
-    "eager_opt": "eager, BN folded + channels_last",
+    "eager_cl": "eager, BN folded + channels_last",
+    "eager_opt": "eager, + fused conv/ReLU/add (`Segmenter`)",
     "compile": "torch.compile (inductor, frozen)",
     "onnxruntime": "ONNX Runtime",
     "openvino": "OpenVINO",
@@ -194,6 +197,8 @@ def build_paths(
         try:
             if path == "eager":
                 runners[path] = _sync_runner(model, x)
+            elif path == "eager_cl":
+                runners[path] = _sync_runner(optimize_for_inference(model, layout="channels_last", fuse=False), x)
             elif path == "eager_opt":
                 runners[path] = _sync_runner(optimize_for_inference(model, layout="auto"), x)
             elif path == "compile":
@@ -345,7 +350,7 @@ def run_bench(
                         f"{entry['gflops']:.0f} GFLOP/s")
                 results.append(entry)
             if profile:
-                for path in ("eager", "eager_opt"):
+                for path in ("eager", "eager_cl", "eager_opt"):
                     if callable(runners.get(path)):
                         profiles[f"{backbone}/{path}"] = profile_ops(runners[path])
                         log(f"profile {backbone} {path}:\n{profiles[f'{backbone}/{path}']}")
