@@ -86,7 +86,7 @@ def main() -> None:
           f"({result['model_images_per_s']:.2f} images/s)")
     print(f"  peak RSS: {result['peak_rss_mib']:.0f} MiB")
     print(f"  data pipeline: {result['loader_images_per_s_per_worker']:.1f} images/s per worker "
-          f"-> {result['loader_workers_to_keep_up']:.2f} workers keep the model fed")
+          f"-> {result['loader_workers_to_keep_up']:.3g} workers keep the model fed")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
