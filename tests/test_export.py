@@ -34,7 +34,7 @@ from deeplab.export import ShiftDepthwiseConv
 from deeplab.models.aspp import PoolingBatchNorm
 
 try:
-    import openvino  # noqa: F401
+    import openvino  # noqa: F401  (optional extra)
 
     HAVE_OPENVINO = True
 except ImportError:  # optional extra
@@ -298,6 +298,7 @@ def test_metadata_round_trip_and_defaults(tmp_path: Path) -> None:
     json.dumps(meta)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the test traces a plain module itself
 def test_read_metadata_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read_metadata(tmp_path / "missing.onnx")

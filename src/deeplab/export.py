@@ -704,7 +704,8 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
     else:
         extra = {TORCHSCRIPT_METADATA_FILE: ""}
         try:
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            with _quiet_tracing():
+                torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as exc:  # torch raises RuntimeError with a long C++ trace
             raise ExportError(f"cannot read {path} as ONNX or TorchScript: {str(exc).splitlines()[0]}") from exc
         text = extra[TORCHSCRIPT_METADATA_FILE]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deeplab.export import TORCHSCRIPT_METADATA_FILE, ExportError, _is_onnx, read_metadata
+from deeplab.export import TORCHSCRIPT_METADATA_FILE, ExportError, _is_onnx, _quiet_tracing, read_metadata
 
 __all__ = [
     "EXPORTED_BACKENDS",
@@ -165,7 +165,8 @@ class TorchScriptModel(ExportedModel):
     def __init__(self, path: PathLike, metadata: Optional[Dict[str, Any]] = None, *, threads: Optional[int] = None) -> None:
         extra = {TORCHSCRIPT_METADATA_FILE: ""}
         try:
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            with _quiet_tracing():  # torch 2.9+ flags torch.jit as deprecated on every load
+                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as exc:
             raise ExportError(f"cannot load TorchScript file {path}: {str(exc).splitlines()[0]}") from exc
         if metadata is None:
