@@ -108,6 +108,19 @@ def output_names(files: List[Path]) -> Dict[Path, str]:
     return names
 
 
+def _why_not_an_image(exc: BaseException) -> str:
+    """One line for a file that could not be read as an image (the dataset loader's message
+    talks about split lists, which mean nothing here)."""
+    from PIL import UnidentifiedImageError
+
+    cause = exc.__cause__
+    if isinstance(cause, UnidentifiedImageError):
+        return "not an image file Pillow can decode"
+    if cause is not None:
+        return f"truncated or corrupt image ({cause})"
+    return str(exc)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -157,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rgb = to_rgb_array(path)
         except (DatasetError, OSError, ValueError) as exc:
             failed.append(path)
-            tqdm.write(f"skipped {path}: {exc}", file=sys.stderr)
+            tqdm.write(f"skipped {path}: {_why_not_an_image(exc)}", file=sys.stderr)
             continue
         try:
             mask, probs = segmenter.predict_with_probs(rgb)
