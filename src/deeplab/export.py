@@ -17,10 +17,8 @@ Three things a deployed DeepLab needs that training does not:
 * **Parity.** :func:`check_parity` runs the exported file (ONNX Runtime / TorchScript /
   OpenVINO) and the PyTorch model on the same input and returns ``max |diff|`` of logits.
 
-Exports have a dynamic batch, height and width. Tracing records Python ``int`` sizes as
-constants, and :func:`deeplab.nn.layers.resize` converts its target size to ``int``; so
-while tracing, the model's ``resize`` is swapped for one that passes the traced size
-through (:func:`traceable_resize`), which keeps every resize shape-polymorphic.
+Exports have a dynamic batch, height and width: the model's resizes take their target sizes
+from tensor shapes without converting them to ``int``, so tracing keeps them symbolic.
 """
 
 from __future__ import annotations
@@ -29,13 +27,11 @@ import contextlib
 import copy
 import json
 import os
-import threading
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -58,7 +54,6 @@ __all__ = [
     "model_metadata",
     "optimize_for_inference",
     "read_metadata",
-    "traceable_resize",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -587,36 +582,6 @@ def optimize_for_inference(
 
 # --------------------------------------------------------------------------- tracing helpers
 
-_PATCH_LOCK = threading.RLock()
-
-
-def _traceable_resize(x: torch.Tensor, size: Sequence[Any], *, align_corners: bool = False) -> torch.Tensor:
-    # ``size`` may hold traced sizes; passing them through keeps the graph shape-polymorphic.
-    return F.interpolate(x, size=tuple(size[-2:]), mode="bilinear", align_corners=align_corners)
-
-
-@contextlib.contextmanager
-def traceable_resize() -> Iterator[None]:
-    """While tracing, use a ``resize`` that does not turn traced sizes into constants.
-
-    The model modules import :func:`deeplab.nn.layers.resize` by name; this swaps that name in
-    the modules that use it and restores it afterwards (thread-safe, re-entrant).
-    """
-    import deeplab.models.deeplab as deeplab_module
-    import deeplab.nn.layers as layers_module
-
-    modules = [m for m in (deeplab_module, layers_module) if hasattr(m, "resize")]
-    with _PATCH_LOCK:
-        saved = [(m, m.resize) for m in modules]
-        try:
-            for m in modules:
-                m.resize = _traceable_resize  # type: ignore[attr-defined]
-            yield
-        finally:
-            for m, fn in saved:
-                m.resize = fn  # type: ignore[attr-defined]
-
-
 @contextlib.contextmanager
 def _quiet_tracing() -> Iterator[None]:
     # Tracer/exporter warnings about constant shape checks (``x.shape[1] != 3``) and the
@@ -805,7 +770,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with traceable_resize(), _quiet_tracing(), torch.no_grad():
+        with _quiet_tracing(), torch.no_grad():
             torch.onnx.export(
                 prepared,
                 (x,),
@@ -852,7 +817,7 @@ def export_torchscript(
     meta = dict(metadata) if metadata is not None else model_metadata(model)
     prepared = _prepare(model, fold_bn)
     x = _example(prepared, example_input)
-    with traceable_resize(), _quiet_tracing(), torch.no_grad():
+    with _quiet_tracing(), torch.no_grad():
         traced = torch.jit.trace(prepared, (x,), check_trace=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

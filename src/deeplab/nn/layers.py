@@ -143,11 +143,11 @@ class Conv2dSame(nn.Conv2d):
         return super().forward(x)
 
 
-def resize(x: torch.Tensor, size: Sequence[int], *, align_corners: bool = False) -> torch.Tensor:
-    """Bilinear resize of ``(B, C, H, W)`` to ``size = (H', W')``.
+def resize(x: torch.Tensor, size: Sequence[Any], *, align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of ``(B, C, H, W)`` to ``size = (H', W')`` (a ``torch.Size`` works).
 
     ``align_corners=True`` reproduces TensorFlow 1's ``resize_bilinear(align_corners=True)``
-    used by the reference implementation; PyTorch's default is ``False``.
+    used by the reference implementation; PyTorch's default is ``False``. Sizes are passed
+    through untouched (no ``int()``), so a traced/exported graph keeps them symbolic.
     """
-    out_size: Tuple[int, int] = (int(size[0]), int(size[1]))
-    return F.interpolate(x, size=out_size, mode="bilinear", align_corners=align_corners)
+    return F.interpolate(x, size=tuple(size[-2:]), mode="bilinear", align_corners=align_corners)
