@@ -6,7 +6,6 @@ port; process-group timeouts are short so a hang fails the test instead of stall
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import traceback
 from pathlib import Path
