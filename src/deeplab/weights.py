@@ -10,7 +10,6 @@ key matching; the only keys skipped are the classifier layers each backbone list
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -24,6 +23,8 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from ._files import sha256_of
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -90,14 +91,6 @@ class WeightsError(ValueError):
 def hub_checkpoint_dir() -> Path:
     """``$TORCH_HOME/hub/checkpoints`` (torchvision/timm's cache directory)."""
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def sha256_of(path: PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_hash(path: Path, entry: WeightFile) -> None:

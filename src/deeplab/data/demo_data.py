@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from .._files import sha256_of as sha256_file
 from .base import DatasetError
 from .palettes import VOC_CLASSES, VOC_PALETTE, voc_colormap
 
@@ -74,15 +75,6 @@ def default_cache_dir() -> Path:
     """``$DEEPLAB_CACHE`` if set, else ``~/.cache/deeplab``."""
     env = os.environ.get("DEEPLAB_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "deeplab"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _log(progress: bool, msg: str) -> None:
