@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from deeplab import build_model
 from deeplab.checkpoint import load_checkpoint
-from deeplab.engine import distributed as D
+from deeplab.train import distributed as D
 
 from .data_fixtures import make_voc
 

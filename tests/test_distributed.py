@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.engine import distributed as D
-from deeplab.engine.train import train
+from deeplab.train import distributed as D
+from deeplab.train.loop import train
 
 # ----------------------------------------------------------------------------- stand-ins
 
@@ -277,7 +277,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             model = SegNet()
 
             def eval_fn(m: nn.Module) -> Dict[str, float]:
-                # like deeplab.engine.evaluate: every rank takes part in an all-reduce
+                # like deeplab.eval.evaluate: every rank takes part in an all-reduce
                 total = D.all_reduce_(torch.tensor([1.0]), "sum")
                 return {"mIoU": float(total.item()) / 10}
 

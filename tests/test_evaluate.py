@@ -17,8 +17,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from deeplab.engine.evaluate import ShardSampler, evaluate, shard_indices, write_report
-from deeplab.metrics import ConfusionMatrix
+from deeplab.eval.evaluate import ShardSampler, evaluate, shard_indices, write_report
+from deeplab.eval.metrics import ConfusionMatrix
 
 NUM_CLASSES = 5
 NUM_SAMPLES = 7  # odd: a padding sampler would evaluate one image twice on 2 ranks

@@ -15,8 +15,8 @@ from torch import nn
 
 import deeplab
 from deeplab.checkpoint import save_checkpoint
-from deeplab.engine.predict import OnnxRuntimeModel, TorchScriptModel, load_exported
-from deeplab.export import (
+from deeplab.deploy.runtime import OnnxRuntimeModel, TorchScriptModel, load_exported
+from deeplab.deploy.export import (
     ExportError,
     FusedBottleneck,
     FusedConv2d,
@@ -30,7 +30,7 @@ from deeplab.export import (
     optimize_for_inference,
     read_metadata,
 )
-from deeplab.export import ShiftDepthwiseConv
+from deeplab.deploy.export import ShiftDepthwiseConv
 from deeplab.models.aspp import PoolingBatchNorm
 
 try:
@@ -330,7 +330,7 @@ def test_load_exported_backend_checks(tmp_path: Path) -> None:
     runner = load_exported(onnx_path, threads=1)
     assert runner.output_stride == 16 and runner.num_classes == 3 and not runner.training
     # the runner follows the model contract, so the package's inference runs it unchanged
-    from deeplab.engine.inference import predict_probs
+    from deeplab.eval.inference import predict_probs
 
     x = torch.randn(1, 3, 40, 57)
     torch.testing.assert_close(predict_probs(runner, x, scales=(0.75, 1.0), flip=True),

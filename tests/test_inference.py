@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeplab.engine.inference import (
+from deeplab.eval.inference import (
     padded_size,
     predict_mask,
     predict_probs,

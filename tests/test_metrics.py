@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deeplab.metrics import ConfusionMatrix, _colormap, _render_confusion
+from deeplab.eval.metrics import ConfusionMatrix, _colormap, _render_confusion
 
 
 def _cm(pred: list, target: list, num_classes: int = 3, **kwargs) -> ConfusionMatrix:

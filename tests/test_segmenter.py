@@ -12,8 +12,8 @@ from PIL import Image
 import deeplab
 from deeplab.checkpoint import CheckpointNotFoundError, load_model
 from deeplab.data.transforms import normalize_image
-from deeplab.engine.inference import predict_probs
-from deeplab.export import export_onnx, export_torchscript, model_metadata
+from deeplab.eval.inference import predict_probs
+from deeplab.deploy.export import export_onnx, export_torchscript, model_metadata
 from deeplab.segmenter import Segmenter, index_png, overlay_mask, to_rgb_array
 
 from .test_export import CLASSES, NORM, PALETTE, make_checkpoint, needs_openvino

@@ -24,8 +24,8 @@ from torch import nn
 
 from deeplab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.engine.distributed import DeterministicBatchSampler
-from deeplab.engine.train import (
+from deeplab.train.distributed import DeterministicBatchSampler
+from deeplab.train.loop import (
     PolyLR,
     SeededDataset,
     amp_settings,
@@ -302,7 +302,7 @@ def test_resume_with_amp_bf16_on_cpu(tmp_path: Path) -> None:
 
 def test_fp16_scaler_path_state_is_saved_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA fp16 path's GradScaler logic, run on CPU (bf16 autocast + an enabled scaler)."""
-    import deeplab.engine.train as T
+    import deeplab.train.loop as T
 
     monkeypatch.setattr(T, "amp_settings", lambda *a, **k: T.AmpSettings(True, torch.bfloat16, True))
     cfg = make_cfg(tmp_path / "fp16", amp=True, max_steps=5)
@@ -471,7 +471,7 @@ spec = importlib.util.spec_from_file_location("train_helpers", {test_file!r})
 helpers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(helpers)
 from deeplab.config import TrainConfig
-from deeplab.engine.train import train
+from deeplab.train.loop import train
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
 torch.manual_seed(0)
 result = train(helpers.DropNet(), helpers.ToySegData(delay={delay}), cfg, transform=helpers.jitter,

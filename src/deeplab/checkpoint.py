@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import nn
 
+from deeplab._utils import one_line
 from deeplab.config import ModelConfig
 
 __all__ = [
@@ -333,11 +334,6 @@ def strip_state_dict_prefixes(
     return out
 
 
-def _one_line(exc: BaseException) -> str:
-    # torch's load_state_dict message spans lines and ends with ". "; one line reads better.
-    return " ".join(str(exc).split()).rstrip(". ")
-
-
 def _model_kwargs(config: ModelConfig) -> Dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
@@ -405,7 +401,7 @@ def load_model(
     except RuntimeError as exc:
         raise CheckpointError(
             f"weights in {path} do not fit the {config.arch} / {config.backbone} model rebuilt from its "
-            f"own config ({config.num_classes} classes): {_one_line(exc)}. The file was edited or written "
+            f"own config ({config.num_classes} classes): {one_line(exc)}. The file was edited or written "
             "by an incompatible deeplab version"
         ) from exc
     model.eval()

@@ -6,7 +6,7 @@
 
 The class names, palette and input normalisation come from the checkpoint (or from the
 metadata embedded in an exported ONNX / TorchScript file), so a model file is all it needs.
-Inference itself is :func:`deeplab.engine.inference.predict_probs` (whole image padded to
+Inference itself is :func:`deeplab.eval.inference.predict_probs` (whole image padded to
 ``OS*k+1``, or sliding windows; optional multi-scale and flip averaging), whatever the backend.
 """
 
@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from deeplab.data.palettes import RGB, colorize, default_palette
-from deeplab.engine.inference import MODES, predict_probs
+from deeplab.eval.inference import MODES, predict_probs
 
 __all__ = ["BACKENDS", "ImageInput", "Segmenter", "index_png", "overlay_mask", "to_rgb_array"]
 
@@ -158,7 +158,7 @@ class Segmenter:
     Args:
         model: follows the package contract - ``model(x (B, 3, H, W)) -> logits (B, C, H, W)``
             - and has ``output_stride`` (a DeepLab model or a
-            :class:`deeplab.engine.predict.ExportedModel`).
+            :class:`deeplab.deploy.runtime.ExportedModel`).
         classes: class names, one per output channel.
         palette: one RGB colour per class.
         normalization: ``{"mean": [3 floats], "std": [3 floats]}`` in [0, 1] pixel units.
@@ -226,7 +226,7 @@ class Segmenter:
             path: the checkpoint.
             device: ``"cpu"``, ``"cuda"``, ...
             optimize: fold BatchNorm into the convs (same outputs, less work; CPU inference
-                also picks the faster memory layout, see :func:`deeplab.export.optimize_for_inference`).
+                also picks the faster memory layout, see :func:`deeplab.deploy.export.optimize_for_inference`).
             output_stride: rebuild at another output stride (e.g. 8 for the paper's eval).
             **options: ``mode``, ``scales``, ``flip``, ``crop_size``, ``stride``, ``pad_to``.
         """
@@ -234,7 +234,7 @@ class Segmenter:
 
         model, ckpt = load_model(path, map_location="cpu", output_stride=output_stride)
         if optimize:
-            from deeplab.export import optimize_for_inference
+            from deeplab.deploy.export import optimize_for_inference
 
             model = optimize_for_inference(model, device=device)
         model = model.to(device)
@@ -270,7 +270,7 @@ class Segmenter:
             static_shapes: OpenVINO: compile per input shape (faster when sizes repeat).
             **options: as :meth:`from_checkpoint`.
         """
-        from deeplab.engine.predict import load_exported
+        from deeplab.deploy.runtime import load_exported
 
         runner = load_exported(path, backend=backend, threads=threads, static_shapes=static_shapes)
         meta = runner.metadata
@@ -297,7 +297,7 @@ class Segmenter:
         ``backend="torch"`` runs a checkpoint (or a TorchScript file) with PyTorch;
         ``"onnxruntime"`` / ``"openvino"`` need an ``.onnx`` file.
         """
-        from deeplab.export import read_metadata
+        from deeplab.deploy.export import read_metadata
 
         if backend not in BACKENDS + ("auto", "torchscript"):
             raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")

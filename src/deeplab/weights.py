@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._files import sha256_of
+from ._utils import sha256_of
 
 PathLike = Union[str, "os.PathLike[str]"]
 

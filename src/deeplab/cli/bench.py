@@ -5,9 +5,9 @@ separable ASPP/decoder, ``1 x 3 x 513 x 513``, fp32), it measures the latency of
 
 * ``eager``      - the model as built, NCHW, ``torch.inference_mode``;
 * ``eager_cl``   - BN folded, channels_last, ASPP's atrous depthwise convs as shifted
-  multiply-adds (:func:`deeplab.export.optimize_for_inference` with ``fuse=False``);
+  multiply-adds (:func:`deeplab.deploy.export.optimize_for_inference` with ``fuse=False``);
 * ``eager_opt``  - the same plus conv + ReLU/ReLU6 and ResNet's conv + add + ReLU as single
-  oneDNN calls (:func:`deeplab.export.optimize_for_inference`, what ``Segmenter`` runs);
+  oneDNN calls (:func:`deeplab.deploy.export.optimize_for_inference`, what ``Segmenter`` runs);
 * ``compile``    - ``torch.compile`` (inductor, weight freezing) of the BN-folded model;
 * ``onnxruntime``- the exported ONNX file (BN folded), ``ORT_ENABLE_ALL``, intra-op threads;
 * ``openvino``   - the same ONNX file, OpenVINO CPU, ``PERFORMANCE_HINT=LATENCY``, f32, the
@@ -187,7 +187,7 @@ def build_paths(
     log: Callable[[str], None],
 ) -> Dict[str, Any]:
     """A zero-argument runner per path (or the error string if the path could not be built)."""
-    from deeplab.export import export_onnx, fold_batchnorm, optimize_for_inference
+    from deeplab.deploy.export import export_onnx, fold_batchnorm, optimize_for_inference
 
     runners: Dict[str, Any] = {}
     folded: Optional[nn.Module] = None
@@ -213,7 +213,7 @@ def build_paths(
             elif path in ("onnxruntime", "openvino"):
                 if onnx_path is None:
                     onnx_path = export_onnx(model, workdir / f"{model.config.backbone}.onnx")
-                from deeplab.engine.predict import OnnxRuntimeModel, OpenVINOModel
+                from deeplab.deploy.runtime import OnnxRuntimeModel, OpenVINOModel
 
                 if path == "onnxruntime":
                     runner = OnnxRuntimeModel(onnx_path, threads=threads)

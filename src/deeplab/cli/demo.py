@@ -28,9 +28,9 @@ from PIL import Image, ImageDraw
 from deeplab.checkpoint import load_model
 from deeplab.cli import train as train_cli
 from deeplab.data import EvalTransform, FolderSegmentation, colorize, fetch_demo_data
-from deeplab.engine.evaluate import write_report
-from deeplab.engine.inference import predict_mask
-from deeplab.metrics import ConfusionMatrix
+from deeplab.eval.evaluate import write_report
+from deeplab.eval.inference import predict_mask
+from deeplab.eval.metrics import ConfusionMatrix
 from deeplab.weights import fetch_weights
 
 HONEST = (

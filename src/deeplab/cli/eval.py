@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 from deeplab.checkpoint import CheckpointError, load_model
 from deeplab.cli.common import CLIError, add_data_args, make_dataset, print_config
 from deeplab.data import DatasetError, EvalTransform
-from deeplab.engine import distributed as dist_utils
-from deeplab.engine.evaluate import ShardSampler, evaluate, write_report
-from deeplab.engine.inference import MODES
+from deeplab.train import distributed as dist_utils
+from deeplab.eval.evaluate import ShardSampler, evaluate, write_report
+from deeplab.eval.inference import MODES
 
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 

@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from deeplab.checkpoint import CheckpointError, load_model
-    from deeplab.export import ExportError, check_parity, export_model, model_metadata
+    from deeplab.deploy.export import ExportError, check_parity, export_model, model_metadata
 
     try:
         model, ckpt = load_model(args.checkpoint, map_location="cpu", output_stride=args.output_stride)

@@ -23,9 +23,9 @@ from deeplab.checkpoint import CheckpointError, load_checkpoint, strip_state_dic
 from deeplab.cli.common import CLIError, add_data_args, make_dataset, parse_with_preset, print_config
 from deeplab.config import ARCHS, ModelConfig, TrainConfig
 from deeplab.data import DatasetError, EvalTransform, TrainTransform
-from deeplab.engine import distributed as dist_utils
-from deeplab.engine.evaluate import ShardSampler, evaluate
-from deeplab.engine.train import TrainResult, train
+from deeplab.train import distributed as dist_utils
+from deeplab.eval.evaluate import ShardSampler, evaluate
+from deeplab.train.loop import TrainResult, train
 from deeplab.models import BACKBONES, build_model
 from deeplab.weights import WeightsError, resolve_pretrained
 

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from .._files import sha256_of as sha256_file
+from .._utils import sha256_of as sha256_file
 from .base import DatasetError
 from .palettes import VOC_CLASSES, VOC_PALETTE, voc_colormap
 

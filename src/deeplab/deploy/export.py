@@ -866,7 +866,7 @@ def check_parity(
         backend: ``"onnxruntime"``, ``"openvino"``, ``"torchscript"`` or ``"auto"`` (ONNX
             Runtime for ONNX files, TorchScript otherwise).
     """
-    from deeplab.engine.predict import load_exported
+    from deeplab.deploy.runtime import load_exported
 
     runner = load_exported(path, backend=backend)
     model = model.eval()

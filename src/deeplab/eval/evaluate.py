@@ -14,7 +14,6 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Sized, Tuple, Union
@@ -25,8 +24,9 @@ from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 from tqdm import tqdm
 
-from deeplab.engine.inference import IntPair, _unwrap, predict_mask
-from deeplab.metrics import ConfusionMatrix
+from deeplab._utils import jsonable, unwrap_model
+from deeplab.eval.inference import IntPair, predict_mask
+from deeplab.eval.metrics import ConfusionMatrix
 
 __all__ = ["ShardSampler", "evaluate", "shard_indices", "write_report"]
 
@@ -91,7 +91,7 @@ def _check_sampler(loader: Iterable[Any]) -> None:
                 f"the evaluation DataLoader uses a DistributedSampler that {how} "
                 f"{abs(sampler.total_size - n)} of {n} samples to split them evenly over "
                 f"{sampler.num_replicas} ranks, which changes the confusion matrix; use "
-                "deeplab.engine.evaluate.ShardSampler(dataset) instead"
+                "deeplab.eval.evaluate.ShardSampler(dataset) instead"
             )
 
 
@@ -138,7 +138,7 @@ def evaluate(
     """Confusion matrix of ``model`` over every sample of ``loader``.
 
     The model is put in eval mode for the loop and every submodule's previous mode is
-    restored afterwards. Predictions come from :func:`deeplab.engine.inference.predict_mask`
+    restored afterwards. Predictions come from :func:`deeplab.eval.inference.predict_mask`
     with the given inference options; pixels labelled ``ignore_index`` are not counted.
 
     Distributed use (``torch.distributed`` initialised, more than one process): build the
@@ -159,19 +159,19 @@ def evaluate(
         ignore_index: mask label excluded from the metric.
         device: where images, masks and the confusion matrix go.
         mode, scales, flip, crop_size, stride, output_stride, pad_to: inference options,
-            see :func:`deeplab.engine.inference.predict_probs`.
+            see :func:`deeplab.eval.inference.predict_probs`.
         distributed: sum over ranks; ``None`` = whenever a multi-process group exists.
         progress: show a tqdm bar (rank 0 only) with the running (local) mIoU.
 
     Returns:
-        The accumulated :class:`~deeplab.metrics.ConfusionMatrix` on ``device``.
+        The accumulated :class:`~deeplab.eval.metrics.ConfusionMatrix` on ``device``.
 
     Raises:
         ValueError: model and ``device`` disagree, a DistributedSampler that pads/drops,
             masks whose size differs from their images, or labels outside the classes.
     """
     device = torch.device(device)
-    net = _unwrap(model)
+    net = unwrap_model(model)
     param = next(net.parameters(), None)
     if param is not None and param.device.type != device.type:
         raise ValueError(
@@ -245,28 +245,6 @@ def evaluate(
     return cm
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types: dataclasses/tuples/paths/tensors converted, NaN/inf as None."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(asdict(obj))
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, bool) or obj is None or isinstance(obj, (int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        try:
-            return _jsonable(obj.item())
-        except (TypeError, ValueError):
-            pass
-    return str(obj)  # paths, devices, dtypes, enums: their readable form
-
-
 def write_report(
     cm: ConfusionMatrix,
     class_names: Optional[Sequence[str]],
@@ -295,7 +273,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     summary = cm.summary(class_names)
     report = {
-        "config": _jsonable(extra or {}),
+        "config": jsonable(extra or {}),
         "metrics": summary,
         "class_names": list(summary["per_class"]),
         "confusion_matrix": cm.matrix.cpu().tolist(),

@@ -12,7 +12,7 @@ Objects in, no config files: :func:`train` takes a model, a dataset, a
 The loop counts optimizer steps (``max_steps``), not epochs. Data order, augmentation
 and model-side randomness are functions of ``cfg.seed``, the epoch and the sample
 index only, so a run resumed from ``last.pt`` continues bit-identically (same weights as
-never stopping), with any ``num_workers``; see :mod:`deeplab.engine.distributed` for
+never stopping), with any ``num_workers``; see :mod:`deeplab.train.distributed` for
 how the global batch is split over processes.
 
 Loss normalisation: the loss of a step is the mean cross-entropy over all valid
@@ -52,7 +52,6 @@ from deeplab.checkpoint import (
     CHECKPOINT_VERSION,
     RESUME_KEYS,
     CheckpointError,
-    _one_line,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -60,8 +59,9 @@ from deeplab.checkpoint import (
     strip_state_dict_prefixes,
     to_plain,
 )
+from deeplab._utils import jsonable, one_line
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.engine.distributed import (
+from deeplab.train.distributed import (
     DeterministicBatchSampler,
     all_reduce_,
     barrier,
@@ -327,7 +327,7 @@ class SeededDataset(Dataset):
     """Wraps a dataset so each sample is augmented by its own seeded ``torch.Generator``.
 
     Keys are ``(epoch, index)`` pairs (as yielded by
-    :class:`~deeplab.engine.distributed.DeterministicBatchSampler`) or plain indices
+    :class:`~deeplab.train.distributed.DeterministicBatchSampler`) or plain indices
     (epoch 0). Sample ``index`` of ``epoch`` is transformed with a generator seeded from
     ``(seed, epoch, index)``: the same crop and flip whichever worker process, rank or
     resume point loads it, and nothing touches the global RNGs.
@@ -491,21 +491,6 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-def _jsonable(value: Any) -> Any:
-    value = to_plain(value)
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep the information as text
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def _scalars(metrics: Mapping[str, Any]) -> Dict[str, float]:
     out = {}
     for key, value in metrics.items():
@@ -626,7 +611,7 @@ def train(
 ) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps (or resume and finish).
 
-    Works alone or under ``torchrun`` (call :func:`deeplab.engine.distributed.init_distributed`
+    Works alone or under ``torchrun`` (call :func:`deeplab.train.distributed.init_distributed`
     first): the model is moved to the device, BatchNorm converted to SyncBatchNorm when
     ``cfg.sync_bn`` and wrapped in DDP; ``cfg.batch_size`` is the global batch.
 
@@ -753,7 +738,7 @@ def train(
             unwrap_model(model).load_state_dict(strip_state_dict_prefixes(ckpt["model"]), strict=True)
         except RuntimeError as exc:
             raise CheckpointError(
-                f"cannot resume {resume_path}: its weights do not fit this model: {_one_line(exc)}; resume "
+                f"cannot resume {resume_path}: its weights do not fit this model: {one_line(exc)}; resume "
                 "with the model configuration the run was started with"
             ) from exc
         try:
@@ -804,7 +789,7 @@ def train(
 
     def log_line(record: Dict[str, Any]) -> None:
         if metrics_file is not None:
-            metrics_file.write(json.dumps(_jsonable(record)) + "\n")
+            metrics_file.write(json.dumps(jsonable(record)) + "\n")
             metrics_file.flush()
 
     start_time = time.time()

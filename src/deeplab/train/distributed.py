@@ -34,6 +34,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Sampler
 
+from deeplab._utils import unwrap_model
+
 __all__ = [
     "ENV_VARS",
     "CPUSyncBatchNorm",
@@ -260,17 +262,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 # --------------------------------------------------------------------------- DDP
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP/DataParallel/``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def wrap_ddp(
     model: nn.Module,
     device: torch.device,
@@ -280,7 +271,7 @@ def wrap_ddp(
 ) -> nn.Module:
     """Wrap ``model`` (already on ``device``) in DistributedDataParallel.
 
-    DDP averages gradients over ranks; :func:`deeplab.engine.train.segmentation_loss`
+    DDP averages gradients over ranks; :func:`deeplab.train.loop.segmentation_loss`
     normalises by the global valid-pixel count times ``1/world_size`` so the average
     equals the gradient of the mean over the whole global batch. Returns ``model``
     unchanged when not distributed.
@@ -571,7 +562,7 @@ class DeterministicBatchSampler(Sampler[List[Tuple[int, int]]]):
     an epoch is dropped, so all ranks always run the same number of steps (DDP would
     otherwise hang) and BatchNorm never sees a tiny batch.
 
-    Keys carry the epoch so a :class:`deeplab.engine.train.SeededDataset` derives each
+    Keys carry the epoch so a :class:`deeplab.train.loop.SeededDataset` derives each
     sample's augmentation seed from ``(seed, epoch, index)`` in whichever worker
     process it lands - results do not depend on ``num_workers``.
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deeplab._utils import unwrap_model
+
 __all__ = [
     "MODES",
     "padded_size",
@@ -83,18 +85,12 @@ def _pair(value: IntPair, name: str) -> Tuple[int, int]:
     return pair[0], pair[1]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module behind (Distributed)DataParallel, whose attributes we read."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    return model.module if isinstance(model, wrappers) else model
-
-
 def _resolve_output_stride(model: nn.Module, output_stride: Optional[int]) -> int:
     if output_stride is None:
-        output_stride = getattr(_unwrap(model), "output_stride", None)
+        output_stride = getattr(unwrap_model(model), "output_stride", None)
         if output_stride is None:
             raise ValueError(
-                f"{type(_unwrap(model)).__name__} has no `output_stride` attribute; pass "
+                f"{type(unwrap_model(model)).__name__} has no `output_stride` attribute; pass "
                 "output_stride= explicitly (1 disables the OS*k+1 padding)"
             )
     if not isinstance(output_stride, int) or isinstance(output_stride, bool) or output_stride < 1:
@@ -243,7 +239,7 @@ def predict_probs(
         raise ValueError(f"stride {step} larger than crop_size {crop} would leave pixels unpredicted")
     os_ = _resolve_output_stride(model, output_stride)
     if align_corners is None:
-        align_corners = bool(getattr(_unwrap(model), "align_corners", False))
+        align_corners = bool(getattr(unwrap_model(model), "align_corners", False))
     if model.training:
         warnings.warn(
             "predict_probs() called with the model in training mode: BatchNorm and dropout "

@@ -3,7 +3,7 @@
 Every backend here is an ``nn.Module`` whose ``forward`` takes normalised images
 ``(B, 3, H, W)`` float32 and returns logits ``(B, C, H, W)`` (a CPU tensor), and which carries
 ``output_stride``, ``align_corners``, ``num_classes`` and the export ``metadata``. So
-:func:`deeplab.engine.inference.predict_probs` - whole / sliding window / multi-scale / flip -
+:func:`deeplab.eval.inference.predict_probs` - whole / sliding window / multi-scale / flip -
 runs an ONNX Runtime session or an OpenVINO compiled model exactly as it runs the PyTorch
 model.
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deeplab.export import TORCHSCRIPT_METADATA_FILE, ExportError, _is_onnx, _quiet_tracing, read_metadata
+from deeplab.deploy.export import TORCHSCRIPT_METADATA_FILE, ExportError, _is_onnx, _quiet_tracing, read_metadata
 
 __all__ = [
     "EXPORTED_BACKENDS",
@@ -53,7 +53,7 @@ class ExportedModel(nn.Module):
         path: the exported file.
         metadata: the embedded metadata (classes, palette, normalization, config...).
         output_stride, align_corners, num_classes: read from the metadata, as
-            :func:`~deeplab.engine.inference.predict_probs` expects them on a model.
+            :func:`~deeplab.eval.inference.predict_probs` expects them on a model.
     """
 
     backend = "?"
@@ -189,7 +189,7 @@ def load_exported(
     """Open an exported file with a runtime backend.
 
     Args:
-        path: an ``.onnx`` or TorchScript file written by :mod:`deeplab.export`.
+        path: an ``.onnx`` or TorchScript file written by :mod:`deeplab.deploy.export`.
         backend: ``"onnxruntime"``, ``"openvino"``, ``"torchscript"`` or ``"auto"`` (ONNX
             Runtime for ONNX files, TorchScript otherwise). ``"torch"`` is accepted as
             ``"torchscript"`` for TorchScript files.

@@ -1,0 +1,1 @@
+"""Deployment: export formats, inference optimisations, runtimes with parity checks."""

@@ -1,0 +1,1 @@
+"""Evaluation: inference (whole / sliding window / multi-scale / flip), evaluate, metrics."""
