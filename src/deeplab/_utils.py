@@ -4,6 +4,8 @@
 - :func:`unwrap_model`: the bare model inside DDP / DataParallel / ``torch.compile``.
 - :func:`one_line`: an exception's message on one line, for people.
 - :func:`sha256_of`: a file's sha256, read in chunks.
+- :class:`DeeplabError`: the base of the project's own errors, for people (the CLI prints
+  them as one line); :class:`ConfigError` for invalid configuration values.
 """
 
 from __future__ import annotations
@@ -18,7 +20,18 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-__all__ = ["jsonable", "one_line", "sha256_of", "unwrap_model"]
+__all__ = ["ConfigError", "DeeplabError", "jsonable", "one_line", "sha256_of", "unwrap_model"]
+
+
+class DeeplabError(Exception):
+    """Base of the errors meant for people: the message names the file or value, the cause and the fix.
+
+    ``deeplab <cmd>`` prints these as one line, ``deeplab <cmd>: error: <message>``, exit status 2.
+    """
+
+
+class ConfigError(DeeplabError, ValueError):
+    """An invalid configuration value (a ``ValueError``, so ``except ValueError`` still catches it)."""
 
 
 def jsonable(obj: Any) -> Any:
