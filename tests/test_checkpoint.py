@@ -223,11 +223,13 @@ def test_missing_keys_error_says_what_to_do(tmp_path: Path) -> None:
 def fake_build_model(monkeypatch: pytest.MonkeyPatch) -> Dict[str, Any]:
     calls: Dict[str, Any] = {}
 
-    def build_model(**kwargs: Any) -> nn.Module:
-        calls.update(kwargs)
-        return TinyNet(kwargs["num_classes"])
+    # load_model builds through the one builder, build_model_from_config(config, **kwargs);
+    # record the config's fields and the keywords as one dict.
+    def build_model_from_config(config: ModelConfig, **kwargs: Any) -> nn.Module:
+        calls.update({f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, **kwargs)
+        return TinyNet(calls["num_classes"])
 
-    monkeypatch.setattr(deeplab.models, "build_model", build_model)
+    monkeypatch.setattr(deeplab.models, "build_model_from_config", build_model_from_config)
     return calls
 
 

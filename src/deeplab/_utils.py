@@ -4,6 +4,8 @@
 - :func:`unwrap_model`: the bare model inside DDP / DataParallel / ``torch.compile``.
 - :func:`one_line`: an exception's message on one line, for people.
 - :func:`sha256_of`: a file's sha256, read in chunks.
+- :func:`load_state_dict_strict`: strict ``load_state_dict`` whose error lists the missing,
+  unexpected and mis-shaped keys (summarised) and the fix; :func:`summarise_keys`.
 - :class:`DeeplabError`: the base of the project's own errors, for people (the CLI prints
   them as one line); :class:`ConfigError` for invalid configuration values.
 """
@@ -15,12 +17,21 @@ import hashlib
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any, List, Sequence, Type, Union
 
 import torch
 from torch import nn
 
-__all__ = ["ConfigError", "DeeplabError", "jsonable", "one_line", "sha256_of", "unwrap_model"]
+__all__ = [
+    "ConfigError",
+    "DeeplabError",
+    "jsonable",
+    "load_state_dict_strict",
+    "one_line",
+    "sha256_of",
+    "summarise_keys",
+    "unwrap_model",
+]
 
 
 class DeeplabError(Exception):
@@ -86,3 +97,62 @@ def sha256_of(path: Union[str, "os.PathLike[str]"]) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
+    """The first ``limit`` keys, comma-separated, and how many more there are."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_dict_strict(
+    module: nn.Module,
+    state: Mapping[str, Any],
+    *,
+    source: str,
+    fix: str,
+    error: Type[Exception] = DeeplabError,
+) -> None:
+    """``module.load_state_dict(state, strict=True)`` with an error for people.
+
+    Before loading, ``state`` is compared with ``module.state_dict()``; when they differ the
+    error lists the missing, unexpected and mis-shaped keys (counts and the first few names)
+    instead of torch's multi-line dump. BatchNorm's ``num_batches_tracked`` may be missing:
+    PyTorch fills it in for files saved before it existed.
+
+    Args:
+        module: the model or backbone to fill.
+        state: name -> tensor, e.g. a checkpoint's ``"model"`` entry (wrapper prefixes
+            already stripped).
+        source: the opening clause naming the file and what it should fit, e.g.
+            ``"weights in run/last.pt do not fit the deeplabv3plus / resnet101 model"``.
+        fix: what the reader should do, ending the message.
+        error: the exception type to raise (the caller's own, e.g. ``CheckpointError``).
+
+    Raises:
+        error: ``"<source>; missing keys (N): ...; unexpected keys (N): ...; shape mismatches
+            (N): key (file shape) vs (model shape); <fix>"``.
+    """
+    expected = module.state_dict()
+    missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in expected)
+    mis_shaped = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and hasattr(state[k], "shape") and state[k].shape != expected[k].shape
+    )
+    parts: List[str] = [source]
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {summarise_keys(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {summarise_keys(unexpected)}")
+    if mis_shaped:
+        parts.append(f"shape mismatches ({len(mis_shaped)}): {summarise_keys(mis_shaped)}")
+    if len(parts) > 1:
+        raise error("; ".join(parts + [fix]))
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        # Keys and shapes agree but torch still refuses (e.g. a non-tensor value, or a
+        # num_batches_tracked missing from a file that says it is recent): its own words.
+        raise error("; ".join([source, one_line(exc), fix])) from exc

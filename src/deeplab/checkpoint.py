@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import nn
 
-from deeplab._utils import one_line
+from deeplab._utils import load_state_dict_strict
 from deeplab.config import ModelConfig
 
 __all__ = [
@@ -334,10 +334,6 @@ def strip_state_dict_prefixes(
     return out
 
 
-def _model_kwargs(config: ModelConfig) -> Dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-
-
 def load_model(
     path: PathLike,
     map_location: Any = "cpu",
@@ -391,19 +387,20 @@ def load_model(
         config = dataclasses.replace(config, output_stride=int(output_stride))
 
     # Imported here so this module (and training) imports without the model code.
-    from deeplab.models import build_model
+    from deeplab.models import build_model_from_config
 
     # pretrained_backbone=None: never download ImageNet weights only to overwrite them.
-    model = build_model(**_model_kwargs(config), pretrained_backbone=None)
-    state = strip_state_dict_prefixes(ckpt["model"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
+    model = build_model_from_config(config, pretrained_backbone=None)
+    load_state_dict_strict(
+        model,
+        strip_state_dict_prefixes(ckpt["model"]),
+        source=(
             f"weights in {path} do not fit the {config.arch} / {config.backbone} model rebuilt from its "
-            f"own config ({config.num_classes} classes): {one_line(exc)}. The file was edited or written "
-            "by an incompatible deeplab version"
-        ) from exc
+            f"own config ({config.num_classes} classes)"
+        ),
+        fix="the file was edited or written by an incompatible deeplab version",
+        error=CheckpointError,
+    )
     model.eval()
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)

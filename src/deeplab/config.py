@@ -6,10 +6,16 @@ keyword arguments) as objects.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
+
+from ._utils import ConfigError
 
 ARCHS = ("deeplabv3plus", "deeplabv3")
+# The backbone names a ModelConfig accepts. config.py imports no model code, so the registry
+# (deeplab.models.backbones.BACKBONES) checks at import time that it holds exactly these.
+BACKBONE_NAMES = ("resnet50", "resnet101", "xception41", "xception65", "xception71", "mobilenet_v2")
 OUTPUT_STRIDES = (8, 16, 32)
 _C = TypeVar("_C", bound="_PlainDict")
 
@@ -51,7 +57,7 @@ class ModelConfig(_PlainDict):
 
     Attributes:
         arch: ``"deeplabv3plus"`` (encoder + decoder) or ``"deeplabv3"`` (encoder only).
-        backbone: one of ``deeplab.models.backbones.BACKBONES``.
+        backbone: one of :data:`BACKBONE_NAMES` (the keys of ``deeplab.models.backbones.BACKBONES``).
         num_classes: number of output channels of the classifier.
         output_stride: 8, 16 or 32; decided when the backbone is built.
         separable: atrous separable 3x3 convs in ASPP and decoder (the paper's best) or
@@ -88,6 +94,96 @@ class ModelConfig(_PlainDict):
     tf_compat: bool = False
 
     _TUPLES: ClassVar[Dict[str, type]] = {"aspp_rates": int, "multi_grid": int}
+
+    def __post_init__(self) -> None:
+        """Validate every field and normalise numbers, flags and tuples in place.
+
+        Raises:
+            ConfigError: one message listing every invalid field and what is allowed.
+        """
+        problems: List[str] = []
+        if self.arch not in ARCHS:
+            problems.append(f"unknown arch {self.arch!r}; choose from {list(ARCHS)}")
+        if self.backbone not in BACKBONE_NAMES:
+            problems.append(f"unknown backbone {self.backbone!r}; choose from {sorted(BACKBONE_NAMES)}")
+        # bool is an int, but output_stride=True is a bug, not 1.
+        if isinstance(self.output_stride, bool) or self.output_stride not in OUTPUT_STRIDES:
+            problems.append(f"output_stride must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}")
+        else:
+            self._set("output_stride", int(self.output_stride))
+        for name in ("num_classes", "aspp_channels", "low_level_channels", "decoder_channels"):
+            value = _positive_int(getattr(self, name))
+            if value is None:
+                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            else:
+                self._set(name, value)
+        for name in ("separable", "image_pooling", "tf_compat"):
+            value = getattr(self, name)
+            # 0/1 from YAML or JSON are flags too; anything else (e.g. the string "false") is a bug.
+            if isinstance(value, int) and value in (0, 1):
+                self._set(name, bool(value))
+            else:
+                problems.append(f"{name} must be True or False, got {value!r}")
+        try:
+            dropout = float(self.dropout)
+        except (TypeError, ValueError):
+            dropout = float("nan")
+        if isinstance(self.dropout, bool) or not 0.0 <= dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        else:
+            self._set("dropout", dropout)
+        rates = _int_tuple(self.aspp_rates)
+        if self.aspp_rates is not None and (rates is None or any(r < 1 for r in rates)):
+            problems.append(
+                f"aspp_rates: each ASPP rate must be a positive integer, got {self.aspp_rates!r} "
+                "(None derives them from output_stride; () keeps only the 1x1 branch and image pooling)"
+            )
+        else:
+            self._set("aspp_rates", rates)
+        grid = _int_tuple(self.multi_grid)
+        if self.multi_grid is not None and (grid is None or not grid or any(m < 1 for m in grid)):
+            problems.append(f"multi_grid must be positive integers, e.g. (1, 2, 4), got {self.multi_grid!r}")
+        elif self.multi_grid is not None and self.backbone == "mobilenet_v2":
+            problems.append("multi_grid applies to resnet50/resnet101/xception* backbones, not mobilenet_v2")
+        else:
+            # The per-backbone unit count (3 for every current backbone) is checked by the backbone.
+            self._set("multi_grid", grid)
+        if problems:
+            raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
+
+    def _set(self, name: str, value: Any) -> None:
+        # The dataclass is frozen; normalising a field during __post_init__ is the one exception.
+        object.__setattr__(self, name, value)
+
+
+def _positive_int(value: Any) -> Optional[int]:
+    """``int(value)`` for an integer >= 1 (numpy integers included), else ``None``; bools and floats are rejected."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:
+        return None
+    return number if number >= 1 else None
+
+
+def _int_tuple(values: Any) -> Optional[Tuple[int, ...]]:
+    """A sequence of integers as a tuple of ints; ``None`` for ``None`` or anything else."""
+    if values is None or isinstance(values, (str, bytes)):
+        return None
+    try:
+        items = list(values)
+    except TypeError:
+        return None
+    out = []
+    for item in items:
+        if isinstance(item, bool):
+            return None
+        try:
+            out.append(operator.index(item))
+        except TypeError:
+            return None
+    return tuple(out)
 
 
 

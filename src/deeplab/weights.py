@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._utils import sha256_of
+from ._utils import load_state_dict_strict, sha256_of
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -232,11 +232,6 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in data.items()}
 
 
-def _summarise(keys: List[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def load_backbone_weights(module: nn.Module, backbone: str, spec: PathLike) -> Path:
     """Load an ImageNet file into a backbone with strict key matching.
 
@@ -252,23 +247,11 @@ def load_backbone_weights(module: nn.Module, backbone: str, spec: PathLike) -> P
     state = read_state_dict(path)
     ignore: Tuple[str, ...] = tuple(getattr(module, "pretrained_ignore", ()))
     state = {k: v for k, v in state.items() if not k.startswith(ignore)}
-    expected = module.state_dict()
-    missing = sorted(k for k in expected if k not in state and not k.endswith("num_batches_tracked"))
-    unexpected = sorted(k for k in state if k not in expected)
-    mis_shaped = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in state
-        if k in expected and state[k].shape != expected[k].shape
+    load_state_dict_strict(
+        module,
+        state,
+        source=f"{path} does not fit backbone {backbone!r} (is it a file for another architecture?)",
+        fix=f"pass the {backbone} ImageNet file ({_pretrained_entries(backbone)[0].filename} layout)",
+        error=WeightsError,
     )
-    if missing or unexpected or mis_shaped:
-        parts = [f"{path} does not fit backbone {backbone!r} (is it a file for another architecture?)"]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_summarise(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_summarise(unexpected)}")
-        if mis_shaped:
-            parts.append(f"shape mismatches ({len(mis_shaped)}): {_summarise(mis_shaped)}")
-        parts.append(f"pass the {backbone} ImageNet file ({_pretrained_entries(backbone)[0].filename} layout)")
-        raise WeightsError("; ".join(parts))
-    module.load_state_dict(state, strict=True)
     return path

@@ -16,18 +16,19 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from deeplab.config import ARCHS
-from deeplab.models import BACKBONES, build_model
+from deeplab.config import ARCHS, ModelConfig
+from deeplab.models import BACKBONES, build_model_from_config
 
 
 def count(
     *, arch: str, backbone: str, output_stride: int, separable: bool, size: int = 513, num_classes: int = 21
 ) -> Dict[str, float]:
     """Parameters and Mult-Adds of one variant at ``1 x 3 x size x size``."""
+    config = ModelConfig(
+        arch=arch, backbone=backbone, num_classes=num_classes, output_stride=output_stride, separable=separable
+    )
     with torch.device("meta"):
-        model = build_model(
-            arch=arch, backbone=backbone, num_classes=num_classes, output_stride=output_stride, separable=separable
-        ).eval()
+        model = build_model_from_config(config).eval()
         x = torch.empty(1, 3, size, size)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

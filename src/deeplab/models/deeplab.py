@@ -12,7 +12,7 @@ from torch import nn
 from ..config import ARCHS, ModelConfig
 from ..nn.layers import ConvBNReLU, conv3x3_bn_relu, resize
 from .aspp import ASPP, default_aspp_rates
-from .backbones import BACKBONES, Backbone, build_backbone
+from .backbones import Backbone, build_backbone
 from .backbones.base import init_conv_bn
 
 
@@ -174,12 +174,9 @@ class DeepLabV3Plus(DeepLabV3):
 
 
 MODELS = {"deeplabv3": DeepLabV3, "deeplabv3plus": DeepLabV3Plus}
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+# ModelConfig validates ``arch`` against config.ARCHS without importing this module; keep them one list.
+if set(MODELS) != set(ARCHS):  # pragma: no cover - a programming error, caught by any import
+    raise AssertionError(f"MODELS {sorted(MODELS)} and config.ARCHS {sorted(ARCHS)} differ; update both")
 
 
 def build_model(
@@ -199,7 +196,7 @@ def build_model(
     dropout: float = 0.1,
     tf_compat: bool = False,
 ) -> DeepLabV3:
-    """Build DeepLabv3 or DeepLabv3+.
+    """Build DeepLabv3 or DeepLabv3+ from keywords: ``build_model_from_config(ModelConfig(**kw))``.
 
     Args:
         arch: ``"deeplabv3plus"`` or ``"deeplabv3"``.
@@ -219,62 +216,71 @@ def build_model(
         ``model.config`` (a :class:`ModelConfig`) and ``model.normalization``.
 
     Raises:
-        ValueError: unknown arch/backbone, bad output stride, class count or rates.
+        ConfigError: (a ``ValueError``) unknown arch/backbone, bad output stride, class count,
+            channels, rates or dropout.
+        ValueError: a multi_grid of the wrong length for the backbone.
     """
-    if arch not in MODELS:
-        raise ValueError(f"unknown arch {arch!r}; choose from {list(ARCHS)}")
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(BACKBONES)}")
-    _check_positive_int("num_classes", num_classes)
-    for name, value in (("aspp_channels", aspp_channels), ("decoder_channels", decoder_channels),
-                        ("low_level_channels", low_level_channels)):
-        _check_positive_int(name, value)
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    body = build_backbone(backbone, output_stride=output_stride, multi_grid=multi_grid, tf_compat=bool(tf_compat))
-    rates = default_aspp_rates(output_stride) if aspp_rates is None else tuple(aspp_rates)
-    for rate in rates:
-        _check_positive_int("each ASPP rate", rate)
     config = ModelConfig(
         arch=arch,
         backbone=backbone,
         num_classes=num_classes,
         output_stride=output_stride,
         separable=separable,
-        aspp_rates=None if aspp_rates is None else tuple(int(r) for r in aspp_rates),
-        multi_grid=None if multi_grid is None else tuple(int(m) for m in multi_grid),
+        aspp_rates=None if aspp_rates is None else tuple(aspp_rates),
+        multi_grid=None if multi_grid is None else tuple(multi_grid),
         image_pooling=image_pooling,
         aspp_channels=aspp_channels,
         low_level_channels=low_level_channels,
         decoder_channels=decoder_channels,
-        dropout=float(dropout),
+        dropout=dropout,
         tf_compat=tf_compat,
     )
-    kwargs: Dict[str, Any] = dict(
-        num_classes=num_classes,
-        aspp_rates=rates,
-        separable=separable,
-        image_pooling=image_pooling,
-        aspp_channels=aspp_channels,
-        dropout=float(dropout),
-        align_corners=tf_compat,
+    return build_model_from_config(config, pretrained_backbone=pretrained_backbone)
+
+
+def build_model_from_config(
+    config: ModelConfig,
+    *,
+    pretrained_backbone: Union[str, "os.PathLike[str]", None] = None,
+    **overrides: Any,
+) -> DeepLabV3:
+    """The one place a :class:`ModelConfig` becomes a model.
+
+    Args:
+        config: a validated model config (its ``__post_init__`` has checked every field).
+        pretrained_backbone: ``None`` (random init), ``"imagenet"`` or a backbone weight file;
+            see :func:`build_model`.
+        **overrides: config fields to replace first (``dataclasses.replace``, so validated
+            too), e.g. ``output_stride=8`` to evaluate an OS-16 model at OS 8.
+
+    Returns:
+        The model (head initialised, backbone random or pretrained), with ``model.config``
+        and ``model.normalization``.
+    """
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    body = build_backbone(
+        config.backbone, output_stride=config.output_stride, multi_grid=config.multi_grid, tf_compat=config.tf_compat
     )
-    if arch == "deeplabv3plus":
-        kwargs.update(low_level_channels=low_level_channels, decoder_channels=decoder_channels)
-    model = MODELS[arch](body, **kwargs)
+    rates = default_aspp_rates(config.output_stride) if config.aspp_rates is None else config.aspp_rates
+    kwargs: Dict[str, Any] = dict(
+        num_classes=config.num_classes,
+        aspp_rates=rates,
+        separable=config.separable,
+        image_pooling=config.image_pooling,
+        aspp_channels=config.aspp_channels,
+        dropout=config.dropout,
+        align_corners=config.tf_compat,
+    )
+    if config.arch == "deeplabv3plus":
+        kwargs.update(low_level_channels=config.low_level_channels, decoder_channels=config.decoder_channels)
+    model = MODELS[config.arch](body, **kwargs)
     model._init_head()
     model.config = config
     model.normalization = body.normalization
     if pretrained_backbone is not None:
+        # Lazy: weights.py (file fetching, hashing) is only needed for pretrained builds.
         from ..weights import load_backbone_weights
 
-        load_backbone_weights(body, backbone, pretrained_backbone)
+        load_backbone_weights(body, config.backbone, pretrained_backbone)
     return model
-
-
-def build_model_from_config(config: ModelConfig, **overrides: Any) -> DeepLabV3:
-    """``build_model(**config fields, **overrides)``."""
-    # dataclasses.fields, not __dataclass_fields__: the latter also lists ClassVars (``_TUPLES``).
-    kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    kwargs.update(overrides)
-    return build_model(**kwargs)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._utils import load_state_dict_strict
 from ..config import ModelConfig
 from .bundle import BundleError, CheckpointReader
 from .names import (
@@ -362,7 +363,7 @@ def convert_source(
     backbone_only: bool = False,
 ) -> Conversion:
     """Convert an opened checkpoint (see :func:`convert_checkpoint`)."""
-    from ..models import build_backbone, build_model
+    from ..models import build_backbone, build_model_from_config
 
     shapes = source.shapes()
     rec = recognise(shapes)
@@ -390,7 +391,7 @@ def convert_source(
         # ADE20K: the reference trains 151 logits with label 0 ("other") ignored; our ADE20K has
         # the 150 real classes (annotation k -> class k - 1), so logit 0 is left out.
         drop = 1 if dataset == "ade20k" else 0
-        model = build_model(
+        config = ModelConfig(
             arch="deeplabv3plus" if rec.decoder else "deeplabv3",
             backbone=rec.backbone,
             num_classes=rec.num_classes - drop,
@@ -398,15 +399,14 @@ def convert_source(
             separable=True,
             # 3 branches: the paper's rates, derived from the output stride; none: MobileNetV2's head.
             aspp_rates=None if rec.atrous_branches == 3 else (),
-            multi_grid=multi_grid,
+            multi_grid=None if multi_grid is None else tuple(multi_grid),
             image_pooling=rec.image_pooling,
             aspp_channels=rec.aspp_channels,
             low_level_channels=rec.low_level_channels,
             decoder_channels=rec.decoder_channels,
             tf_compat=True,
         )
-        module = model
-        config = model.config
+        module = build_model_from_config(config)
         rules = backbone_rules(rec.backbone, rec.tf_scope) + head_rules(
             atrous_branches=rec.atrous_branches, image_pooling=rec.image_pooling, decoder=rec.decoder,
             drop_classes=drop,
@@ -475,7 +475,13 @@ def convert_source(
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             new_state[key] = torch.zeros_like(value)  # TF keeps no such counter
-    module.load_state_dict(new_state, strict=True)
+    load_state_dict_strict(
+        module,
+        new_state,
+        source=f"the weights converted from the {rec.tf_scope} checkpoint do not fit the model rebuilt for it",
+        fix="this is a bug in deeplab.tf.names (the name maps); please report it with the checkpoint's name",
+        error=ConversionError,
+    )
     module.eval()
 
     classes: List[str] = []

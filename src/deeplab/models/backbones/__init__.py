@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
+from ...config import BACKBONE_NAMES
 from .base import Backbone, FeatureSpec, Normalization, check_output_stride
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
 from .resnet import ResNet, resnet50, resnet101
@@ -17,6 +18,10 @@ BACKBONES: Dict[str, Callable[..., Backbone]] = {
     "xception71": xception71,
     "mobilenet_v2": mobilenet_v2,
 }
+# ModelConfig validates ``backbone`` against config.BACKBONE_NAMES without importing model code;
+# keep the two lists one.
+if tuple(BACKBONES) != BACKBONE_NAMES:  # pragma: no cover - a programming error, caught by any import
+    raise AssertionError(f"BACKBONES {list(BACKBONES)} and config.BACKBONE_NAMES {list(BACKBONE_NAMES)} differ")
 
 
 def build_backbone(
