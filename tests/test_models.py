@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import deeplab
-from deeplab.models import BACKBONES, build_backbone, build_model, default_aspp_rates
+from deeplab._utils import ConfigError
+from deeplab.config import ARCHS, BACKBONE_NAMES, ModelConfig
+from deeplab.models import BACKBONES, MODELS, build_backbone, build_model, build_model_from_config, default_aspp_rates
 from deeplab.models.aspp import ASPP
 
 ALL_BACKBONES = sorted(BACKBONES)
@@ -203,6 +206,77 @@ def test_bad_arguments_raise_value_error(kwargs: dict, match: str) -> None:
         build_model(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(arch="deeplabv4"), "arch"),
+        (dict(backbone="resnet152"), "backbone"),
+        (dict(output_stride=4), "output_stride"),
+        (dict(output_stride=True), "output_stride"),
+        (dict(num_classes=0), "num_classes"),
+        (dict(num_classes=2.5), "num_classes"),
+        (dict(num_classes=True), "num_classes"),
+        (dict(aspp_channels=0), "aspp_channels"),
+        (dict(low_level_channels=-48), "low_level_channels"),
+        (dict(decoder_channels="256"), "decoder_channels"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(dropout=-0.1), "dropout"),
+        (dict(aspp_rates=(6, 0)), "aspp_rates"),
+        (dict(aspp_rates=6), "aspp_rates"),
+        (dict(aspp_rates=(6.5, 12)), "aspp_rates"),
+        (dict(multi_grid=(1, 0, 4)), "multi_grid"),
+        (dict(multi_grid=()), "multi_grid"),
+        (dict(backbone="mobilenet_v2", multi_grid=(1, 2, 4)), "multi_grid"),
+        (dict(separable="no"), "separable"),
+        (dict(image_pooling=2), "image_pooling"),
+        (dict(tf_compat=None), "tf_compat"),
+    ],
+)
+def test_model_config_rejects_bad_values(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=rf"invalid ModelConfig: .*\b{field}\b") as info:
+        ModelConfig(**kwargs)
+    assert isinstance(info.value, ValueError)  # except ValueError still catches it
+
+
+def test_model_config_lists_every_problem_and_what_is_allowed() -> None:
+    with pytest.raises(ConfigError) as info:
+        ModelConfig(arch="v4", output_stride=12, dropout=2.0)
+    message = str(info.value)
+    assert "choose from ['deeplabv3plus', 'deeplabv3']" in message
+    assert "output_stride must be one of [8, 16, 32], got 12" in message
+    assert "dropout must be in [0, 1), got 2.0" in message
+
+
+def test_model_config_normalises_tuples_and_numbers() -> None:
+    config = ModelConfig(aspp_rates=[6, 12, 18], multi_grid=np.array([1, 2, 4]), num_classes=np.int64(5),
+                         separable=1, dropout=0)
+    assert config.aspp_rates == (6, 12, 18) and type(config.aspp_rates) is tuple
+    assert config.multi_grid == (1, 2, 4) and all(type(m) is int for m in config.multi_grid)
+    assert config.num_classes == 5 and type(config.num_classes) is int
+    assert config.separable is True and type(config.dropout) is float
+    assert ModelConfig(aspp_rates=()).aspp_rates == ()  # 1x1 + image pooling only (MobileNetV2 head)
+    assert config == ModelConfig.from_dict(config.to_dict())
+
+
+def test_backbone_registry_matches_config_names() -> None:
+    assert tuple(BACKBONES) == BACKBONE_NAMES
+    assert set(MODELS) == set(ARCHS)
+
+
+def test_build_model_is_build_model_from_config() -> None:
+    config = ModelConfig(arch="deeplabv3", backbone="mobilenet_v2", num_classes=3, aspp_rates=(2, 4))
+    torch.manual_seed(0)
+    a = build_model_from_config(config)
+    torch.manual_seed(0)
+    b = build_model(arch="deeplabv3", backbone="mobilenet_v2", num_classes=3, aspp_rates=[2, 4])
+    assert a.config == b.config == config
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert build_model_from_config(config, output_stride=8).config.output_stride == 8
+    with pytest.raises(ConfigError, match="output_stride"):
+        build_model_from_config(config, output_stride=4)
+
+
 def test_builder_is_keyword_only() -> None:
     with pytest.raises(TypeError):
         build_model("deeplabv3plus")  # type: ignore[misc]
@@ -235,25 +309,69 @@ def test_config_round_trip_rebuilds_the_same_architecture() -> None:
     assert deeplab.build_model(backbone="xception65").normalization.std == (0.5, 0.5, 0.5)
 
 
+# Tolerances of the golden tests, derived from rounding error rather than tuned until green.
+# Different CPUs run different kernels (AVX2, AVX-512, AMX; blocked sums in other orders), so the
+# same float computation rounds differently. Measured: float32 logits differ from float64 by up
+# to 1.3e-4 x max|y| (max|y| ~ 22), i.e. this network amplifies the unit roundoff u by about
+# A = 1.3e-4 / 6e-8 ~ 2e3; between two CPUs float32 differed by 7.5e-4 at a logit of 2.4.
+# In float64 (u = 1.1e-16) the same amplification gives A * u ~ 2.5e-13 relative, so
+# GOLDEN_RTOL = 1e-9 leaves a margin of ~4000 over any kernel difference, while a real change
+# (a channel count, an activation, align_corners) moves the logits by 1e-3 relative or more.
+GOLDEN_RTOL = 1e-9
+# Float32 vs float64 on one machine: A * u32 ~ 1.3e-4 relative to max|y|, with a 10x margin.
+FLOAT32_RTOL = 1.5e-3
+
+
+def _seeded_golden_model(dropout: float = 0.1) -> tuple:
+    """The golden setting: seeded MobileNetV2 DeepLabv3+ in training mode and its input."""
+    torch.manual_seed(0)
+    model = build_model(arch="deeplabv3plus", backbone="mobilenet_v2", num_classes=5, dropout=dropout).train()
+    # Drawn in float32 (as before the float64 rewrite) so float32 and float64 see the same pixels.
+    x = torch.randn(2, 3, 37, 45, generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
 def test_seeded_golden_output() -> None:
     """Any change to architecture, initialisation or op order changes these numbers: if it is
-    intended, recompute them and say why in the commit."""
-    torch.manual_seed(0)
-    model = build_model(arch="deeplabv3plus", backbone="mobilenet_v2", num_classes=5).train()
-    x = torch.randn(2, 3, 37, 45, generator=torch.Generator().manual_seed(1))
+    intended, recompute them (in float64, as below) and say why in the commit.
+
+    Runs in float64 so the numbers are the same on every CPU (see GOLDEN_RTOL); training mode,
+    so BatchNorm uses batch statistics and dropout (seed 123) is applied.
+    """
+    model, x = _seeded_golden_model()
+    model = model.double()
     torch.manual_seed(123)  # dropout
     with torch.no_grad():
-        y = model(x)
-    assert y.shape == (2, 5, 37, 45)
-    torch.testing.assert_close(y.sum(), torch.tensor(-20293.287109375), rtol=1e-4, atol=0.5)
-    torch.testing.assert_close(y.abs().sum(), torch.tensor(77233.1640625), rtol=1e-4, atol=0.5)
+        y = model(x.double())
+    assert y.shape == (2, 5, 37, 45) and y.dtype == torch.float64
+    abs_sum = 77233.85336631187
+    # A sum's rounding error scales with the sum of |terms|, hence atol from abs_sum.
+    torch.testing.assert_close(y.sum().item(), -20293.351809670676, rtol=GOLDEN_RTOL, atol=GOLDEN_RTOL * abs_sum)
+    torch.testing.assert_close(y.abs().sum().item(), abs_sum, rtol=GOLDEN_RTOL, atol=0.0)
+    # Logits are O(10): atol = GOLDEN_RTOL * 10 covers entries near zero.
     torch.testing.assert_close(
         y[0, :, 0, 0],
-        torch.tensor([-1.035858154296875, 2.435743808746338, 4.226783275604248, -8.664054870605469, -3.2692105770111084]),
-        rtol=1e-4, atol=1e-4,
+        torch.tensor([-1.0355251374612147, 2.4361134217786615, 4.227138590866963, -8.6644478800622,
+                      -3.2691850749747453], dtype=torch.float64),
+        rtol=GOLDEN_RTOL, atol=GOLDEN_RTOL * 10,
     )
     torch.testing.assert_close(
         y[1, :, 18, 22],
-        torch.tensor([-5.72730827331543, 7.948913097381592, -6.8089599609375, 0.8634873032569885, -1.6795752048492432]),
-        rtol=1e-4, atol=1e-4,
+        torch.tensor([-5.72736694411484, 7.948997628276535, -6.809217644513726, 0.8639340205651471,
+                      -1.6798977805230022], dtype=torch.float64),
+        rtol=GOLDEN_RTOL, atol=GOLDEN_RTOL * 10,
     )
+
+
+def test_float32_forward_matches_float64() -> None:
+    """The float32 kernels compute the golden test's function, to float32 accuracy (FLOAT32_RTOL).
+
+    No dropout, so nothing depends on how a CPU draws random masks for each dtype.
+    """
+    model, x = _seeded_golden_model(dropout=0.0)
+    with torch.no_grad():
+        y32 = model(x)
+        y64 = model.double()(x.double())
+    assert y32.dtype == torch.float32
+    scale = y64.abs().max().item()
+    torch.testing.assert_close(y32.double(), y64, rtol=0.0, atol=FLOAT32_RTOL * scale)

@@ -195,3 +195,27 @@ def test_corrupt_cached_file_is_refused(tmp_path: Path) -> None:
     (cache / "mobilenet_v2-b0353104.pth").write_bytes(b"corrupt")
     with pytest.raises(WeightsError, match="sha256 .* does not match mobilenet_v2-b0353104.pth"):
         fetch_weights("mobilenet_v2", cache_dir=cache)
+
+
+def test_strict_loader_summarises_every_kind_of_mismatch() -> None:
+    """The one strict loader (weights, checkpoints, TF conversion): counts, first names, the fix."""
+    from deeplab._utils import load_state_dict_strict
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    state = dict(module.state_dict())
+    del state["1.bias"]
+    del state["1.num_batches_tracked"]  # PyTorch fills this in for old files: not reported
+    state["0.weight"] = torch.zeros(4, 3, 1, 1)
+    for i in range(10):
+        state[f"extra.{i}"] = torch.zeros(1)
+    with pytest.raises(WeightsError) as info:
+        load_state_dict_strict(module, state, source="f.pth does not fit the toy", fix="pass the toy's file",
+                               error=WeightsError)
+    message = str(info.value)
+    assert message.startswith("f.pth does not fit the toy; missing keys (1): 1.bias; ")
+    assert "unexpected keys (10): extra.0, extra.1, " in message and "... (2 more)" in message
+    assert "shape mismatches (1): 0.weight (4, 3, 1, 1) vs (4, 3, 3, 3); pass the toy's file" in message
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    good = {k: torch.ones_like(v) for k, v in before.items() if not k.endswith("num_batches_tracked")}
+    load_state_dict_strict(module, good, source="s", fix="f")
+    assert torch.equal(module[0].weight, torch.ones(4, 3, 3, 3))
