@@ -1,9 +1,12 @@
 """Export: BN folding (general, data-flow checked), ONNX / TorchScript round trips with dynamic
-shapes and embedded metadata, runtime backends, the eager inference layout."""
+shapes and embedded metadata, runtime backends, the eager inference layout, and the deploy
+package's import structure (format is a leaf; runtime never imports the writer)."""
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Dict
@@ -15,22 +18,27 @@ from torch import nn
 
 import deeplab
 from deeplab.checkpoint import save_checkpoint
-from deeplab.deploy.runtime import OnnxRuntimeModel, TorchScriptModel, load_exported
 from deeplab.deploy.export import (
-    ExportError,
-    FusedBottleneck,
-    FusedConv2d,
-    check_parity,
     export_model,
     export_onnx,
     export_torchscript,
+    model_metadata,
+)
+from deeplab.deploy.format import ExportError, read_metadata
+from deeplab.deploy.optimize import (
+    FusedBottleneck,
+    FusedConv2d,
+    ShiftDepthwiseConv,
     find_conv_bn_pairs,
     fold_batchnorm,
-    model_metadata,
     optimize_for_inference,
-    read_metadata,
 )
-from deeplab.deploy.export import ShiftDepthwiseConv
+from deeplab.deploy.runtime import (
+    OnnxRuntimeModel,
+    TorchScriptModel,
+    check_parity,
+    load_exported,
+)
 from deeplab.models.aspp import PoolingBatchNorm
 
 try:
@@ -376,3 +384,74 @@ def test_checkpoint_helper_round_trip(tmp_path: Path) -> None:
     model, ckpt = deeplab.checkpoint.load_model(path)
     assert ckpt["classes"] == CLASSES
     assert np.allclose(ckpt["palette"], PALETTE)
+
+
+# --------------------------------------------------------------------------- import structure
+
+DEPLOY_DIR = Path(deeplab.__file__).parent / "deploy"
+
+# Imports one module of the package with ``deeplab`` and ``deeplab.deploy`` stubbed as bare
+# namespace packages, so neither package ``__init__`` runs: what lands in sys.modules is what
+# the module itself pulls in.
+_IMPORT_PROBE = """
+import importlib, json, sys, types
+root, target = sys.argv[1], sys.argv[2]
+for name, path in (("deeplab", root), ("deeplab.deploy", root + "/deploy")):
+    package = types.ModuleType(name)
+    package.__path__ = [path]
+    sys.modules[name] = package
+importlib.import_module(target)
+print(json.dumps(sorted(m for m in sys.modules if m == "deeplab" or m.startswith("deeplab."))))
+"""
+
+
+def deeplab_modules_loaded_by(module: str) -> set:
+    """The ``deeplab.*`` modules in sys.modules after a fresh interpreter imports ``module``."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, str(DEPLOY_DIR.parent), module],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout.strip().splitlines()[-1])) - {"deeplab", "deeplab.deploy"}
+
+
+def deeplab_imports_in_source(filename: str) -> set:
+    """Every ``deeplab`` module named by an import statement in the file, function-level ones too."""
+    tree = ast.parse((DEPLOY_DIR / filename).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            # A relative import from deeplab/deploy/<file>: level 1 is deeplab.deploy, 2 is deeplab.
+            base = ["deeplab", "deeplab.deploy"][-node.level:][0] if node.level else ""
+            names.add(".".join(p for p in (base, node.module or "") if p))
+    return {n for n in names if n == "deeplab" or n.startswith("deeplab.")}
+
+
+def test_deploy_format_is_a_leaf() -> None:
+    assert deeplab_modules_loaded_by("deeplab.deploy.format") == {"deeplab._utils", "deeplab.deploy.format"}
+    assert deeplab_imports_in_source("format.py") == {"deeplab._utils"}
+
+
+def test_deploy_runtime_imports_neither_export_nor_optimize() -> None:
+    loaded = deeplab_modules_loaded_by("deeplab.deploy.runtime")
+    assert "deeplab.deploy.runtime" in loaded and "deeplab.deploy.format" in loaded
+    assert not loaded & {"deeplab.deploy.export", "deeplab.deploy.optimize"}
+    assert not deeplab_imports_in_source("runtime.py") & {"deeplab.deploy.export", "deeplab.deploy.optimize"}
+
+
+@pytest.mark.parametrize("filename", ["__init__.py", "format.py", "optimize.py", "export.py", "runtime.py"])
+def test_deploy_imports_neither_segmenter_nor_cli(filename: str) -> None:
+    imported = deeplab_imports_in_source(filename)
+    assert not {n for n in imported if n == "deeplab.segmenter" or n == "deeplab.cli" or n.startswith("deeplab.cli.")}
+
+
+def test_deploy_package_reexports_the_public_api() -> None:
+    import deeplab.deploy as deploy
+
+    assert deploy.fold_batchnorm is fold_batchnorm and deploy.optimize_for_inference is optimize_for_inference
+    assert deploy.export_model is export_model and deploy.export_onnx is export_onnx
+    assert deploy.export_torchscript is export_torchscript and deploy.read_metadata is read_metadata
+    assert deploy.load_exported is load_exported and deploy.check_parity is check_parity
+    assert issubclass(ExportError, deeplab._utils.DeeplabError) and issubclass(ExportError, RuntimeError)

@@ -11,7 +11,7 @@ from PIL import Image
 from deeplab.cli import export as export_cli
 from deeplab.cli import predict as predict_cli
 from deeplab.cli.main import main as deeplab_main
-from deeplab.deploy.export import read_metadata
+from deeplab.deploy.format import read_metadata
 
 from .test_export import CLASSES, PALETTE, make_checkpoint, needs_openvino
 

@@ -234,7 +234,7 @@ class Segmenter:
 
         model, ckpt = load_model(path, map_location="cpu", output_stride=output_stride)
         if optimize:
-            from deeplab.deploy.export import optimize_for_inference
+            from deeplab.deploy.optimize import optimize_for_inference
 
             model = optimize_for_inference(model, device=device)
         model = model.to(device)
@@ -297,7 +297,7 @@ class Segmenter:
         ``backend="torch"`` runs a checkpoint (or a TorchScript file) with PyTorch;
         ``"onnxruntime"`` / ``"openvino"`` need an ``.onnx`` file.
         """
-        from deeplab.deploy.export import read_metadata
+        from deeplab.deploy.format import read_metadata
 
         if backend not in BACKENDS + ("auto", "torchscript"):
             raise ValueError(f"unknown backend {backend!r}; choose from {list(BACKENDS)}")

@@ -41,7 +41,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from deeplab.checkpoint import CheckpointError, load_model
-    from deeplab.deploy.export import ExportError, check_parity, export_model, model_metadata
+    from deeplab.deploy.export import export_model, model_metadata
+    from deeplab.deploy.format import ExportError
+    from deeplab.deploy.runtime import check_parity
 
     try:
         model, ckpt = load_model(args.checkpoint, map_location="cpu", output_stride=args.output_stride)

@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from deeplab.checkpoint import CheckpointError
     from deeplab.data.base import DatasetError
-    from deeplab.deploy.export import ExportError
+    from deeplab.deploy.format import ExportError
     from deeplab.segmenter import Segmenter
 
     if args.threads:

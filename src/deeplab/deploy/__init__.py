@@ -1,1 +1,31 @@
-"""Deployment: export formats, inference optimisations, runtimes with parity checks."""
+"""Deployment: BatchNorm folding and CPU fusion, self-describing exports, runtimes with parity.
+
+Modules, in the direction imports flow:
+
+* :mod:`~deeplab.deploy.format` - the file contract both sides read: metadata keys,
+  :func:`read_metadata`, ONNX/TorchScript sniffing, :class:`ExportError`. A leaf.
+* :mod:`~deeplab.deploy.optimize` - :func:`fold_batchnorm`, :func:`optimize_for_inference`
+  (oneDNN conv + activation fusion, channels_last, shifted depthwise convs).
+* :mod:`~deeplab.deploy.export` - :func:`export_onnx`, :func:`export_torchscript`,
+  :func:`export_model` with embedded metadata.
+* :mod:`~deeplab.deploy.runtime` - ONNX Runtime / OpenVINO / TorchScript backends behind the
+  ``model(x) -> logits`` contract (:func:`load_exported`) and :func:`check_parity`. It reads
+  files through ``format`` only and imports neither ``export`` nor ``optimize``.
+"""
+
+from deeplab.deploy.export import export_model, export_onnx, export_torchscript
+from deeplab.deploy.format import ExportError, read_metadata
+from deeplab.deploy.optimize import fold_batchnorm, optimize_for_inference
+from deeplab.deploy.runtime import check_parity, load_exported
+
+__all__ = [
+    "ExportError",
+    "check_parity",
+    "export_model",
+    "export_onnx",
+    "export_torchscript",
+    "fold_batchnorm",
+    "load_exported",
+    "optimize_for_inference",
+    "read_metadata",
+]

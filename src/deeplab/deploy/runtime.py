@@ -13,6 +13,10 @@ model.
   precision, the same thread count. Shapes stay dynamic unless ``static_shapes=True``, which
   compiles once per input shape (cached) - faster per call when sizes repeat.
 * ``torchscript``: ``torch.jit.load`` of a file written by ``deeplab export --format torchscript``.
+
+:func:`check_parity` runs an exported file with one of these backends next to the PyTorch
+model and returns ``max |diff|`` of the logits. The file contract (metadata, sniffing) comes
+from :mod:`deeplab.deploy.format`; this module never imports the writer.
 """
 
 from __future__ import annotations
@@ -20,13 +24,19 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from deeplab.deploy.export import TORCHSCRIPT_METADATA_FILE, ExportError, _is_onnx, _quiet_tracing, read_metadata
+from deeplab.deploy.format import (
+    TORCHSCRIPT_METADATA_FILE,
+    ExportError,
+    is_onnx,
+    quiet_tracing,
+    read_metadata,
+)
 
 __all__ = [
     "EXPORTED_BACKENDS",
@@ -34,6 +44,7 @@ __all__ = [
     "OnnxRuntimeModel",
     "OpenVINOModel",
     "TorchScriptModel",
+    "check_parity",
     "load_exported",
 ]
 
@@ -165,7 +176,7 @@ class TorchScriptModel(ExportedModel):
     def __init__(self, path: PathLike, metadata: Optional[Dict[str, Any]] = None, *, threads: Optional[int] = None) -> None:
         extra = {TORCHSCRIPT_METADATA_FILE: ""}
         try:
-            with _quiet_tracing():  # torch 2.9+ flags torch.jit as deprecated on every load
+            with quiet_tracing():  # torch 2.9+ flags torch.jit as deprecated on every load
                 module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as exc:
             raise ExportError(f"cannot load TorchScript file {path}: {str(exc).splitlines()[0]}") from exc
@@ -203,7 +214,7 @@ def load_exported(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
-    onnx_file = _is_onnx(path)
+    onnx_file = is_onnx(path)
     if backend == "auto":
         backend = "onnxruntime" if onnx_file else "torchscript"
     if backend == "torch" and not onnx_file:
@@ -222,3 +233,40 @@ def load_exported(
     if backend == "openvino":
         return OpenVINOModel(path, threads=threads, static_shapes=static_shapes)
     return TorchScriptModel(path, threads=threads)
+
+
+def check_parity(
+    model: nn.Module,
+    path: PathLike,
+    inputs: Union[torch.Tensor, Sequence[torch.Tensor]],
+    *,
+    backend: str = "auto",
+) -> float:
+    """``max |exported(x) - model(x)|`` over the logits of every input in ``inputs``.
+
+    Args:
+        model: the PyTorch model that was exported (unfolded is fine).
+        path: the exported file.
+        inputs: one ``(B, 3, H, W)`` tensor or several (e.g. of different sizes, to check
+            that the shapes really are dynamic).
+        backend: ``"onnxruntime"``, ``"openvino"``, ``"torchscript"`` or ``"auto"`` (ONNX
+            Runtime for ONNX files, TorchScript otherwise).
+
+    Returns:
+        The largest ``max |diff|`` of logits over the inputs.
+
+    Raises:
+        ExportError: the file cannot be run, or it returns logits of another shape.
+    """
+    runner = load_exported(path, backend=backend)
+    model = model.eval()
+    worst = 0.0
+    for x in [inputs] if isinstance(inputs, torch.Tensor) else list(inputs):
+        x = x.float().cpu()
+        with torch.no_grad():
+            ref = model(x)
+            out = runner(x)
+        if out.shape != ref.shape:
+            raise ExportError(f"exported model returned {tuple(out.shape)} for {tuple(x.shape)}, expected {tuple(ref.shape)}")
+        worst = max(worst, (out.float() - ref.float()).abs().max().item())
+    return worst

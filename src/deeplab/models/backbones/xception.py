@@ -64,8 +64,12 @@ XCEPTION_DEFS: Dict[str, List[BlockDef]] = {
 }
 
 
-class _ConvBN(nn.Module):
-    """timm's ``ConvNormAct`` layout (``conv``, ``bn``) with an optional ReLU."""
+class XceptionConvBN(nn.Module):
+    """timm's ``ConvNormAct`` layout (``conv``, ``bn``) with an optional ReLU.
+
+    Public because :func:`deeplab.deploy.optimize.fuse_conv_activations` recognises it to fuse
+    its (functional) ReLU into the conv.
+    """
 
     def __init__(self, cin: int, cout: int, kernel_size: int, *, stride: int = 1, relu: bool = True) -> None:
         super().__init__()
@@ -118,11 +122,11 @@ class XceptionModule(nn.Module):
         self.start_with_relu = spec.start_with_relu
         self.skip = spec.skip
         cout = spec.out_channels[-1]
-        self.shortcut: Optional[_ConvBN] = None
+        self.shortcut: Optional[XceptionConvBN] = None
         # Decided by the block's nominal stride, not the effective one: a block whose stride
         # became a dilation keeps its projection shortcut, so weight files load at any OS.
         if spec.skip and (cout != spec.in_channels or spec.stride != 1):
-            self.shortcut = _ConvBN(spec.in_channels, cout, 1, stride=stride, relu=False)
+            self.shortcut = XceptionConvBN(spec.in_channels, cout, 1, stride=stride, relu=False)
         layers: "OrderedDict[str, nn.Module]" = OrderedDict()
         cin = spec.in_channels
         for i in range(3):
@@ -190,7 +194,7 @@ class Xception(Backbone):
         grid = validate_multi_grid(multi_grid, 3, name) or (1, 1, 1)
         self.output_stride = output_stride
         self.normalization = Normalization(INCEPTION_MEAN, INCEPTION_STD)
-        self.stem = nn.Sequential(_ConvBN(3, 32, 3, stride=2), _ConvBN(32, 64, 3))
+        self.stem = nn.Sequential(XceptionConvBN(3, 32, 3, stride=2), XceptionConvBN(32, 64, 3))
         plan = stride_to_dilation([b.stride for b in blocks], initial_stride=2, output_stride=output_stride)
         modules = []
         current_stride = 2

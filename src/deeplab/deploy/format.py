@@ -1,0 +1,156 @@
+"""The exported-file contract: metadata keys, file sniffing, reading metadata, ``ExportError``.
+
+Both sides of a deployment read this module: :mod:`deeplab.deploy.export` writes files that
+follow it, :mod:`deeplab.deploy.runtime` opens them. It is a leaf - standard library, torch
+and :mod:`deeplab._utils` only - so neither side has to import the other.
+
+* ONNX files carry the metadata as ``metadata_props`` entry :data:`METADATA_KEY`
+  (``"deeplab"``), a JSON string.
+* TorchScript files carry the same JSON as the extra file :data:`TORCHSCRIPT_METADATA_FILE`
+  (``deeplab.json``).
+* The JSON is a dict with ``"format": METADATA_FORMAT`` and ``"version" <= METADATA_VERSION``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, Union
+
+import torch
+
+from deeplab._utils import DeeplabError
+
+__all__ = [
+    "METADATA_FORMAT",
+    "METADATA_KEY",
+    "METADATA_VERSION",
+    "TORCHSCRIPT_METADATA_FILE",
+    "ExportError",
+    "is_onnx",
+    "quiet_tracing",
+    "read_metadata",
+    "validate_metadata",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+METADATA_KEY = "deeplab"
+TORCHSCRIPT_METADATA_FILE = "deeplab.json"
+METADATA_FORMAT = "deeplab-export"
+METADATA_VERSION = 1
+
+
+class ExportError(DeeplabError, RuntimeError):
+    """An export could not be written or does not reproduce the model; the message says why.
+
+    A :class:`~deeplab._utils.DeeplabError` (one line for people) and, as before, a
+    ``RuntimeError``, so existing ``except RuntimeError`` handlers still catch it.
+    """
+
+
+@contextlib.contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Silence the tracer's and exporter's warnings inside the ``with`` block.
+
+    Tracer/exporter warnings about constant shape checks (``x.shape[1] != 3``), the legacy
+    exporter's deprecation notice and torch 2.9+'s ``torch.jit`` deprecation on every load say
+    nothing actionable to a user of ``deeplab export`` or ``deeplab predict``.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
+        yield
+
+
+def is_onnx(path: PathLike) -> bool:
+    """Whether ``path`` is an ONNX file (by suffix, else by content) rather than TorchScript.
+
+    Args:
+        path: an existing exported file.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return True
+    # TorchScript files are zip archives; an ONNX protobuf is not.
+    with open(path, "rb") as handle:
+        return handle.read(2) != b"PK"
+
+
+def validate_metadata(meta: Any, path: PathLike) -> Dict[str, Any]:
+    """``meta`` if it is deeplab export metadata this version can read.
+
+    Args:
+        meta: the decoded JSON.
+        path: the file it came from (for the message).
+
+    Raises:
+        ExportError: not deeplab metadata, or written by a newer metadata version.
+    """
+    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+        raise ExportError(f"{path} carries no deeplab metadata; re-export it with `deeplab export`")
+    if int(meta.get("version", 0)) > METADATA_VERSION:
+        raise ExportError(f"{path} was exported by a newer deeplab (metadata version {meta['version']}); upgrade deeplab")
+    return meta
+
+
+def read_metadata(path: PathLike) -> Dict[str, Any]:
+    """The metadata embedded by :func:`~deeplab.deploy.export.export_onnx` /
+    :func:`~deeplab.deploy.export.export_torchscript`.
+
+    ONNX files are read with the ``onnx`` package when it is installed, else with OpenVINO
+    (``rt_info``); TorchScript files need only torch.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ExportError: the file has no deeplab metadata or cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model not found: {path}")
+    if is_onnx(path):
+        text = _onnx_metadata_text(path)
+    else:
+        extra = {TORCHSCRIPT_METADATA_FILE: ""}
+        try:
+            with quiet_tracing():
+                torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except Exception as exc:  # torch raises RuntimeError with a long C++ trace
+            raise ExportError(f"cannot read {path} as ONNX or TorchScript: {str(exc).splitlines()[0]}") from exc
+        text = extra[TORCHSCRIPT_METADATA_FILE]
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+    if not text:
+        raise ExportError(f"{path} carries no deeplab metadata; re-export it with `deeplab export`")
+    return validate_metadata(json.loads(text), path)
+
+
+def _onnx_metadata_text(path: Path) -> str:
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise ExportError(f"cannot read ONNX file {path}: {exc}") from exc
+        return next((p.value for p in proto.metadata_props if p.key == METADATA_KEY), "")
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise ExportError(
+            f"reading {path} needs the onnx package (pip install 'deeplab[onnx]') or openvino"
+        ) from exc
+    model = ov.Core().read_model(str(path))
+    for keys in (["framework", METADATA_KEY], [METADATA_KEY]):
+        if model.has_rt_info(keys):
+            value = model.get_rt_info(keys)
+            return str(value.astype(str) if hasattr(value, "astype") else value)
+    return ""
