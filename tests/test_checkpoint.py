@@ -20,7 +20,7 @@ from torch import nn
 import deeplab.models
 from deeplab import checkpoint as C
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.train.loop import PolyLR, build_optimizer
+from deeplab.train import PolyLR, build_optimizer
 
 
 class TinyNet(nn.Module):

@@ -18,7 +18,7 @@ from torch import nn
 
 from deeplab.config import ModelConfig, TrainConfig
 from deeplab.train import distributed as D
-from deeplab.train.loop import train
+from deeplab.train import train
 
 # ----------------------------------------------------------------------------- stand-ins
 

@@ -24,8 +24,8 @@ from torch import nn
 
 from deeplab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.train.distributed import DeterministicBatchSampler
-from deeplab.train.loop import (
+from deeplab.losses import segmentation_loss
+from deeplab.train import (
     PolyLR,
     SeededDataset,
     amp_settings,
@@ -33,9 +33,9 @@ from deeplab.train.loop import (
     build_train_loader,
     freeze_batchnorm,
     poly_lr,
-    segmentation_loss,
     train,
 )
+from deeplab.train.distributed import DeterministicBatchSampler
 
 MODEL_CONFIG = ModelConfig(num_classes=3, backbone="mobilenet_v2")
 THIS_FILE = Path(__file__).resolve()
@@ -303,8 +303,9 @@ def test_resume_with_amp_bf16_on_cpu(tmp_path: Path) -> None:
 def test_fp16_scaler_path_state_is_saved_and_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA fp16 path's GradScaler logic, run on CPU (bf16 autocast + an enabled scaler)."""
     import deeplab.train.loop as T
+    from deeplab.train.optim import AmpSettings
 
-    monkeypatch.setattr(T, "amp_settings", lambda *a, **k: T.AmpSettings(True, torch.bfloat16, True))
+    monkeypatch.setattr(T, "amp_settings", lambda *a, **k: AmpSettings(True, torch.bfloat16, True))
     cfg = make_cfg(tmp_path / "fp16", amp=True, max_steps=5)
     run(cfg, stop_at=2)
     scaler = load_checkpoint(tmp_path / "fp16" / "last.pt")["scaler"]
@@ -471,7 +472,7 @@ spec = importlib.util.spec_from_file_location("train_helpers", {test_file!r})
 helpers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(helpers)
 from deeplab.config import TrainConfig
-from deeplab.train.loop import train
+from deeplab.train import train
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
 torch.manual_seed(0)
 result = train(helpers.DropNet(), helpers.ToySegData(delay={delay}), cfg, transform=helpers.jitter,

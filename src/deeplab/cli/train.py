@@ -25,7 +25,7 @@ from deeplab.config import ARCHS, ModelConfig, TrainConfig
 from deeplab.data import DatasetError, EvalTransform, TrainTransform
 from deeplab.train import distributed as dist_utils
 from deeplab.eval.evaluate import ShardSampler, evaluate
-from deeplab.train.loop import TrainResult, train
+from deeplab.train import TrainResult, train
 from deeplab.models import BACKBONES, build_model
 from deeplab.weights import WeightsError, resolve_pretrained
 

@@ -1,0 +1,98 @@
+"""What a training run writes besides checkpoints: ``metrics.jsonl``, TensorBoard, the bar.
+
+``run_dir/metrics.jsonl`` holds one JSON object per line, told apart by ``"kind"``:
+``"start"``/``"resume"`` (world size, the resolved recipe), ``"train"`` (see
+:func:`train_record`) and ``"eval"`` (the step and ``eval_fn``'s metrics). The same
+scalars go to ``run_dir/tb`` when the ``tensorboard`` package is installed. Only rank 0
+writes; on the other ranks a :class:`RunLog` is inert.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO, Any, Dict, Mapping, Optional
+
+import torch
+from tqdm import tqdm
+
+from deeplab._utils import jsonable
+
+__all__ = ["RunLog", "open_tensorboard", "progress_bar", "scalars", "show_on_bar", "train_record"]
+
+
+def scalars(metrics: Mapping[str, Any]) -> Dict[str, float]:
+    """The plain numbers of ``metrics`` (one-element tensors included; lists and bools not)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[str(key)] = float(value)
+    return out
+
+
+def open_tensorboard(log_dir: Path, enabled: bool) -> Any:
+    """A ``SummaryWriter`` on ``log_dir``, or ``None`` if disabled or not installed."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the tensorboard package is optional
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class RunLog:
+    """``metrics.jsonl`` (appended, flushed per line) and the TensorBoard writer of a run.
+
+    Args:
+        run_dir: the run directory (created when ``enabled``).
+        enabled: write at all; ``False`` on ranks other than 0.
+        tensorboard: also write TensorBoard scalars if the package is installed.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
+        self.file: Optional[IO[str]] = None
+        self.writer: Any = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self.writer = open_tensorboard(run_dir / "tb", tensorboard)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON line; flushed so a killed run keeps everything logged so far."""
+        if self.file is not None:
+            self.file.write(json.dumps(jsonable(dict(record))) + "\n")
+            self.file.flush()
+
+    def add_scalars(self, prefix: str, metrics: Mapping[str, Any], step: int) -> None:
+        """TensorBoard ``prefix/key`` for every plain number in ``metrics``."""
+        if self.writer is not None:
+            for key, value in scalars(metrics).items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        """Close the file and the writer."""
+        if self.file is not None:
+            self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def train_record(
+    *, step: int, epoch: int, loss: float, lr: float, img_per_s: float, now: float, start_time: float
+) -> Dict[str, Any]:
+    """The ``"train"`` line: mean loss since the last one, the LR the step used, throughput."""
+    return {"kind": "train", "step": step, "epoch": epoch, "loss": loss, "lr": lr,
+            "img_per_s": img_per_s, "time": now, "elapsed": now - start_time}
+
+
+def progress_bar(*, total: int, initial: int, enabled: bool) -> tqdm:
+    """The tqdm bar over optimizer steps (disabled: a no-op bar)."""
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def show_on_bar(bar: tqdm, *, loss: float, lr: float, img_per_s: float) -> None:
+    """Loss, LR and images/s as the bar's postfix."""
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
