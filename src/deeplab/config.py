@@ -315,6 +315,6 @@ def _int_pair(value: Any) -> Optional[Tuple[int, int]]:
         pair = tuple(value)
     else:
         return None
-    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in pair):
+    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1 for v in pair):
         return None
     return int(pair[0]), int(pair[1])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -328,7 +328,7 @@ def inference_with(
         raise TypeError(f"inference must be a deeplab.InferenceConfig, got {type(inference).__name__}")
     given = dict(mode=mode, scales=scales, flip=flip, crop_size=crop_size, stride=stride,
                  output_stride=output_stride, pad_to=pad_to)
-    changes = {key: value for key, value in given.items() if value is not None}
+    changes: Dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     return dataclasses.replace(inference or InferenceConfig(), **changes)
 
 

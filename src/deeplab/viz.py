@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from deeplab.data.base import load_image
-from deeplab.data.palettes import colorize
+from deeplab.data.palettes import RGB, colorize
 
 __all__ = ["ImageInput", "colormap", "index_png", "overlay_mask", "render_confusion", "to_rgb_array"]
 
@@ -110,7 +110,7 @@ def overlay_mask(
         raise ValueError(f"image {rgb.shape[:2]} and mask {mask.shape} differ in size")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    colours = colorize(mask, palette)
+    colours = colorize(mask, cast(Sequence[RGB], palette))
     blended = (rgb.astype(np.float32) * (1.0 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
     picture = Image.fromarray(blended)
     if not legend:
@@ -166,7 +166,7 @@ def colormap(value: float) -> Tuple[int, int, int]:
 
 def _text_size(draw: Any, text: str, font: Any) -> Tuple[int, int]:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
+    return int(right - left), int(bottom - top)
 
 
 def _vertical_text(text: str, font: Any, fill: Any = "black") -> Image.Image:
@@ -175,7 +175,7 @@ def _vertical_text(text: str, font: Any, fill: Any = "black") -> Image.Image:
     # The bbox of text drawn at (0, 0) may start right of / below the origin and ends at
     # (right, bottom): size the scratch image by the far edges so no glyph is clipped.
     _, _, right, bottom = probe.textbbox((0, 0), text, font=font)
-    scratch = Image.new("RGB", (right + 2, bottom + 2), "white")
+    scratch = Image.new("RGB", (int(right) + 2, int(bottom) + 2), "white")
     ImageDraw.Draw(scratch).text((0, 0), text, fill=fill, font=font)
     return scratch.rotate(90, expand=True)
 
@@ -200,9 +200,9 @@ def render_confusion(
     # Too many classes for names: label every ``step``-th class by its index instead.
     step = 1 if labelled else 10 * max(1, math.ceil(n / 200))
     axis_labels = {i: (names[i] if labelled else str(i)) for i in range(0, n, step)}
-    label_w = max(probe.textbbox((0, 0), s, font=font)[2] + 2 for s in axis_labels.values())
+    label_w = int(max(probe.textbbox((0, 0), s, font=font)[2] + 2 for s in axis_labels.values()))
     title_font = _font(14)
-    title_h = probe.textbbox((0, 0), "Ag", font=title_font)[3] + 2
+    title_h = int(probe.textbbox((0, 0), "Ag", font=title_font)[3] + 2)
 
     margin = 10
     x0 = margin + title_h + 6 + label_w + 6
