@@ -126,3 +126,49 @@ def test_folder_dataset_and_init_from(tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli.main(common + ["--out", str(tmp_path / "bad"), "--init-from", str(run / "last.pt"),
                               "--arch", "deeplabv3"]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+INFERENCE_FLAGS = [
+    ["--mode", "slide", "--crop-size", "65", "--stride", "33"],
+    ["--scales", "0.5", "0.75", "1.0", "1.25", "1.5", "1.75", "--flip", "--output-stride", "8"],
+    ["--pad-to", "513", "513"],
+    [],
+]
+
+
+@pytest.mark.parametrize("flags", INFERENCE_FLAGS)
+def test_eval_and_predict_parse_the_same_inference_config(flags: list) -> None:
+    from deeplab.cli import eval as eval_cli
+    from deeplab.cli import predict as predict_cli
+    from deeplab.cli.common import inference_config
+    from deeplab.config import InferenceConfig
+
+    eval_args = eval_cli.build_parser().parse_args(["--checkpoint", "m.pt", *flags])
+    predict_args = predict_cli.build_parser().parse_args(["img.png", "--checkpoint", "m.pt", "--out", "o", *flags])
+    config = inference_config(eval_args)
+    assert isinstance(config, InferenceConfig)
+    assert config == inference_config(predict_args)
+    if not flags:
+        assert config == InferenceConfig()  # the flags' defaults are the config's
+
+
+def test_eval_crop_is_a_deprecated_alias_of_crop_size(capsys: pytest.CaptureFixture) -> None:
+    from deeplab.cli import eval as eval_cli
+    from deeplab.cli.common import inference_config
+
+    parser = eval_cli.build_parser()
+    old = parser.parse_args(["--checkpoint", "m.pt", "--mode", "slide", "--crop", "65", "--stride", "33"])
+    err = capsys.readouterr().err
+    assert err == "deeplab eval: warning: --crop is deprecated; use --crop-size\n"
+    new = parser.parse_args(["--checkpoint", "m.pt", "--mode", "slide", "--crop-size", "65", "--stride", "33"])
+    assert capsys.readouterr().err == ""
+    assert inference_config(old) == inference_config(new) and inference_config(old).crop_size == 65
+
+
+def test_invalid_inference_flags_are_one_line_errors(capsys: pytest.CaptureFixture) -> None:
+    # Checked before the checkpoint is opened: the message names the field and the rule.
+    assert cli.main(["eval", "--checkpoint", "/nonexistent/best.pt", "--data-root", "x", "--mode", "slide",
+                     "--crop-size", "33", "--stride", "65"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deeplab eval: invalid InferenceConfig: stride (65, 65) larger than crop_size (33, 33)")
+    assert "Traceback" not in err and err.count("\n") == 1

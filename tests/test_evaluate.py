@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from deeplab.config import InferenceConfig
 from deeplab.eval.evaluate import ShardSampler, evaluate, shard_indices, write_report
 from deeplab.eval.metrics import ConfusionMatrix
 
@@ -99,10 +100,12 @@ def test_inference_options_are_passed_through() -> None:
     ds = ToySet()
     model = Oracle()
     loader = DataLoader(ds, batch_size=1)
-    cm = evaluate(model, loader, num_classes=NUM_CLASSES, scales=(0.5, 1.0), flip=True, progress=False)
+    cm = evaluate(model, loader, num_classes=NUM_CLASSES, inference=InferenceConfig(scales=(0.5, 1.0), flip=True),
+                  progress=False)
     assert len(model.modes_seen) == NUM_SAMPLES * 4  # 2 scales x 2 flips per image
     # slide mode on the pointwise oracle predicts the same (windows of 9 every 5 px)
-    slide = evaluate(model, loader, num_classes=NUM_CLASSES, mode="slide", crop_size=9, stride=5, progress=False)
+    slide = evaluate(model, loader, num_classes=NUM_CLASSES,
+                     inference=InferenceConfig(mode="slide", crop_size=9, stride=5), progress=False)
     assert torch.equal(slide.matrix, _expected_matrix(ds, list(range(len(ds)))))
     assert cm.total == slide.total
 
@@ -194,7 +197,8 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         ds = ToySet()
         model = Oracle()
         loader = DataLoader(ds, batch_size=1, sampler=ShardSampler(ds))
-        cm = evaluate(model, loader, num_classes=NUM_CLASSES, scales=(0.75, 1.0), flip=True, progress=rank == 0)
+        cm = evaluate(model, loader, num_classes=NUM_CLASSES, inference=InferenceConfig(scales=(0.75, 1.0), flip=True),
+                      progress=rank == 0)
         local = len(model.modes_seen) // 4
         torch.save({"matrix": cm.matrix, "local_samples": local}, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -204,7 +208,8 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def test_distributed_gloo_matches_single_process_exactly(tmp_path: Path) -> None:
     ds = ToySet()
     single = evaluate(
-        Oracle(), DataLoader(ds, batch_size=1), num_classes=NUM_CLASSES, scales=(0.75, 1.0), flip=True, progress=False
+        Oracle(), DataLoader(ds, batch_size=1), num_classes=NUM_CLASSES,
+        inference=InferenceConfig(scales=(0.75, 1.0), flip=True), progress=False,
     )
     # multi-scale blends the encoded labels, so compare with the direct count only in total
     assert single.total == int(_expected_matrix(ds, list(range(NUM_SAMPLES))).sum())

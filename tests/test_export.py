@@ -338,11 +338,12 @@ def test_load_exported_backend_checks(tmp_path: Path) -> None:
     runner = load_exported(onnx_path, threads=1)
     assert runner.output_stride == 16 and runner.num_classes == 3 and not runner.training
     # the runner follows the model contract, so the package's inference runs it unchanged
+    from deeplab.config import InferenceConfig
     from deeplab.eval.inference import predict_probs
 
     x = torch.randn(1, 3, 40, 57)
-    torch.testing.assert_close(predict_probs(runner, x, scales=(0.75, 1.0), flip=True),
-                               predict_probs(model, x, scales=(0.75, 1.0), flip=True), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(predict_probs(runner, x, InferenceConfig(scales=(0.75, 1.0), flip=True)),
+                               predict_probs(model, x, InferenceConfig(scales=(0.75, 1.0), flip=True)), atol=1e-5, rtol=1e-4)
 
 
 @needs_openvino

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import deeplab
+from deeplab._utils import ConfigError
+from deeplab.config import InferenceConfig
 from deeplab.eval.inference import (
     padded_size,
     predict_mask,
@@ -121,36 +124,37 @@ def test_single_scale_equals_plain_softmax_on_os_k_plus_1_input() -> None:
     x = _image(65, 81, b=2)  # 65 = 4*16+1, 81 = 5*16+1: no padding, no resize
     with torch.no_grad():
         expected = model(x).softmax(1)
-    probs = predict_probs(model, x, scales=(1.0,))
+    probs = predict_probs(model, x, InferenceConfig(scales=(1.0,)))
     assert model.seen[-1] == (65, 81)
     assert torch.equal(probs, expected)
 
 
 def test_output_stride_argument_overrides_model_attribute() -> None:
     model = Stride16(output_stride=16)
-    predict_probs(model, _image(67, 71), output_stride=32)
+    predict_probs(model, _image(67, 71), InferenceConfig(output_stride=32))
     assert model.seen == [(97, 97)]
 
 
 def test_pad_to_reproduces_tf_fixed_eval_crop() -> None:
     model = Stride16()
     x = _image(300, 400)
-    probs = predict_probs(model, x, pad_to=513)
+    probs = predict_probs(model, x, InferenceConfig(pad_to=513))
     assert model.seen == [(513, 513)]
     assert probs.shape == (1, NUM_CLASSES, 300, 400)
     expected = model(F.pad(x, (0, 113, 0, 213))).softmax(1)[..., :300, :400]
     assert torch.allclose(probs, expected, atol=1e-6)
     # scales apply to the padded image, as in the TF reference
     model.seen.clear()
-    predict_probs(model, x, pad_to=513, scales=(0.5, 1.75))
+    predict_probs(model, x, InferenceConfig(pad_to=513, scales=(0.5, 1.75)))
     assert model.seen == [(257, 257), (897, 897)]
 
 
 def test_batch_equals_individual_images() -> None:
     model = Stride16()
     x = _image(67, 71, b=3)
-    batched = predict_probs(model, x, scales=(0.75, 1.0), flip=True)
-    single = torch.cat([predict_probs(model, x[i : i + 1], scales=(0.75, 1.0), flip=True) for i in range(3)])
+    inference = InferenceConfig(scales=(0.75, 1.0), flip=True)
+    batched = predict_probs(model, x, inference)
+    single = torch.cat([predict_probs(model, x[i : i + 1], inference) for i in range(3)])
     assert torch.allclose(batched, single, atol=1e-6)
 
 
@@ -159,26 +163,26 @@ def test_batch_equals_individual_images() -> None:
 def test_slide_equals_whole_for_pointwise_model(size: Tuple[int, int]) -> None:
     model = Pointwise()
     x = _image(*size, b=2)
-    whole = predict_probs(model, x, mode="whole")
-    slide = predict_probs(model, x, mode="slide", crop_size=33, stride=20)
+    whole = predict_probs(model, x, InferenceConfig(mode="whole"))
+    slide = predict_probs(model, x, InferenceConfig(mode="slide", crop_size=33, stride=20))
     assert slide.shape == whole.shape == (2, NUM_CLASSES, *size)
     assert torch.allclose(slide, whole, atol=1e-6)
     # rectangular crop and stride
-    slide = predict_probs(model, x, mode="slide", crop_size=(17, 49), stride=(9, 30))
+    slide = predict_probs(model, x, InferenceConfig(mode="slide", crop_size=(17, 49), stride=(9, 30)))
     assert torch.allclose(slide, whole, atol=1e-6)
 
 
 def test_slide_runs_expected_windows() -> None:
     model = Stride16()
-    probs = predict_probs(model, _image(100, 60), mode="slide", crop_size=33, stride=20)
+    probs = predict_probs(model, _image(100, 60), InferenceConfig(mode="slide", crop_size=33, stride=20))
     # rows start at 0, 20, 40, 60, 67; the 60-wide image takes columns 0, 20, 27
     assert len(model.seen) == 5 * 3 and set(model.seen) == {(33, 33)}
     assert probs.shape == (1, NUM_CLASSES, 100, 60)
     model.seen.clear()
-    predict_probs(model, _image(20, 25), mode="slide", crop_size=33, stride=20)
+    predict_probs(model, _image(20, 25), InferenceConfig(mode="slide", crop_size=33, stride=20))
     assert model.seen == [(33, 33)]  # smaller than the crop: padded up to one window
     model.seen.clear()
-    predict_probs(model, _image(40, 40), mode="slide", crop_size=30, stride=30)
+    predict_probs(model, _image(40, 40), InferenceConfig(mode="slide", crop_size=30, stride=30))
     assert set(model.seen) == {(33, 33)}  # each 30x30 window padded to OS*k+1
 
 
@@ -192,7 +196,7 @@ def test_slide_averages_overlapping_logits() -> None:
             return torch.cat([x[:, :1] - x[:, :1].mean(dim=(2, 3), keepdim=True), torch.zeros_like(x[:, :1])], 1)
 
     x = _image(1, 30)
-    probs = predict_probs(WindowMean().eval(), x, mode="slide", crop_size=(1, 20), stride=(1, 10))
+    probs = predict_probs(WindowMean().eval(), x, InferenceConfig(mode="slide", crop_size=(1, 20), stride=(1, 10)))
     c = x[0, 0, 0]
     m1, m2 = c[:20].mean(), c[10:].mean()
     logit_5 = c[5] - m1
@@ -205,7 +209,7 @@ def test_slide_averages_overlapping_logits() -> None:
 def test_multi_scale_averages_softmax_of_resized_logits() -> None:
     model = Pointwise(output_stride=1)
     x = _image(40, 30)
-    probs = predict_probs(model, x, scales=(0.5, 1.0, 1.5))
+    probs = predict_probs(model, x, InferenceConfig(scales=(0.5, 1.0, 1.5)))
     expected = torch.zeros_like(probs)
     for scale, size in [(0.5, (20, 15)), (1.0, (40, 30)), (1.5, (59, 44))]:
         xs = x if scale == 1.0 else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -218,10 +222,10 @@ def test_multi_scale_averages_softmax_of_resized_logits() -> None:
 
 def test_multi_scale_sizes_seen_by_model() -> None:
     model = Stride16()
-    predict_probs(model, _image(513, 513), scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75))
+    predict_probs(model, _image(513, 513), InferenceConfig(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)))
     assert model.seen == [(257, 257), (385, 385), (513, 513), (641, 641), (769, 769), (897, 897)]
     model.seen.clear()
-    probs = predict_probs(model, _image(67, 71), scales=(0.5, 1.75), flip=True)
+    probs = predict_probs(model, _image(67, 71), InferenceConfig(scales=(0.5, 1.75), flip=True))
     # 67 -> 34 -> padded 49; 71 -> 36 -> 49; 1.75: 116.5 -> 116 -> 129, 123.5 -> 123 -> 129
     assert model.seen == [(49, 49)] * 2 + [(129, 129)] * 2
     assert probs.shape == (1, NUM_CLASSES, 67, 71)
@@ -230,14 +234,14 @@ def test_multi_scale_sizes_seen_by_model() -> None:
 def test_flip_is_noop_for_flip_equivariant_model() -> None:
     model = Pointwise()
     x = _image(33, 47)  # asymmetric input: forgetting to un-flip would change the result
-    assert torch.allclose(predict_probs(model, x, flip=True), predict_probs(model, x), atol=1e-6)
+    assert torch.allclose(predict_probs(model, x, InferenceConfig(flip=True)), predict_probs(model, x), atol=1e-6)
 
 
 def test_flip_unflips_and_averages_probabilities() -> None:
     model = ColumnRamp().eval()
     x = _image(5, 9)
     expected = (model(x).softmax(1) + model(x.flip(-1)).flip(-1).softmax(1)) / 2
-    probs = predict_probs(model, x, flip=True)
+    probs = predict_probs(model, x, InferenceConfig(flip=True))
     assert torch.allclose(probs, expected, atol=1e-6)
     assert not torch.allclose(probs, model(x).softmax(1), atol=1e-3)
 
@@ -254,11 +258,11 @@ def test_errors_are_clear() -> None:
     model = Stride16()
     x = _image(17, 17)
     with pytest.raises(ValueError, match="unknown inference mode 'tiles'"):
-        predict_probs(model, x, mode="tiles")
+        predict_probs(model, x, InferenceConfig(mode="tiles"))
     with pytest.raises(ValueError, match="stride"):
-        predict_probs(model, x, mode="slide", crop_size=9, stride=10)
+        predict_probs(model, x, InferenceConfig(mode="slide", crop_size=9, stride=10))
     with pytest.raises(ValueError, match="scales"):
-        predict_probs(model, x, scales=())
+        predict_probs(model, x, InferenceConfig(scales=()))
     with pytest.raises(ValueError, match="num_classes=21"):
         predict_probs(model, x, num_classes=21)
     with pytest.raises(TypeError, match=r"\(B, 3, H, W\)"):
@@ -281,3 +285,43 @@ def test_errors_are_clear() -> None:
 
     with pytest.raises(ValueError, match="at the input size"):
         predict_probs(AtStride().eval(), x)
+
+
+# --------------------------------------------------------------------- InferenceConfig
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"mode": "tiles"}, "mode"),
+        ({"scales": ()}, "scales"),
+        ({"scales": (1.0, -0.5)}, "scales"),
+        ({"crop_size": 0}, "crop_size"),
+        ({"crop_size": (33, -1)}, "crop_size"),
+        ({"stride": 0}, "stride"),
+        ({"pad_to": (513,)}, "pad_to"),
+        ({"pad_to": (513, 513, 3)}, "pad_to"),
+        ({"pad_to": (0, 513)}, "pad_to"),
+        ({"output_stride": 0}, "output_stride"),
+        ({"mode": "slide", "crop_size": 9, "stride": 10}, "stride"),
+    ],
+)
+def test_inference_config_validation_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field) as info:
+        InferenceConfig(**kwargs)
+    assert isinstance(info.value, ValueError)  # callers catching ValueError keep working
+    assert "invalid InferenceConfig" in str(info.value)
+
+
+def test_inference_config_normalises_and_round_trips() -> None:
+    config = InferenceConfig(scales=[0.5, 1], crop_size=[17, 49], stride=(9, 30), pad_to=513, flip=1)
+    assert config.scales == (0.5, 1.0) and config.crop_size == (17, 49) and config.pad_to == (513, 513)
+    assert config.flip is True and config.crop_hw == (17, 49) and InferenceConfig().crop_hw == (513, 513)
+    # stride > crop is fine in whole mode (the windows are not used), as before
+    InferenceConfig(mode="whole", crop_size=9, stride=10)
+    data = config.to_dict()
+    assert data["scales"] == [0.5, 1.0] and data["pad_to"] == [513, 513]
+    assert InferenceConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="unknown InferenceConfig keys"):
+        InferenceConfig.from_dict({"crop": 513})
+    assert deeplab.InferenceConfig is InferenceConfig
+    with pytest.raises(TypeError, match="InferenceConfig"):
+        predict_probs(Stride16(), _image(17, 17), {"flip": True})  # type: ignore[arg-type]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deeplab.eval.metrics import ConfusionMatrix, _colormap, _render_confusion
+from deeplab.eval.metrics import ConfusionMatrix
+from deeplab.viz import colormap, render_confusion
 
 
 def _cm(pred: list, target: list, num_classes: int = 3, **kwargs) -> ConfusionMatrix:
@@ -164,16 +165,16 @@ def test_confusion_png_colours_match_row_normalised_matrix(tmp_path) -> None:
     cm = _cm([0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 1])
     norm = cm.normalized()
     assert torch.allclose(norm, torch.tensor([[0.75, 0.25, 0], [1.0, 0, 0], [0, 0, 0]], dtype=torch.float64))
-    image, layout = _render_confusion(norm, ["a", "b", "c"], cm.matrix)
+    image, layout = render_confusion(norm, ["a", "b", "c"], cm.matrix)
     x0, y0, cell = layout["x0"], layout["y0"], layout["cell"]
 
     def pixel(r: int, c: int):  # cell corner, away from any annotation text
         return image.getpixel((x0 + c * cell + 2, y0 + r * cell + 2))
 
-    assert pixel(0, 0) == _colormap(0.75)
-    assert pixel(0, 1) == _colormap(0.25)
-    assert pixel(1, 0) == _colormap(1.0) == (253, 231, 37)
-    assert pixel(1, 1) == _colormap(0.0) == (68, 1, 84)
+    assert pixel(0, 0) == colormap(0.75)
+    assert pixel(0, 1) == colormap(0.25)
+    assert pixel(1, 0) == colormap(1.0) == (253, 231, 37)
+    assert pixel(1, 1) == colormap(0.0) == (68, 1, 84)
     assert pixel(2, 2) == (200, 200, 200)
 
     path = cm.save_confusion_png(tmp_path / "sub" / "confusion.png", ["a", "b", "c"])

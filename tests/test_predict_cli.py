@@ -81,6 +81,21 @@ def test_predict_usage_errors(ckpt: Path, tmp_path: Path, capsys: pytest.Capture
     assert "export it first" in capsys.readouterr().err
 
 
+def test_predict_slide_pad_to_and_invalid_inference_flags(ckpt: Path, images: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # The inference flags are eval's: --crop-size, --stride, --pad-to behave the same here.
+    code = predict_cli.main([str(images / "b.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "s"),
+                             "--mode", "slide", "--crop-size", "33", "--stride", "20", "--pad-to", "65", "65", "--quiet"])
+    assert code == 0
+    assert "mode=slide scales=[1.0] flip=False" in capsys.readouterr().out
+    assert Image.open(tmp_path / "s" / "b.png").size == (33, 41)
+    code = predict_cli.main([str(images / "b.png"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"),
+                             "--mode", "slide", "--crop-size", "33", "--stride", "65", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "deeplab predict: invalid InferenceConfig: stride (65, 65) larger than crop_size (33, 33)" in err
+
+
 def test_export_cli_onnx_then_predict_with_onnxruntime(ckpt: Path, images: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     model_path = tmp_path / "model.onnx"

@@ -11,10 +11,12 @@ from PIL import Image
 
 import deeplab
 from deeplab.checkpoint import CheckpointNotFoundError, load_model
+from deeplab.config import InferenceConfig
 from deeplab.data.transforms import normalize_image
-from deeplab.eval.inference import predict_probs
 from deeplab.deploy.export import export_onnx, export_torchscript, model_metadata
-from deeplab.segmenter import Segmenter, index_png, overlay_mask, to_rgb_array
+from deeplab.eval.inference import predict_probs
+from deeplab.segmenter import Segmenter
+from deeplab.viz import index_png, overlay_mask, to_rgb_array
 
 from .test_export import CLASSES, NORM, PALETTE, make_checkpoint, needs_openvino
 
@@ -78,13 +80,32 @@ def test_multiscale_flip_and_slide_options(ckpt: Path, image: np.ndarray) -> Non
     seg = Segmenter.from_checkpoint(ckpt, scales=(0.5, 1.0, 1.25), flip=True)
     model, _ = load_model(ckpt)
     x = normalize_image(image, NORM["mean"], NORM["std"])[None]
-    ref = predict_probs(model, x, scales=(0.5, 1.0, 1.25), flip=True)[0].numpy()
+    ref = predict_probs(model, x, InferenceConfig(scales=(0.5, 1.0, 1.25), flip=True))[0].numpy()
     np.testing.assert_allclose(seg.predict_probs(image), ref, atol=1e-4)
     slide = Segmenter.from_checkpoint(ckpt, mode="slide", crop_size=49, stride=33)
-    ref = predict_probs(model, x, mode="slide", crop_size=49, stride=33)[0].numpy()
+    ref = predict_probs(model, x, InferenceConfig(mode="slide", crop_size=49, stride=33))[0].numpy()
     np.testing.assert_allclose(slide.predict_probs(image), ref, atol=1e-4)
     with pytest.raises(ValueError, match="mode"):
         Segmenter.from_checkpoint(ckpt, mode="tiles")
+
+
+def test_inference_object_and_keywords_are_one_config(ckpt: Path, onnx_file: Path, image: np.ndarray) -> None:
+    config = InferenceConfig(scales=(0.75, 1.0), flip=True, output_stride=8)
+    by_object = Segmenter.from_checkpoint(ckpt, inference=config)
+    by_keywords = Segmenter.from_checkpoint(ckpt, scales=(0.75, 1.0), flip=True, output_stride=8)
+    assert by_object.inference == by_keywords.inference == config
+    assert by_object.model.output_stride == 8  # the checkpoint is rebuilt at the config's stride
+    assert by_object.scales == (0.75, 1.0) and by_object.flip is True and by_object.mode == "whole"
+    np.testing.assert_array_equal(by_object.predict_probs(image), by_keywords.predict_probs(image))
+    # a keyword given next to the object replaces that field only
+    mixed = Segmenter.from_checkpoint(ckpt, inference=config, flip=False)
+    assert mixed.inference == InferenceConfig(scales=(0.75, 1.0), flip=False, output_stride=8)
+    exported = Segmenter.from_exported(onnx_file, inference=InferenceConfig(scales=(0.75, 1.0), flip=True))
+    assert exported.inference.scales == (0.75, 1.0) and exported.flip is True
+    with pytest.raises(ValueError, match="exported at output stride 16"):
+        Segmenter.from_exported(onnx_file, output_stride=8)
+    with pytest.raises(ValueError, match="crop_size"):
+        Segmenter.from_checkpoint(ckpt, crop_size=0)
 
 
 def test_input_forms(ckpt: Path, image: np.ndarray, tmp_path: Path) -> None:

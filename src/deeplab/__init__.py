@@ -5,7 +5,7 @@
 """
 
 from .checkpoint import load_model
-from .config import ModelConfig, TrainConfig
+from .config import InferenceConfig, ModelConfig, TrainConfig
 from .models import BACKBONES, build_model, build_model_from_config
 from .segmenter import Segmenter
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKBONES",
+    "InferenceConfig",
     "ModelConfig",
     "Segmenter",
     "TrainConfig",

@@ -6,11 +6,13 @@ keyword arguments) as objects.
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
-from ._utils import ConfigError
+from deeplab._utils import ConfigError
 
 ARCHS = ("deeplabv3plus", "deeplabv3")
 # The backbone names a ModelConfig accepts. config.py imports no model code, so the registry
@@ -290,3 +292,123 @@ class TrainConfig(_PlainDict):
             problems.append(f"unknown amp_dtype {self.amp_dtype!r}; choose from {list(AMP_DTYPES)}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------- inference
+INFERENCE_MODES = ("whole", "slide")
+IntPair = Union[int, Tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class InferenceConfig(_PlainDict):
+    """How test-time inference runs: one object for ``predict_probs``, ``evaluate``,
+    ``Segmenter`` and the ``deeplab eval`` / ``deeplab predict`` flags.
+
+    Sequences are normalised on construction (``scales`` to a tuple of floats, a list
+    ``crop_size``/``stride`` to a tuple, an int ``pad_to`` to ``(n, n)``), so equal settings
+    compare equal however they were spelled.
+
+    Attributes:
+        mode: ``"whole"`` (pad the image to the next ``OS*k+1`` size, one pass) or
+            ``"slide"`` (overlapping ``crop_size`` windows every ``stride`` pixels).
+        scales: image scales whose softmax is averaged (paper: 0.5 .. 1.75 step 0.25).
+        flip: also average the left-right flipped input.
+        crop_size: sliding-window size, int or ``(h, w)``; ``"slide"`` only.
+        stride: sliding-window step, int or ``(h, w)``, at most ``crop_size`` in
+            ``"slide"`` mode. The default 341 is two thirds of the default 513 window.
+        output_stride: output stride to run at; ``None`` = the model's. Where a checkpoint
+            is loaded (``deeplab eval``, ``Segmenter.from_checkpoint``) the model is rebuilt
+            at it; ``predict_probs`` uses it for the ``OS*k+1`` padding.
+        pad_to: pad every image (before rescaling) at the bottom/right to at least
+            ``(h, w)``, as the TF reference evaluates (VOC 513x513, Cityscapes 1025x2049);
+            ``None``: no fixed padding.
+    """
+
+    mode: str = "whole"
+    scales: Tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crop_size: IntPair = 513
+    stride: IntPair = 341
+    output_stride: Optional[int] = None
+    pad_to: Optional[Tuple[int, int]] = None
+
+    _TUPLES: ClassVar[Dict[str, type]] = {"scales": float}
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in INFERENCE_MODES:
+            problems.append(f"unknown inference mode {self.mode!r}; mode must be one of {list(INFERENCE_MODES)}")
+        scales = _float_tuple(self.scales)
+        if scales is None or not scales or min(scales) <= 0 or not all(math.isfinite(s) for s in scales):
+            problems.append(f"scales must be a non-empty sequence of positive numbers, got {self.scales!r}")
+        else:
+            object.__setattr__(self, "scales", scales)
+        crop = _int_pair(self.crop_size)
+        if crop is None:
+            problems.append(f"crop_size must be a positive int or (height, width), got {self.crop_size!r}")
+        elif not isinstance(self.crop_size, int):  # a list or numpy ints: store a plain tuple
+            object.__setattr__(self, "crop_size", crop)
+        step = _int_pair(self.stride)
+        if step is None:
+            problems.append(f"stride must be a positive int or (height, width), got {self.stride!r}")
+        elif not isinstance(self.stride, int):
+            object.__setattr__(self, "stride", step)
+        if self.mode == "slide" and crop is not None and step is not None and (step[0] > crop[0] or step[1] > crop[1]):
+            problems.append(
+                f"stride {step} larger than crop_size {crop} would leave pixels unpredicted; "
+                "use a stride of at most crop_size"
+            )
+        if self.output_stride is not None and (
+            not isinstance(self.output_stride, int) or isinstance(self.output_stride, bool) or self.output_stride < 1
+        ):
+            problems.append(
+                f"output_stride must be None (the model's) or a positive int, got {self.output_stride!r}"
+            )
+        if self.pad_to is not None:
+            pad = _int_pair(self.pad_to)
+            if pad is None:
+                problems.append(f"pad_to must be None or (height, width) of positive ints, got {self.pad_to!r}")
+            else:
+                object.__setattr__(self, "pad_to", pad)
+        object.__setattr__(self, "flip", bool(self.flip))
+        if problems:
+            raise ConfigError("invalid InferenceConfig: " + "; ".join(problems))
+
+    @property
+    def crop_hw(self) -> Tuple[int, int]:
+        """``crop_size`` as ``(h, w)``."""
+        pair = _int_pair(self.crop_size)
+        assert pair is not None  # validated in __post_init__
+        return pair
+
+    @property
+    def stride_hw(self) -> Tuple[int, int]:
+        """``stride`` as ``(h, w)``."""
+        pair = _int_pair(self.stride)
+        assert pair is not None  # validated in __post_init__
+        return pair
+
+
+def _float_tuple(value: Any) -> Optional[Tuple[float, ...]]:
+    """``value`` as a tuple of floats, or ``None`` if it is not a sequence of numbers."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return None
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int_pair(value: Any) -> Optional[Tuple[int, int]]:
+    """An int ``n`` as ``(n, n)``, an ``(h, w)`` sequence as a tuple; ``None`` if invalid."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        pair: Tuple[Any, ...] = (value, value)
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        pair = tuple(value)
+    else:
+        return None
+    if len(pair) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and int(v) >= 1 for v in pair):
+        return None
+    return int(pair[0]), int(pair[1])

@@ -7,145 +7,31 @@
 The class names, palette and input normalisation come from the checkpoint (or from the
 metadata embedded in an exported ONNX / TorchScript file), so a model file is all it needs.
 Inference itself is :func:`deeplab.eval.inference.predict_probs` (whole image padded to
-``OS*k+1``, or sliding windows; optional multi-scale and flip averaging), whatever the backend.
+``OS*k+1``, or sliding windows; optional multi-scale and flip averaging), whatever the backend,
+with one :class:`deeplab.config.InferenceConfig`; the pictures come from :mod:`deeplab.viz`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import nn
 
+from deeplab.config import InferenceConfig, IntPair
 from deeplab.data.palettes import RGB, colorize, default_palette
-from deeplab.eval.inference import MODES, predict_probs
+from deeplab.eval.inference import predict_probs
+from deeplab.viz import ImageInput, index_png, overlay_mask, to_rgb_array
 
-__all__ = ["BACKENDS", "ImageInput", "Segmenter", "index_png", "overlay_mask", "to_rgb_array"]
+__all__ = ["BACKENDS", "Segmenter"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-ImageInput = Union[Image.Image, np.ndarray, str, "os.PathLike[str]"]
 BACKENDS = ("torch", "onnxruntime", "openvino")
-
-
-def to_rgb_array(image: ImageInput) -> np.ndarray:
-    """A PIL image, an array or an image path -> ``(H, W, 3)`` uint8 RGB.
-
-    Arrays may be ``(H, W)`` grey, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA, ``uint8`` (0-255)
-    or floating point in [0, 1].
-
-    Raises:
-        ValueError: an array of another shape, or float values outside [0, 1].
-        deeplab.data.DatasetError: a path that is not a readable image (names the file).
-    """
-    if isinstance(image, (str, os.PathLike)):
-        from deeplab.data.base import load_image
-
-        image = load_image(Path(image))
-    if isinstance(image, Image.Image):
-        # np.array (not asarray): a writable copy, which torch.from_numpy needs.
-        return np.array(image if image.mode == "RGB" else image.convert("RGB"))
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(
-            f"image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}; "
-            "channels go last (HWC), as PIL and OpenCV give them"
-        )
-    array = array[..., :3]
-    if array.dtype == np.uint8:
-        return np.array(array, order="C")
-    if np.issubdtype(array.dtype, np.floating):
-        if array.size and (np.nanmin(array) < 0.0 or np.nanmax(array) > 1.0):
-            raise ValueError("float image arrays must hold values in [0, 1]; pass uint8 for 0-255 pixels")
-        return np.ascontiguousarray(np.round(array * 255.0).astype(np.uint8))
-    if np.issubdtype(array.dtype, np.integer):
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValueError(f"integer image arrays must hold 0-255 pixels, got {array.min()}..{array.max()}")
-        return np.ascontiguousarray(array.astype(np.uint8))
-    raise ValueError(f"unsupported image dtype {array.dtype}; pass uint8 RGB")
-
-
-def index_png(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
-    """A class-id mask as a palette ("P" mode) PNG image: pixel values are the class ids and
-    viewers show the class colours (the VOC ``SegmentationClass`` format)."""
-    image = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L").convert("P")
-    flat: List[int] = []
-    for color in list(palette)[:256]:
-        flat.extend(int(v) for v in color[:3])
-    flat.extend([0] * (768 - len(flat)))
-    image.putpalette(flat)
-    return image
-
-
-def _font(size: int) -> Any:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size only
-        return ImageFont.load_default()
-
-
-def overlay_mask(
-    image: ImageInput,
-    mask: np.ndarray,
-    palette: Sequence[Sequence[int]],
-    classes: Optional[Sequence[str]] = None,
-    *,
-    alpha: float = 0.5,
-    legend: bool = True,
-) -> Image.Image:
-    """Blend the colour mask over the image; optionally add a legend of the classes present.
-
-    Args:
-        image: the input image (anything :func:`to_rgb_array` takes), same size as ``mask``.
-        mask: ``(H, W)`` class ids.
-        palette: one RGB colour per class.
-        classes: class names (for the legend); default ``class_<id>``.
-        alpha: weight of the mask colour (0 = image only, 1 = mask only).
-        legend: append a panel on the right listing each class present, largest first, with
-            its colour and share of the pixels.
-
-    Returns:
-        An RGB ``PIL.Image``; ``W + legend width`` wide.
-    """
-    rgb = to_rgb_array(image)
-    mask = np.asarray(mask)
-    if rgb.shape[:2] != mask.shape:
-        raise ValueError(f"image {rgb.shape[:2]} and mask {mask.shape} differ in size")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    colours = colorize(mask, palette)
-    blended = (rgb.astype(np.float32) * (1.0 - alpha) + colours.astype(np.float32) * alpha).round().astype(np.uint8)
-    picture = Image.fromarray(blended)
-    if not legend:
-        return picture
-    ids, counts = np.unique(mask, return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    h, w = mask.shape
-    size = int(min(max(round(h / 30), 11), 20))
-    font = _font(size)
-    row, pad, swatch = size + 6, 8, size
-    labels = []
-    for index in order:
-        cid = int(ids[index])
-        name = classes[cid] if classes is not None and 0 <= cid < len(classes) else f"class_{cid}"
-        labels.append((cid, f"{name} {100.0 * counts[index] / mask.size:.1f}%"))
-    probe = ImageDraw.Draw(picture)
-    text_w = max((probe.textlength(text, font=font) for _, text in labels), default=0)
-    panel_w = int(pad * 3 + swatch + text_w)
-    canvas = Image.new("RGB", (w + panel_w, max(h, pad * 2 + row * len(labels))), (255, 255, 255))
-    canvas.paste(picture, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for i, (cid, text) in enumerate(labels):
-        y = pad + i * row
-        color = tuple(int(v) for v in palette[cid][:3]) if 0 <= cid < len(palette) else (0, 0, 0)
-        draw.rectangle([w + pad, y, w + pad + swatch, y + swatch], fill=color, outline=(0, 0, 0))
-        draw.text((w + pad * 2 + swatch, y + swatch / 2), text, fill=(0, 0, 0), font=font, anchor="lm")
-    return canvas
 
 
 class Segmenter:
@@ -163,12 +49,20 @@ class Segmenter:
         palette: one RGB colour per class.
         normalization: ``{"mean": [3 floats], "std": [3 floats]}`` in [0, 1] pixel units.
         device: where the input tensor goes (the model must already be there).
+        inference: how to predict (default ``InferenceConfig()``: whole image, one scale).
         mode: ``"whole"`` (pad to ``OS*k+1``, one pass) or ``"slide"`` (windows).
         scales: image scales to average softmax over (e.g. ``(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)``).
         flip: also average over left-right flips.
         crop_size, stride: sliding-window size and step (``mode="slide"``).
+        output_stride: the model's output stride for the ``OS*k+1`` padding (default: the
+            model's own).
         pad_to: pad each image to at least this size first (the TF reference's VOC eval uses 513).
         backend: a label for messages (``"torch"``, ``"onnxruntime"``, ...).
+
+    ``mode`` .. ``pad_to`` are shorthands for the fields of ``inference``: each one given
+    (not ``None``) replaces that field, so ``scales=(0.75, 1.0), flip=True`` and
+    ``inference=InferenceConfig(scales=(0.75, 1.0), flip=True)`` are the same. The result is
+    :attr:`inference`; invalid values raise :class:`deeplab._utils.ConfigError`.
     """
 
     def __init__(
@@ -179,16 +73,20 @@ class Segmenter:
         palette: Optional[Sequence[Sequence[int]]] = None,
         normalization: Mapping[str, Sequence[float]],
         device: Union[str, torch.device] = "cpu",
-        mode: str = "whole",
-        scales: Sequence[float] = (1.0,),
-        flip: bool = False,
-        crop_size: Union[int, Tuple[int, int]] = 513,
-        stride: Union[int, Tuple[int, int]] = 341,
-        pad_to: Optional[Union[int, Tuple[int, int]]] = None,
+        inference: Optional[InferenceConfig] = None,
+        mode: Optional[str] = None,
+        scales: Optional[Sequence[float]] = None,
+        flip: Optional[bool] = None,
+        crop_size: Optional[IntPair] = None,
+        stride: Optional[IntPair] = None,
+        output_stride: Optional[int] = None,
+        pad_to: Optional[IntPair] = None,
         backend: str = "torch",
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown inference mode {mode!r}; choose from {list(MODES)}")
+        self.inference = inference_with(
+            inference, mode=mode, scales=scales, flip=flip, crop_size=crop_size, stride=stride,
+            output_stride=output_stride, pad_to=pad_to,
+        )
         if len(classes) > 256:
             raise ValueError(f"{len(classes)} classes do not fit uint8 masks (at most 256)")
         self.model = model.eval()
@@ -198,12 +96,6 @@ class Segmenter:
         self.palette: List[RGB] = [tuple(int(v) for v in c[:3]) for c in palette]  # type: ignore[misc]
         self.normalization = {k: [float(v) for v in normalization[k]] for k in ("mean", "std")}
         self.device = torch.device(device)
-        self.mode = mode
-        self.scales = tuple(float(s) for s in scales)
-        self.flip = bool(flip)
-        self.crop_size = crop_size
-        self.stride = stride
-        self.pad_to = pad_to
         self.backend = backend
         self._mean = torch.tensor(self.normalization["mean"], device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(self.normalization["std"], device=self.device).view(1, 3, 1, 1) * 255.0
@@ -218,6 +110,7 @@ class Segmenter:
         *,
         optimize: bool = True,
         output_stride: Optional[int] = None,
+        inference: Optional[InferenceConfig] = None,
         **options: Any,
     ) -> "Segmenter":
         """A segmenter for a deeplab checkpoint (``best.pt`` / ``last.pt``).
@@ -227,12 +120,16 @@ class Segmenter:
             device: ``"cpu"``, ``"cuda"``, ...
             optimize: fold BatchNorm into the convs (same outputs, less work; CPU inference
                 also picks the faster memory layout, see :func:`deeplab.deploy.export.optimize_for_inference`).
-            output_stride: rebuild at another output stride (e.g. 8 for the paper's eval).
-            **options: ``mode``, ``scales``, ``flip``, ``crop_size``, ``stride``, ``pad_to``.
+            output_stride: rebuild at another output stride (e.g. 8 for the paper's eval);
+                ``inference.output_stride`` does the same.
+            inference: how to predict; see :class:`Segmenter`.
+            **options: ``mode``, ``scales``, ``flip``, ``crop_size``, ``stride``, ``pad_to``
+                (shorthands for fields of ``inference``).
         """
         from deeplab.checkpoint import load_model
 
-        model, ckpt = load_model(path, map_location="cpu", output_stride=output_stride)
+        config = inference_with(inference, output_stride=output_stride, **options)
+        model, ckpt = load_model(path, map_location="cpu", output_stride=config.output_stride)
         if optimize:
             from deeplab.deploy.optimize import optimize_for_inference
 
@@ -247,8 +144,8 @@ class Segmenter:
             palette=ckpt.get("palette"),
             normalization=normalization,
             device=device,
+            inference=config,
             backend="torch",
-            **options,
         )
 
     @classmethod
@@ -259,6 +156,7 @@ class Segmenter:
         *,
         threads: Optional[int] = None,
         static_shapes: bool = False,
+        inference: Optional[InferenceConfig] = None,
         **options: Any,
     ) -> "Segmenter":
         """A segmenter for a file written by ``deeplab export``.
@@ -268,11 +166,24 @@ class Segmenter:
             backend: ``"onnxruntime"``, ``"openvino"``, ``"torchscript"`` or ``"auto"``.
             threads: intra-op threads of the runtime.
             static_shapes: OpenVINO: compile per input shape (faster when sizes repeat).
-            **options: as :meth:`from_checkpoint`.
+            inference: how to predict; see :class:`Segmenter`.
+            **options: as :meth:`from_checkpoint`, plus ``output_stride``, which must be
+                the one the file was exported at.
+
+        Raises:
+            ValueError: an ``output_stride`` other than the exported model's.
         """
         from deeplab.deploy.runtime import load_exported
 
+        config = inference_with(inference, **options)
         runner = load_exported(path, backend=backend, threads=threads, static_shapes=static_shapes)
+        exported_os = getattr(runner, "output_stride", None)
+        if config.output_stride is not None and config.output_stride != exported_os:
+            raise ValueError(
+                f"{path} was exported at output stride {exported_os}; an exported model cannot "
+                f"change it - export the checkpoint again with --output-stride {config.output_stride}, "
+                "or run the checkpoint itself"
+            )
         meta = runner.metadata
         return cls(
             runner,
@@ -280,8 +191,8 @@ class Segmenter:
             palette=meta.get("palette"),
             normalization=meta["normalization"],
             device="cpu",
+            inference=config,
             backend=runner.backend,
-            **options,
         )
 
     @classmethod
@@ -320,6 +231,31 @@ class Segmenter:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    # Read-only views of ``self.inference`` under the names the keyword arguments use.
+    @property
+    def mode(self) -> str:
+        return self.inference.mode
+
+    @property
+    def scales(self) -> Tuple[float, ...]:
+        return self.inference.scales
+
+    @property
+    def flip(self) -> bool:
+        return self.inference.flip
+
+    @property
+    def crop_size(self) -> IntPair:
+        return self.inference.crop_size
+
+    @property
+    def stride(self) -> IntPair:
+        return self.inference.stride
+
+    @property
+    def pad_to(self) -> Optional[Tuple[int, int]]:
+        return self.inference.pad_to
+
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """``(1, 3, H, W)`` float32 normalised input on the segmenter's device."""
         rgb = to_rgb_array(image)
@@ -328,17 +264,7 @@ class Segmenter:
 
     def _probs(self, image: ImageInput) -> torch.Tensor:
         x = self.preprocess(image)
-        return predict_probs(
-            self.model,
-            x,
-            num_classes=self.num_classes,
-            mode=self.mode,
-            scales=self.scales,
-            flip=self.flip,
-            crop_size=self.crop_size,
-            stride=self.stride,
-            pad_to=self.pad_to,
-        )[0]
+        return predict_probs(self.model, x, self.inference, num_classes=self.num_classes)[0]
 
     def predict_probs(self, image: ImageInput) -> np.ndarray:
         """Class probabilities ``(C, H, W)`` float32 (softmax, averaged over scales/flips)."""
@@ -378,6 +304,32 @@ class Segmenter:
             f"Segmenter(backend={self.backend}, classes={self.num_classes}, mode={self.mode}, "
             f"scales={self.scales}, flip={self.flip}, device={self.device})"
         )
+
+
+def inference_with(
+    inference: Optional[InferenceConfig] = None,
+    *,
+    mode: Optional[str] = None,
+    scales: Optional[Sequence[float]] = None,
+    flip: Optional[bool] = None,
+    crop_size: Optional[IntPair] = None,
+    stride: Optional[IntPair] = None,
+    output_stride: Optional[int] = None,
+    pad_to: Optional[IntPair] = None,
+) -> InferenceConfig:
+    """``inference`` (default ``InferenceConfig()``) with each keyword that is not ``None``
+    replacing its field: the one place :class:`Segmenter`'s shorthand keywords are read.
+
+    Raises:
+        deeplab._utils.ConfigError: the result is not a valid :class:`InferenceConfig`.
+        TypeError: ``inference`` is not an :class:`InferenceConfig`.
+    """
+    if inference is not None and not isinstance(inference, InferenceConfig):
+        raise TypeError(f"inference must be a deeplab.InferenceConfig, got {type(inference).__name__}")
+    given = dict(mode=mode, scales=scales, flip=flip, crop_size=crop_size, stride=stride,
+                 output_stride=output_stride, pad_to=pad_to)
+    changes: Dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+    return dataclasses.replace(inference or InferenceConfig(), **changes)
 
 
 def _is_checkpoint(path: Path) -> bool:

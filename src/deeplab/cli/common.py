@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
+from deeplab.config import INFERENCE_MODES, InferenceConfig
 from deeplab.data import DATASETS, build_dataset
 from deeplab.data.base import SegmentationDataset, Transform
 
@@ -104,3 +105,72 @@ def print_config(title: str, config: Mapping[str, Any], *, stream: Any = None) -
     for key, value in config.items():
         print(f"  {key:<{width}}  {json.dumps(value, default=str)}", file=stream)
     stream.flush()
+
+
+# ---------------------------------------------------------------------- inference flags
+# One flag group for every subcommand that predicts (eval, predict): the flags are the
+# fields of InferenceConfig, named the same everywhere.
+PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old flag name that still works for a release: stores into the new flag's ``dest``
+    and prints one warning line to stderr."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: Optional[str] = None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_inference_args(parser: argparse.ArgumentParser, *, deprecated_crop: bool = False) -> argparse._ArgumentGroup:
+    """Add the inference flags (``--mode --scales --flip --crop-size --stride --output-stride
+    --pad-to``), one per :class:`~deeplab.config.InferenceConfig` field, as one group.
+
+    Args:
+        parser: the subcommand's parser.
+        deprecated_crop: also accept ``--crop`` (``deeplab eval``'s old name of
+            ``--crop-size``), with a warning.
+
+    Returns:
+        The argument group.
+    """
+    defaults = InferenceConfig()
+    group = parser.add_argument_group("inference (the paper: --output-stride 8 --scales 0.5 ... 1.75 --flip)")
+    group.add_argument("--mode", default=defaults.mode, choices=list(INFERENCE_MODES),
+                       help="whole image or sliding window")
+    group.add_argument("--scales", type=float, nargs="+", default=list(defaults.scales),
+                       help=f"input scales whose softmax is averaged (paper: {' '.join(map(str, PAPER_SCALES))})")
+    group.add_argument("--flip", action="store_true", help="also average the left-right flipped input")
+    group.add_argument("--crop-size", type=int, default=defaults.crop_size, help="sliding-window size")
+    if deprecated_crop:
+        group.add_argument("--crop", dest="crop_size", type=int, action=DeprecatedAlias, new="--crop-size",
+                           help="deprecated: use --crop-size")
+    group.add_argument("--stride", type=int, default=defaults.stride, help="sliding-window step")
+    group.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32],
+                       help="rebuild the checkpoint at this output stride (default: the checkpoint's)")
+    group.add_argument("--pad-to", type=int, nargs=2, default=None, metavar=("H", "W"),
+                       help="pad every image to this size first, as TF evaluates (VOC 513 513, Cityscapes 1025 2049)")
+    return group
+
+
+def inference_config(args: argparse.Namespace) -> InferenceConfig:
+    """The :class:`~deeplab.config.InferenceConfig` of flags added by :func:`add_inference_args`.
+
+    Raises:
+        deeplab._utils.ConfigError: an invalid combination (e.g. ``--stride`` larger than
+            ``--crop-size`` with ``--mode slide``); the message says what is allowed.
+    """
+    return InferenceConfig(
+        mode=args.mode,
+        scales=tuple(args.scales),
+        flip=args.flip,
+        crop_size=args.crop_size,
+        stride=args.stride,
+        output_stride=args.output_stride,
+        pad_to=tuple(args.pad_to) if args.pad_to else None,
+    )

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from deeplab.checkpoint import load_model
 from deeplab.cli import train as train_cli
+from deeplab.config import InferenceConfig
 from deeplab.data import EvalTransform, FolderSegmentation, colorize, fetch_demo_data
 from deeplab.eval.evaluate import write_report
 from deeplab.eval.inference import predict_mask
@@ -98,11 +99,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     dataset = FolderSegmentation(root, split=None, transform=None)
     transform = EvalTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
     cm = ConfusionMatrix(dataset.num_classes)
+    whole_image = InferenceConfig(mode="whole")
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     for i in range(len(dataset)):
         image, mask = dataset[i]
         x, target = transform(image, mask)
-        pred = predict_mask(model, x[None])[0]
+        pred = predict_mask(model, x[None], whole_image)[0]
         cm.update(pred, target)
         side_by_side(np.asarray(image), np.asarray(mask), pred.numpy().astype(np.uint8), dataset.palette,
                      dataset.classes).save(out / "overlays" / f"{dataset.names[i]}.png")

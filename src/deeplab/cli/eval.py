@@ -17,31 +17,27 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from deeplab._utils import ConfigError
 from deeplab.checkpoint import CheckpointError, load_model
-from deeplab.cli.common import CLIError, add_data_args, make_dataset, print_config
+from deeplab.cli.common import (
+    CLIError,
+    add_data_args,
+    add_inference_args,
+    inference_config,
+    make_dataset,
+    print_config,
+)
+from deeplab.config import InferenceConfig
 from deeplab.data import DatasetError, EvalTransform
-from deeplab.train import distributed as dist_utils
 from deeplab.eval.evaluate import ShardSampler, evaluate, write_report
-from deeplab.eval.inference import MODES
-
-PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+from deeplab.train import distributed as dist_utils
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplab eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a deeplab checkpoint (best.pt / last.pt / converted)")
     add_data_args(parser, split="val")
-    group = parser.add_argument_group("inference (the paper: --output-stride 8 --scales 0.5 ... 1.75 --flip)")
-    group.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32],
-                       help="evaluate at this output stride (default: the checkpoint's)")
-    group.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                       help=f"input scales whose softmax is averaged (paper: {' '.join(map(str, PAPER_SCALES))})")
-    group.add_argument("--flip", action="store_true", help="also average the left-right flipped input")
-    group.add_argument("--mode", default="whole", choices=list(MODES), help="whole image or sliding window")
-    group.add_argument("--crop", type=int, default=513, help="sliding-window size")
-    group.add_argument("--stride", type=int, default=341, help="sliding-window step")
-    group.add_argument("--pad-to", type=int, nargs=2, default=None, metavar=("H", "W"),
-                       help="pad every image to this size first, as TF evaluates (VOC 513 513, Cityscapes 1025 2049)")
+    add_inference_args(parser, deprecated_crop=True)  # --crop: the old name of --crop-size
     parser.add_argument("--out", default=None, help="report folder (default: next to the checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--num-workers", type=int, default=2)
@@ -50,21 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_out_dir(checkpoint: Path, args: argparse.Namespace, output_stride: int) -> Path:
-    parts = [f"eval_{args.split}", f"os{output_stride}"]
-    if len(args.scales) > 1 or args.scales[0] != 1.0:
+def default_out_dir(checkpoint: Path, split: str, inference: InferenceConfig, output_stride: int) -> Path:
+    """``<checkpoint folder>/eval_<split>_os<N>[_ms][_flip][_slide]``."""
+    parts = [f"eval_{split}", f"os{output_stride}"]
+    if inference.scales != (1.0,):
         parts.append("ms")
-    if args.flip:
+    if inference.flip:
         parts.append("flip")
-    if args.mode != "whole":
-        parts.append(args.mode)
+    if inference.mode != "whole":
+        parts.append(inference.mode)
     return checkpoint.parent / "_".join(parts)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
+    inference = inference_config(args)
     info = dist_utils.init_distributed(device=args.device)
     checkpoint = Path(args.checkpoint)
-    model, ckpt = load_model(checkpoint, map_location="cpu", output_stride=args.output_stride)
+    model, ckpt = load_model(checkpoint, map_location="cpu", output_stride=inference.output_stride)
     model.to(info.device)
     config = ckpt["config"]
     data_info = dict(ckpt.get("dataset") or {})
@@ -91,12 +89,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "split": args.split,
         "images": len(dataset),
         "output_stride": output_stride,
-        "scales": args.scales,
-        "flip": args.flip,
-        "mode": args.mode,
-        "crop": args.crop,
-        "stride": args.stride,
-        "pad_to": args.pad_to,
+        # Lists, not tuples, and the old "crop" key: the printed config and report.json
+        # keep the shape they had before InferenceConfig.
+        "scales": list(inference.scales),
+        "flip": inference.flip,
+        "mode": inference.mode,
+        "crop": inference.crop_size,
+        "stride": inference.stride,
+        "pad_to": list(inference.pad_to) if inference.pad_to else None,
         "device": str(info.device),
         "world_size": info.world_size,
     }
@@ -107,21 +107,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         loader,
         num_classes=config["num_classes"],
         device=info.device,
-        mode=args.mode,
-        scales=tuple(args.scales),
-        flip=args.flip,
-        crop_size=args.crop,
-        stride=args.stride,
-        pad_to=tuple(args.pad_to) if args.pad_to else None,
+        inference=inference,
         progress=info.is_main and not args.no_progress,
     )
     class_names = list(ckpt.get("classes") or dataset.classes)
     if info.is_main:
-        out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, args, output_stride)
+        out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, args.split, inference, output_stride)
         report = write_report(cm, class_names, out_dir, extra=resolved)
         print(cm.format_table(class_names))
         print(f"mIoU {100 * cm.miou:.2f}  pixel accuracy {100 * cm.pixel_accuracy:.2f}  "
-              f"({len(dataset)} images, OS {output_stride}, scales {args.scales}, flip {args.flip}, {args.mode})")
+              f"({len(dataset)} images, OS {output_stride}, scales {list(inference.scales)}, flip {inference.flip}, "
+              f"{inference.mode})")
         print(f"report: {report}\nconfusion matrix: {report.parent / 'confusion.png'}")
     dist_utils.cleanup()
     return {"miou": cm.miou, "pixel_accuracy": cm.pixel_accuracy}
@@ -132,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (CLIError, CheckpointError, DatasetError, FileNotFoundError) as exc:
+    except (CLIError, CheckpointError, ConfigError, DatasetError, FileNotFoundError) as exc:
         print(f"deeplab eval: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from deeplab.cli.common import add_inference_args, inference_config
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
 
@@ -42,14 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay: weight of the mask colours")
     parser.add_argument("--no-legend", action="store_true", help="overlay without the class legend")
     parser.add_argument("--probs", action="store_true", help="also write <name>_probs.npy, (C, H, W) float32")
-    parser.add_argument("--mode", default="whole", choices=["whole", "slide"], help="inference mode")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                        help="image scales to average (paper: 0.5 0.75 1.0 1.25 1.5 1.75)")
-    parser.add_argument("--flip", action="store_true", help="also average left-right flipped inputs")
-    parser.add_argument("--crop-size", type=int, default=513, help="slide mode: window size")
-    parser.add_argument("--stride", type=int, default=341, help="slide mode: window step")
-    parser.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32],
-                        help="torch checkpoints: rebuild at this output stride (paper's eval: 8)")
+    add_inference_args(parser)
     parser.add_argument("--device", default="cpu", help="torch backend: cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     parser.add_argument("--recursive", action="store_true", help="folders: include sub-folders")
@@ -131,6 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from deeplab.data.base import DatasetError
     from deeplab.deploy.format import ExportError
     from deeplab.segmenter import Segmenter
+    from deeplab.viz import to_rgb_array
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,13 +136,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not files:
         print("deeplab predict: no input files; pass image files, folders or quoted glob patterns", file=sys.stderr)
         return 2
-    options = dict(mode=args.mode, scales=tuple(args.scales), flip=args.flip, crop_size=args.crop_size, stride=args.stride)
     try:
+        inference = inference_config(args)
         if args.backend == "torch":
-            segmenter = Segmenter.load(args.checkpoint, backend="torch", device=args.device,
-                                       **({"output_stride": args.output_stride} if args.output_stride else {}), **options)
+            segmenter = Segmenter.load(args.checkpoint, backend="torch", device=args.device, inference=inference)
         else:
-            segmenter = Segmenter.load(args.checkpoint, backend=args.backend, threads=args.threads, **options)
+            segmenter = Segmenter.load(args.checkpoint, backend=args.backend, threads=args.threads, inference=inference)
     except (CheckpointError, ExportError, FileNotFoundError, ValueError) as exc:
         print(f"deeplab predict: {exc}", file=sys.stderr)
         return 2
@@ -165,8 +160,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path in bar:
         bar.set_postfix_str(path.name[-30:], refresh=False)
         try:
-            from deeplab.segmenter import to_rgb_array
-
             rgb = to_rgb_array(path)
         except (DatasetError, OSError, ValueError) as exc:
             failed.append(path)

@@ -16,7 +16,19 @@ import os
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Sized, Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Sized,
+    Tuple,
+    Union,
+)
 
 import torch
 import torch.distributed as dist
@@ -25,7 +37,8 @@ from torch.utils.data import DistributedSampler, Sampler
 from tqdm import tqdm
 
 from deeplab._utils import jsonable, unwrap_model
-from deeplab.eval.inference import IntPair, predict_mask
+from deeplab.config import InferenceConfig
+from deeplab.eval.inference import predict_mask
 from deeplab.eval.metrics import ConfusionMatrix
 
 __all__ = ["ShardSampler", "evaluate", "shard_indices", "write_report"]
@@ -125,13 +138,7 @@ def evaluate(
     num_classes: int,
     ignore_index: int = 255,
     device: Union[str, torch.device] = "cpu",
-    mode: str = "whole",
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    crop_size: IntPair = 513,
-    stride: IntPair = 341,
-    output_stride: Optional[int] = None,
-    pad_to: Optional[IntPair] = None,
+    inference: InferenceConfig = InferenceConfig(),
     distributed: Optional[bool] = None,
     progress: bool = True,
 ) -> ConfusionMatrix:
@@ -139,7 +146,7 @@ def evaluate(
 
     The model is put in eval mode for the loop and every submodule's previous mode is
     restored afterwards. Predictions come from :func:`deeplab.eval.inference.predict_mask`
-    with the given inference options; pixels labelled ``ignore_index`` are not counted.
+    with the given :class:`~deeplab.config.InferenceConfig`; pixels labelled ``ignore_index`` are not counted.
 
     Distributed use (``torch.distributed`` initialised, more than one process): build the
     loader with :class:`ShardSampler` so each rank evaluates its own shard, call
@@ -158,7 +165,7 @@ def evaluate(
         num_classes: ``C``.
         ignore_index: mask label excluded from the metric.
         device: where images, masks and the confusion matrix go.
-        mode, scales, flip, crop_size, stride, output_stride, pad_to: inference options,
+        inference: how to predict (mode, scales, flip, windows, output stride, padding),
             see :func:`deeplab.eval.inference.predict_probs`.
         distributed: sum over ranks; ``None`` = whenever a multi-process group exists.
         progress: show a tqdm bar (rank 0 only) with the running (local) mIoU.
@@ -207,18 +214,7 @@ def evaluate(
                     "evaluation needs (B, H, W) masks at the image size (resize the image, "
                     "never the mask, in the validation transform)"
                 )
-            pred = predict_mask(
-                net,
-                image,
-                num_classes=num_classes,
-                mode=mode,
-                scales=scales,
-                flip=flip,
-                crop_size=crop_size,
-                stride=stride,
-                output_stride=output_stride,
-                pad_to=pad_to,
-            )
+            pred = predict_mask(net, image, inference, num_classes=num_classes)
             cm.update(pred, mask)
             seen += int(image.shape[0])
             if not bar.disable:
@@ -289,5 +285,5 @@ def write_report(
     finally:
         if tmp.exists():
             tmp.unlink()
-    cm.save_confusion_png(out / "confusion.png", class_names)
+    cm.save_confusion_png(out / "confusion.png", class_names)  # drawn by deeplab.viz
     return path

@@ -4,7 +4,8 @@ The paper evaluates on the whole image padded to a fixed size (513x513 on VOC), 
 best numbers average softmax probabilities over scales 0.5-1.75 (step 0.25) and
 left-right flips. This module does that for any model that follows the package contract:
 ``model(x)`` with ``x`` ``(B, 3, H, W)`` normalised returns logits ``(B, C, H, W)`` at the
-input size, and exposes ``model.output_stride``.
+input size, and exposes ``model.output_stride``. The options come in one
+:class:`deeplab.config.InferenceConfig`.
 
 Why ``OS*k + 1`` padding: with that size every strided conv and the final bilinear resize
 line up pixel centres exactly (the TF reference's crop sizes 513 = 32*16+1 and
@@ -14,15 +15,16 @@ normalisation, and the padded part of the output is cropped away.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from deeplab._utils import unwrap_model
+from deeplab.config import INFERENCE_MODES, InferenceConfig
 
 __all__ = [
     "MODES",
@@ -33,8 +35,7 @@ __all__ = [
     "predict_mask",
 ]
 
-MODES = ("whole", "slide")
-IntPair = Union[int, Tuple[int, int], Sequence[int]]
+MODES = INFERENCE_MODES
 
 
 def padded_size(size: int, output_stride: int) -> int:
@@ -75,16 +76,6 @@ def window_starts(size: int, crop: int, stride: int) -> List[int]:
     return [min(i * stride, size - crop) for i in range(n)]
 
 
-def _pair(value: IntPair, name: str) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        pair: Tuple[int, ...] = (value, value)
-    else:
-        pair = tuple(int(v) for v in value)  # type: ignore[union-attr]
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or (height, width), got {value!r}")
-    return pair[0], pair[1]
-
-
 def _resolve_output_stride(model: nn.Module, output_stride: Optional[int]) -> int:
     if output_stride is None:
         output_stride = getattr(unwrap_model(model), "output_stride", None)
@@ -105,9 +96,14 @@ def _resize(x: torch.Tensor, size: Tuple[int, int], align_corners: bool) -> torc
 
 
 def _forward_whole(
-    model: nn.Module, x: torch.Tensor, output_stride: int, num_classes: Optional[int]
+    model: nn.Module, x: torch.Tensor, inference: InferenceConfig, num_classes: Optional[int]
 ) -> torch.Tensor:
-    """Logits ``(B, C, h, w)`` for ``x`` ``(B, 3, h, w)``: pad to OS*k+1, run, crop back."""
+    """Logits ``(B, C, h, w)`` for ``x`` ``(B, 3, h, w)``: pad to OS*k+1, run, crop back.
+
+    ``inference.output_stride`` is already resolved (not ``None``).
+    """
+    output_stride = inference.output_stride
+    assert output_stride is not None  # predict_probs resolves it from the model
     h, w = x.shape[-2:]
     ph, pw = padded_size(h, output_stride), padded_size(w, output_stride)
     if (ph, pw) != (h, w):
@@ -133,17 +129,13 @@ def _forward_whole(
 
 
 def _forward_slide(
-    model: nn.Module,
-    x: torch.Tensor,
-    output_stride: int,
-    num_classes: Optional[int],
-    crop: Tuple[int, int],
-    stride: Tuple[int, int],
+    model: nn.Module, x: torch.Tensor, inference: InferenceConfig, num_classes: Optional[int]
 ) -> torch.Tensor:
-    """Logits ``(B, C, h, w)`` averaged over overlapping ``crop`` windows."""
+    """Logits ``(B, C, h, w)`` averaged over overlapping ``inference.crop_size`` windows."""
     b = x.shape[0]
     h, w = x.shape[-2:]
-    ch, cw = crop
+    ch, cw = inference.crop_hw
+    stride = inference.stride_hw
     ph, pw = max(h, ch), max(w, cw)
     if (ph, pw) != (h, w):
         # Images smaller than the crop are padded (mean pixel) like TF's eval crop.
@@ -153,7 +145,7 @@ def _forward_slide(
     for y in window_starts(ph, ch, stride[0]):
         for x0 in window_starts(pw, cw, stride[1]):
             # Each window also gets the OS*k+1 treatment, so any crop size is valid.
-            logits = _forward_whole(model, x[..., y : y + ch, x0 : x0 + cw], output_stride, num_classes)
+            logits = _forward_whole(model, x[..., y : y + ch, x0 : x0 + cw], inference, num_classes)
             if total is None:
                 total = torch.zeros(b, logits.shape[1], ph, pw, device=x.device, dtype=torch.float32)
             total[..., y : y + ch, x0 : x0 + cw] += logits.float()
@@ -167,25 +159,19 @@ def _forward_slide(
 def predict_probs(
     model: nn.Module,
     image: torch.Tensor,
+    inference: InferenceConfig = InferenceConfig(),
     *,
     num_classes: Optional[int] = None,
-    mode: str = "whole",
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    crop_size: IntPair = 513,
-    stride: IntPair = 341,
-    output_stride: Optional[int] = None,
-    pad_to: Optional[IntPair] = None,
     align_corners: Optional[bool] = None,
 ) -> torch.Tensor:
     """Class probabilities averaged over scales and flips.
 
-    For every scale ``s`` (and, with ``flip``, for the left-right flipped image too): resize
-    the image bilinearly to ``scaled_size(H, s) x scaled_size(W, s)``, get logits by
-    ``mode``, un-flip, resize the logits back to ``(H, W)``, softmax; the result is the mean
-    of these softmaxes (the paper's multi-scale + flip evaluation). Scale 1.0 skips both
-    resizes, so ``scales=(1.0,)`` on an ``OS*k+1``-sized image is exactly
-    ``model(image).softmax(1)``.
+    For every scale ``s`` of ``inference.scales`` (and, with ``inference.flip``, for the
+    left-right flipped image too): resize the image bilinearly to
+    ``scaled_size(H, s) x scaled_size(W, s)``, get logits by ``inference.mode``, un-flip,
+    resize the logits back to ``(H, W)``, softmax; the result is the mean of these softmaxes
+    (the paper's multi-scale + flip evaluation). Scale 1.0 skips both resizes, so
+    ``scales=(1.0,)`` on an ``OS*k+1``-sized image is exactly ``model(image).softmax(1)``.
 
     Modes:
         * ``"whole"``: pad the (rescaled) image at the bottom/right with 0 to the next
@@ -201,17 +187,13 @@ def predict_probs(
     Args:
         model: returns logits ``(B, C, h, w)`` at its input size for ``(B, 3, h, w)``.
         image: normalised images ``(B, 3, H, W)``, floating point, on the model's device.
+        inference: mode, scales, flip, crop_size, stride, output_stride (default
+            ``model.output_stride``) and pad_to; see :class:`deeplab.config.InferenceConfig`.
+            ``pad_to`` pads the input (before any rescaling) at the bottom/right with 0 and
+            the result is cropped back: the TF reference evaluates VOC images padded to
+            513x513 (Cityscapes 1025x2049), which changes what ASPP's image pooling averages
+            over; set it to reproduce that.
         num_classes: if given, the model's channel count is checked against it.
-        mode: ``"whole"`` or ``"slide"``.
-        scales: image scales to average over, e.g. ``(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)``.
-        flip: also average over left-right flipped inputs.
-        crop_size: sliding-window size, int or ``(h, w)``; ``"slide"`` only.
-        stride: sliding-window step, int or ``(h, w)``, at most ``crop_size``.
-        output_stride: the model's output stride; default ``model.output_stride``.
-        pad_to: optionally pad the input (before any rescaling) at the bottom/right with 0
-            to at least this size, int or ``(h, w)``, and crop the result back. The TF
-            reference evaluates VOC images padded to 513x513 (Cityscapes 1025x2049), which
-            changes what ASPP's image pooling averages over; set this to reproduce it.
         align_corners: for the scale resizes; default ``model.align_corners`` if the model
             has it (TF-compatible models use ``True``), else ``False``.
 
@@ -219,8 +201,9 @@ def predict_probs(
         Probabilities ``(B, C, H, W)`` float32 on ``image``'s device; they sum to 1 over C.
 
     Raises:
-        ValueError: bad mode, scales, sizes or strides, a model without ``output_stride``
-            when none is given, or model outputs that break the contract.
+        ValueError: a model without ``output_stride`` when none is given, or model
+            outputs that break the contract (bad options already fail when the
+            :class:`~deeplab.config.InferenceConfig` is built, with a ``ConfigError``).
         TypeError: ``image`` is not a floating-point ``(B, 3, H, W)`` tensor.
     """
     if not isinstance(image, torch.Tensor) or image.dim() != 4:
@@ -228,16 +211,15 @@ def predict_probs(
         raise TypeError(f"image must be a (B, 3, H, W) tensor, got {shape}; add a batch dim with image[None]")
     if not image.is_floating_point():
         raise TypeError(f"image must be normalised floating point, got dtype {image.dtype}")
-    if mode not in MODES:
-        raise ValueError(f"unknown inference mode {mode!r}; choose from {list(MODES)}")
-    scales = tuple(float(s) for s in scales)
-    if not scales or min(scales) <= 0 or not all(math.isfinite(s) for s in scales):
-        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
-    crop = _pair(crop_size, "crop_size")
-    step = _pair(stride, "stride")
-    if mode == "slide" and (step[0] > crop[0] or step[1] > crop[1]):
-        raise ValueError(f"stride {step} larger than crop_size {crop} would leave pixels unpredicted")
-    os_ = _resolve_output_stride(model, output_stride)
+    if not isinstance(inference, InferenceConfig):
+        raise TypeError(
+            f"inference must be a deeplab.InferenceConfig, got {type(inference).__name__}; "
+            "e.g. predict_probs(model, x, InferenceConfig(scales=(0.75, 1.0), flip=True))"
+        )
+    # Resolve the model's output stride once; the forward helpers read it from the config.
+    inference = dataclasses.replace(
+        inference, output_stride=_resolve_output_stride(model, inference.output_stride)
+    )
     if align_corners is None:
         align_corners = bool(getattr(unwrap_model(model), "align_corners", False))
     if model.training:
@@ -248,23 +230,20 @@ def predict_probs(
         )
 
     out_h, out_w = image.shape[-2:]
-    if pad_to is not None:
-        th, tw = _pair(pad_to, "pad_to")
+    if inference.pad_to is not None:
+        th, tw = inference.pad_to
         image = F.pad(image, (0, max(tw - out_w, 0), 0, max(th - out_h, 0)), value=0.0)
     size = (int(image.shape[-2]), int(image.shape[-1]))
 
-    def logits_of(x: torch.Tensor) -> torch.Tensor:
-        if mode == "whole":
-            return _forward_whole(model, x, os_, num_classes)
-        return _forward_slide(model, x, os_, num_classes, crop, step)
+    forward = _forward_whole if inference.mode == "whole" else _forward_slide
 
     probs: Optional[torch.Tensor] = None
     runs = 0
-    for scale in scales:
+    for scale in inference.scales:
         scaled = (scaled_size(size[0], scale), scaled_size(size[1], scale))
         x = image if scale == 1.0 else _resize(image, scaled, align_corners)
-        for flipped in (False, True) if flip else (False,):
-            logits = logits_of(x.flip(-1) if flipped else x)
+        for flipped in (False, True) if inference.flip else (False,):
+            logits = forward(model, x.flip(-1) if flipped else x, inference, num_classes)
             if flipped:
                 logits = logits.flip(-1)
             logits = _resize(logits.float(), size, align_corners)
@@ -280,32 +259,14 @@ def predict_probs(
 def predict_mask(
     model: nn.Module,
     image: torch.Tensor,
+    inference: InferenceConfig = InferenceConfig(),
     *,
     num_classes: Optional[int] = None,
-    mode: str = "whole",
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    crop_size: IntPair = 513,
-    stride: IntPair = 341,
-    output_stride: Optional[int] = None,
-    pad_to: Optional[IntPair] = None,
     align_corners: Optional[bool] = None,
 ) -> torch.Tensor:
     """Predicted class ids ``(B, H, W)`` int64: the argmax over C of :func:`predict_probs`.
 
     Takes exactly the arguments of :func:`predict_probs`.
     """
-    probs = predict_probs(
-        model,
-        image,
-        num_classes=num_classes,
-        mode=mode,
-        scales=scales,
-        flip=flip,
-        crop_size=crop_size,
-        stride=stride,
-        output_stride=output_stride,
-        pad_to=pad_to,
-        align_corners=align_corners,
-    )
+    probs = predict_probs(model, image, inference, num_classes=num_classes, align_corners=align_corners)
     return probs.argmax(dim=1)

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from deeplab.viz import render_confusion
+
 __all__ = ["ConfusionMatrix"]
 
 PathLike = Union[str, Path]
@@ -304,7 +306,7 @@ class ConfusionMatrix:
         Returns:
             The written path.
         """
-        image, _ = _render_confusion(self.normalized(), self._names(class_names), self.matrix)
+        image, _ = render_confusion(self.normalized(), self._names(class_names), self.matrix)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path, format="PNG")
@@ -331,134 +333,3 @@ def _num(value: Union[float, torch.Tensor]) -> Optional[float]:
 def _pct(value: Union[float, torch.Tensor]) -> str:
     value = float(value)
     return "-" if math.isnan(value) else f"{100.0 * value:.2f}"
-
-
-# Anchor colours of matplotlib's viridis at 0, 0.25, 0.5, 0.75, 1 (perceptually uniform and
-# readable in greyscale); linear interpolation between them is close enough for a heatmap.
-_VIRIDIS: Tuple[Tuple[int, int, int], ...] = (
-    (68, 1, 84),
-    (59, 82, 139),
-    (33, 145, 140),
-    (94, 201, 98),
-    (253, 231, 37),
-)
-_ABSENT_ROW = (200, 200, 200)
-_MAX_LABELLED_CLASSES = 40
-
-
-def _colormap(value: float) -> Tuple[int, int, int]:
-    """Map ``value`` in [0, 1] to an RGB triple (clamped)."""
-    v = min(max(float(value), 0.0), 1.0) * (len(_VIRIDIS) - 1)
-    i = min(int(v), len(_VIRIDIS) - 2)
-    t = v - i
-    a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
-    return tuple(int(round(a[k] + (b[k] - a[k]) * t)) for k in range(3))  # type: ignore[return-value]
-
-
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:  # Pillow >= 10.1 ships a scalable default font
-        return ImageFont.load_default(size=size)
-    except TypeError:  # older Pillow: fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def _text_size(draw: Any, text: str, font: Any) -> Tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _vertical_text(text: str, font: Any, fill: Any = "black") -> Any:
-    """``text`` rendered bottom-to-top on a white image (for column and axis labels)."""
-    from PIL import Image, ImageDraw
-
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    # The bbox of text drawn at (0, 0) may start right of / below the origin and ends at
-    # (right, bottom): size the scratch image by the far edges so no glyph is clipped.
-    _, _, right, bottom = probe.textbbox((0, 0), text, font=font)
-    scratch = Image.new("RGB", (right + 2, bottom + 2), "white")
-    ImageDraw.Draw(scratch).text((0, 0), text, fill=fill, font=font)
-    return scratch.rotate(90, expand=True)
-
-
-def _render_confusion(
-    norm: torch.Tensor, names: Sequence[str], counts: torch.Tensor
-) -> Tuple[Any, Dict[str, int]]:
-    """Draw the heatmap; returns the image and its layout (for tests and callers).
-
-    Layout keys: ``x0``, ``y0`` (top-left of cell (0, 0)) and ``cell`` (cell side in px).
-    """
-    from PIL import Image, ImageDraw
-
-    n = norm.shape[0]
-    # ~800 px of matrix whatever C is, but never cells smaller than 2 px or larger than 48.
-    cell = max(2, min(48, 800 // n))
-    labelled = n <= _MAX_LABELLED_CLASSES
-    font = _font(max(10, min(14, cell - 4)))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    # Too many classes for names: label every ``step``-th class by its index instead.
-    step = 1 if labelled else 10 * max(1, math.ceil(n / 200))
-    axis_labels = {i: (names[i] if labelled else str(i)) for i in range(0, n, step)}
-    label_w = max(probe.textbbox((0, 0), s, font=font)[2] + 2 for s in axis_labels.values())
-    title_font = _font(14)
-    title_h = probe.textbbox((0, 0), "Ag", font=title_font)[3] + 2
-
-    margin = 10
-    x0 = margin + title_h + 6 + label_w + 6
-    y0 = margin + title_h + 6 + label_w + 6
-    side = n * cell
-    bar_w, bar_gap, tick_w = 16, 16, 40
-    width = x0 + side + bar_gap + bar_w + tick_w + margin
-    height = y0 + side + margin + title_h + 6
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    gt_present = counts.sum(dim=1).cpu() > 0
-    annotate = cell >= 28
-    cell_font = _font(max(8, cell // 3))
-    for r in range(n):
-        for c in range(n):
-            value = float(norm[r, c])
-            colour = _colormap(value) if bool(gt_present[r]) else _ABSENT_ROW
-            box = (x0 + c * cell, y0 + r * cell, x0 + (c + 1) * cell - 1, y0 + (r + 1) * cell - 1)
-            draw.rectangle(box, fill=colour)
-            if annotate and bool(gt_present[r]) and value >= 0.005:
-                text = f"{100 * value:.0f}"
-                tw, th = _text_size(draw, text, cell_font)
-                ink = (0, 0, 0) if value > 0.6 else (255, 255, 255)
-                draw.text(
-                    (box[0] + (cell - tw) // 2, box[1] + (cell - th) // 2 - 1),
-                    text,
-                    fill=ink,
-                    font=cell_font,
-                )
-
-    for i, name in axis_labels.items():
-        tw, th = _text_size(draw, name, font)
-        # Row labels right-aligned left of the matrix, column labels rotated above it.
-        draw.text((x0 - 6 - tw, y0 + i * cell + (cell - th) // 2 - 1), name, fill="black", font=font)
-        rotated = _vertical_text(name, font)
-        image.paste(rotated, (x0 + i * cell + (cell - rotated.width) // 2, y0 - 6 - rotated.height))
-
-    # Axis titles: "prediction" above the columns, "ground truth" left of the rows.
-    tw, th = _text_size(draw, "prediction", title_font)
-    draw.text((x0 + (side - tw) // 2, margin), "prediction", fill="black", font=title_font)
-    rotated = _vertical_text("ground truth", title_font)
-    image.paste(rotated, (margin, y0 + (side - rotated.height) // 2))
-    note = "rows: ground truth, normalised per row"
-    draw.text((x0, y0 + side + margin // 2), note, fill=(80, 80, 80), font=_font(11))
-
-    # Colour bar, 1 at the top.
-    bx = x0 + side + bar_gap
-    for y in range(side):
-        draw.line([(bx, y0 + y), (bx + bar_w - 1, y0 + y)], fill=_colormap(1.0 - y / max(side - 1, 1)))
-    draw.rectangle((bx, y0, bx + bar_w - 1, y0 + side - 1), outline="black")
-    tick_font = _font(11)
-    for value in (0.0, 0.5, 1.0):
-        y = y0 + int(round((1.0 - value) * (side - 1)))
-        draw.line([(bx + bar_w, y), (bx + bar_w + 3, y)], fill="black")
-        _, th = _text_size(draw, "0", tick_font)
-        draw.text((bx + bar_w + 5, y - th // 2 - 1), f"{value:.1f}", fill="black", font=tick_font)
-
-    return image, {"x0": x0, "y0": y0, "cell": cell}
