@@ -11,7 +11,7 @@ import argparse
 import itertools
 import json
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,7 +22,7 @@ from deeplab.models import BACKBONES, build_model_from_config
 
 def count(
     *, arch: str, backbone: str, output_stride: int, separable: bool, size: int = 513, num_classes: int = 21
-) -> Dict[str, float]:
+) -> Dict[str, Any]:
     """Parameters and Mult-Adds of one variant at ``1 x 3 x size x size``."""
     config = ModelConfig(
         arch=arch, backbone=backbone, num_classes=num_classes, output_stride=output_stride, separable=separable
@@ -44,7 +44,7 @@ def count(
     }
 
 
-def markdown(rows: List[Dict[str, float]], size: int) -> str:
+def markdown(rows: List[Dict[str, Any]], size: int) -> str:
     lines = [
         f"| arch | backbone | OS | ASPP/decoder 3x3 | params (M) | Mult-Adds @ {size}x{size} (B) |",
         "|---|---|---|---|---:|---:|",

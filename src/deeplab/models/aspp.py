@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ class ASPP(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        branches = [ConvBNReLU(in_channels, out_channels, 1)]
+        branches: List[nn.Module] = [ConvBNReLU(in_channels, out_channels, 1)]
         branches += [conv3x3_bn_relu(in_channels, out_channels, dilation=r, separable=separable) for r in rates]
         self.convs = nn.ModuleList(branches)
         self.image_pool: Optional[ImagePooling] = (

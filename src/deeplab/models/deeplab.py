@@ -12,7 +12,7 @@ from torch import nn
 from ..config import ARCHS, ModelConfig
 from ..nn.layers import ConvBNReLU, conv3x3_bn_relu, resize
 from .aspp import ASPP, default_aspp_rates
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone, Normalization, build_backbone
 from .backbones.base import init_conv_bn
 
 
@@ -96,6 +96,7 @@ class DeepLabV3(nn.Module):
         )
         self.classifier = nn.Conv2d(self._head_channels(), num_classes, 1)
         self.config: Optional[ModelConfig] = None
+        self.normalization: Normalization = backbone.normalization
 
     def _head_channels(self) -> int:
         return self.aspp.out_channels
@@ -277,7 +278,6 @@ def build_model_from_config(
     model = MODELS[config.arch](body, **kwargs)
     model._init_head()
     model.config = config
-    model.normalization = body.normalization
     if pretrained_backbone is not None:
         # Lazy: weights.py (file fetching, hashing) is only needed for pretrained builds.
         from ..weights import load_backbone_weights

@@ -19,7 +19,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from .names import (
     tf_layout,
     to_torch,
 )
+
+if TYPE_CHECKING:  # the model code is imported lazily, where a conversion needs it
+    from ..models.deeplab import DeepLabV3
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -318,7 +321,7 @@ class Conversion:
             "config": self.config.to_dict(),
             "classes": list(self.classes),
             "palette": [list(c) for c in self.palette],
-            "normalization": model.normalization.to_dict(),  # type: ignore[union-attr]
+            "normalization": cast("DeepLabV3", model).normalization.to_dict(),
             "converted_from": info,
         }
         if self.dataset is not None:

@@ -13,7 +13,7 @@ inputs scaled to [-1, 1].
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 import torch
 from torch import nn
@@ -144,7 +144,7 @@ class MobileNetV2(Backbone):
                 unit += 1
         self.features = nn.Sequential(*features)
         self.feature_specs = {
-            "low_level": FeatureSpec(features[self.low_level_index].out_channels, 4),
+            "low_level": FeatureSpec(cast(InvertedResidual, features[self.low_level_index]).out_channels, 4),
             "out": FeatureSpec(cin, output_stride),
         }
         init_conv_bn(self)

@@ -15,7 +15,7 @@ Parameter names: ``stem.0.conv.weight``, ``blocks.1.stack.conv2.conv_dw.weight``
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -218,7 +218,7 @@ class Xception(Backbone):
         low_level = x
         for index, block in enumerate(self.blocks):
             if index == self.low_level_index:
-                x, low_level = block.forward_with_tap(x)
+                x, low_level = cast(XceptionModule, block).forward_with_tap(x)
             else:
                 x = block(x)
         return {"low_level": low_level, "out": x}
