@@ -19,12 +19,24 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._utils import DeeplabError
 from ..config import ModelConfig
 from .bundle import BundleError, CheckpointReader
 from .names import (
@@ -45,7 +57,7 @@ EVAL_CROP_SIZE = {"voc": (513, 513), "cityscapes": (1025, 2049), "ade20k": (513,
 READERS = ("python", "tensorflow")
 
 
-class ConversionError(ValueError):
+class ConversionError(DeeplabError, ValueError):
     """The checkpoint cannot be converted; the message lists the offending variables."""
 
 
