@@ -17,9 +17,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from deeplab.checkpoint import CheckpointError, load_model
-from deeplab.cli.common import CLIError, add_data_args, make_dataset, print_config
-from deeplab.data import DatasetError, EvalTransform
+from deeplab.checkpoint import load_model
+from deeplab.cli.common import CLIError, add_data_args, cli_command, make_dataset, print_config
+from deeplab.data import EvalTransform
 from deeplab.train import distributed as dist_utils
 from deeplab.eval.evaluate import ShardSampler, evaluate, write_report
 from deeplab.eval.inference import MODES
@@ -127,14 +127,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return {"miou": cm.miou, "pixel_accuracy": cm.pixel_accuracy}
 
 
+@cli_command("eval")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (CLIError, CheckpointError, DatasetError, FileNotFoundError) as exc:
-        print(f"deeplab eval: {exc}", file=sys.stderr)
-        return 2
+    run(args)
     return 0
 
 

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from deeplab.cli.common import CLIError, cli_command
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
 
@@ -121,6 +123,7 @@ def _why_not_an_image(exc: BaseException) -> str:
     return str(exc)
 
 
+@cli_command("predict")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -138,8 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for problem in problems:
         print(f"deeplab predict: {problem}", file=sys.stderr)
     if not files:
-        print("deeplab predict: no input files; pass image files, folders or quoted glob patterns", file=sys.stderr)
-        return 2
+        raise CLIError("no input files; pass image files, folders or quoted glob patterns")
     options = dict(mode=args.mode, scales=tuple(args.scales), flip=args.flip, crop_size=args.crop_size, stride=args.stride)
     try:
         if args.backend == "torch":
@@ -148,8 +150,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             segmenter = Segmenter.load(args.checkpoint, backend=args.backend, threads=args.threads, **options)
     except (CheckpointError, ExportError, FileNotFoundError, ValueError) as exc:
-        print(f"deeplab predict: {exc}", file=sys.stderr)
-        return 2
+        # Segmenter.load says "bad option / wrong file for this backend" with ValueError: a user error
+        raise CLIError(str(exc)) from exc
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(
