@@ -12,7 +12,9 @@ from typing import Iterator, List
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data._utils import ExceptionWrapper  # torch's own re-raise, the text we must read
+
+# torch's own re-raise: the text the wrapper must read
+from torch.utils.data._utils import ExceptionWrapper
 
 import deeplab
 from deeplab._utils import DeeplabError

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, cast
 
 import yaml
 
@@ -31,7 +31,7 @@ DEBUG_ENV = "DEEPLAB_DEBUG"
 
 # OSErrors about a path the user named (a missing --checkpoint, an unwritable --out, an existing
 # run folder) are the user's to fix, like the project's own errors.
-PATH_ERRORS: Tuple[Type[BaseException], ...] = (
+PATH_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
 )
 
@@ -43,7 +43,8 @@ PATH_ERRORS: Tuple[Type[BaseException], ...] = (
 _WORKER_RERAISE = re.compile(r"\ACaught (?P<name>\w+) in [^\n]*\.\nOriginal (?P<trace>.*)\Z", re.DOTALL)
 _TRACEBACK_HEADER = "Traceback (most recent call last):\n"
 
-MainFunction = Callable[[Optional[List[str]]], int]
+# a subcommand's main(argv=None) -> int; a TypeVar so the decorated main keeps its signature (argv optional)
+MainFunction = TypeVar("MainFunction", bound=Callable[..., int])
 
 
 def debug_enabled() -> bool:
@@ -78,7 +79,7 @@ def worker_message(text: str) -> Optional[str]:
     return "\n".join([first, *lines[start + 1:]]).strip() or match["name"]
 
 
-def user_error_message(exc: BaseException, user_errors: Tuple[Type[BaseException], ...] = ()) -> Optional[str]:
+def user_error_message(exc: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> Optional[str]:
     """One line for an error the user can fix, or ``None`` for a bug (which keeps its traceback).
 
     Args:
@@ -96,7 +97,7 @@ def user_error_message(exc: BaseException, user_errors: Tuple[Type[BaseException
     return one_line(exc if original is None else DeeplabError(original))
 
 
-def cli_command(name: str, *, user_errors: Tuple[Type[BaseException], ...] = ()) -> Callable[[MainFunction], MainFunction]:
+def cli_command(name: str, *, user_errors: tuple[type[BaseException], ...] = ()) -> Callable[[MainFunction], MainFunction]:
     """Decorate a subcommand's ``main(argv=None)``: errors for people become one line.
 
     A :class:`DeeplabError`, an error about a path (:data:`PATH_ERRORS`) or one of
@@ -126,7 +127,7 @@ def cli_command(name: str, *, user_errors: Tuple[Type[BaseException], ...] = ())
                 print(f"deeplab {name}: error: {message}", file=sys.stderr)
                 return 2
 
-        return wrapped
+        return cast(MainFunction, wrapped)
 
     return decorate
 
