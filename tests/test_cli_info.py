@@ -56,6 +56,7 @@ def test_info_cli_prints_table_and_json(capsys: pytest.CaptureFixture) -> None:
 
 def test_unknown_subcommand_and_help(capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["frobnicate"]) == 2
-    assert "unknown subcommand 'frobnicate'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown subcommand 'frobnicate'" in err and err.startswith("deeplab: error: ")
     assert cli.main([]) == 0
     assert "subcommands:" in capsys.readouterr().out

@@ -109,6 +109,7 @@ def test_user_errors_are_one_line(argv: list, message: str, capsys: pytest.Captu
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert err.startswith(f"deeplab {argv[0]}: error: ") and err.count("\n") == 1
 
 
 def test_folder_dataset_and_init_from(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

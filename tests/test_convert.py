@@ -221,10 +221,13 @@ def test_cli_lists_variables_and_reports_errors(tmp_path: Path, capsys) -> None:
     assert cli(["convert", "tf", str(MNV2_TARBALL), "--list"]) == 0
     listing = capsys.readouterr().out
     assert "MobilenetV2/expanded_conv_16/project/weights\t[1, 1, 960, 320]" in listing
-    assert cli(["convert", "tf", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "x.pt")]) == 1
-    assert "does not exist" in capsys.readouterr().err
-    assert cli(["convert", "tf", str(MNV2_TARBALL), "--out", str(tmp_path / "x.pt"), "--dataset", "cityscapes"]) == 1
-    assert "has 21 classes, but --dataset cityscapes has 19" in capsys.readouterr().err
+    # user errors: one "deeplab convert: error:" line, exit status 2 (as every subcommand)
+    assert cli(["convert", "tf", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.startswith("deeplab convert: error: ") and err.count("\n") == 1
+    assert cli(["convert", "tf", str(MNV2_TARBALL), "--out", str(tmp_path / "x.pt"), "--dataset", "cityscapes"]) == 2
+    err = capsys.readouterr().err
+    assert "has 21 classes, but --dataset cityscapes has 19" in err and err.startswith("deeplab convert: error: ")
     assert not (tmp_path / "x.pt").exists()
 
 

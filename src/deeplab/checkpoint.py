@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import nn
 
-from deeplab._utils import load_state_dict_strict
+from deeplab._utils import DeeplabError, load_state_dict_strict
 from deeplab.config import ModelConfig
 
 __all__ = [
@@ -73,7 +73,7 @@ _PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype,
 _PLAIN_CONTAINERS = (dict, OrderedDict, list, tuple, set)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DeeplabError, RuntimeError):
     """A checkpoint could not be written, read or used; the message names file and fix."""
 
 

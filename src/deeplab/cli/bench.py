@@ -46,6 +46,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from deeplab.cli.common import cli_command
+
 PATHS = ("eager", "eager_cl", "eager_opt", "compile", "onnxruntime", "openvino")
 PATH_LABELS = {
     "eager": "eager fp32",
@@ -387,6 +389,7 @@ def run_bench(
     return report
 
 
+@cli_command("bench")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="deeplab bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

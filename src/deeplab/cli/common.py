@@ -1,15 +1,19 @@
-"""Helpers shared by the subcommands: presets, datasets from flags, printing."""
+"""Helpers shared by the subcommands: the one error wrapper, presets, datasets from flags, printing."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, cast
 
 import yaml
 
+from deeplab._utils import DeeplabError, one_line
 from deeplab.config import INFERENCE_MODES, InferenceConfig
 from deeplab.data import DATASETS, build_dataset
 from deeplab.data.base import SegmentationDataset, Transform
@@ -18,8 +22,118 @@ from deeplab.data.base import SegmentationDataset, Transform
 DOC_KEYS = ("notes", "expected_miou", "paper")
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+class CLIError(DeeplabError):
+    """A user error in the command line: printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- the one error wrapper
+
+DEBUG_ENV = "DEEPLAB_DEBUG"
+
+# OSErrors about a path the user named (a missing --checkpoint, an unwritable --out, an existing
+# run folder) are the user's to fix, like the project's own errors.
+PATH_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
+)
+
+# torch (ExceptionWrapper.reraise, torch.utils.data._utils) re-raises a DataLoader worker's
+# exception in the main process as ``type(exc)(msg)`` where msg is
+# "Caught <Name> in DataLoader worker process <N>.\nOriginal <traceback.format_exception(...)>":
+# the worker's exception object never crosses the process boundary, only its type and that text,
+# so the plain message has to be read back from the text.
+_WORKER_RERAISE = re.compile(r"\ACaught (?P<name>\w+) in [^\n]*\.\nOriginal (?P<trace>.*)\Z", re.DOTALL)
+_TRACEBACK_HEADER = "Traceback (most recent call last):\n"
+
+# a subcommand's main(argv=None) -> int; a TypeVar so the decorated main keeps its signature (argv optional)
+MainFunction = TypeVar("MainFunction", bound=Callable[..., int])
+
+
+def debug_enabled() -> bool:
+    """``DEEPLAB_DEBUG`` set (and not ``0``): show tracebacks instead of one-line errors."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def worker_message(text: str) -> Optional[str]:
+    """The original message inside torch's DataLoader-worker re-raise text, or ``None``.
+
+    Args:
+        text: ``str(exc)`` of an exception the main process received from a DataLoader.
+
+    Returns:
+        What the worker's exception said (possibly several lines), without torch's
+        "Caught X in DataLoader worker process N" header, the traceback and the ``X:`` prefix;
+        ``None`` when ``text`` is not such a re-raise.
+    """
+    match = _WORKER_RERAISE.match(text)
+    if match is None:
+        return None
+    # A chained exception ("raise DatasetError(...) from e") prints its causes first: the
+    # exception itself is the last traceback in the text.
+    last = match["trace"].rsplit(_TRACEBACK_HEADER, 1)[-1]
+    lines = last.split("\n")
+    # Frame lines are indented; the first line flush left is "module.Name: message".
+    start = next((i for i, line in enumerate(lines) if line and not line[0].isspace()), None)
+    if start is None:
+        return None
+    first = re.sub(rf"\A(?:[\w.]+\.)?{match['name']}(?::\s?|\Z)", "", lines[start])
+    # an exception raised without a message still says what it was
+    return "\n".join([first, *lines[start + 1:]]).strip() or match["name"]
+
+
+def user_error_message(exc: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> Optional[str]:
+    """One line for an error the user can fix, or ``None`` for a bug (which keeps its traceback).
+
+    Args:
+        exc: the exception a subcommand raised.
+        user_errors: further exception types this subcommand treats as user errors.
+
+    Returns:
+        The message on one line (a DataLoader worker's original message, not torch's wrapper
+        text), or ``None`` when ``exc`` is not a :class:`DeeplabError`, a path error or one of
+        ``user_errors``.
+    """
+    if not isinstance(exc, (DeeplabError, *PATH_ERRORS, *user_errors)):
+        return None
+    original = worker_message(str(exc))
+    return one_line(exc if original is None else DeeplabError(original))
+
+
+def cli_command(name: str, *, user_errors: tuple[type[BaseException], ...] = ()) -> Callable[[MainFunction], MainFunction]:
+    """Decorate a subcommand's ``main(argv=None)``: errors for people become one line.
+
+    A :class:`DeeplabError`, an error about a path (:data:`PATH_ERRORS`) or one of
+    ``user_errors`` prints ``deeplab <name>: error: <message>`` on stderr and returns 2, also when
+    it was raised inside a DataLoader worker; Ctrl-C prints one line and returns 130. Anything
+    else is a bug and keeps its traceback. ``DEEPLAB_DEBUG=1`` re-raises everything.
+
+    Args:
+        name: the subcommand, as typed after ``deeplab``.
+        user_errors: further exception types this subcommand reports as user errors.
+    """
+
+    def decorate(main: MainFunction) -> MainFunction:
+        @functools.wraps(main)
+        def wrapped(argv: Optional[List[str]] = None) -> int:
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                if debug_enabled():
+                    raise
+                print(f"deeplab {name}: error: interrupted", file=sys.stderr)
+                return 130
+            except Exception as exc:
+                message = user_error_message(exc, user_errors)
+                if message is None or debug_enabled():
+                    raise
+                print(f"deeplab {name}: error: {message}", file=sys.stderr)
+                return 2
+
+        return cast(MainFunction, wrapped)
+
+    return decorate
+
+
+# --------------------------------------------------------------------------- presets
 
 
 def load_preset(path: str, allowed: Sequence[str]) -> Dict[str, Any]:

@@ -23,6 +23,9 @@ from typing import List, Optional
 
 import torch
 
+from deeplab.cli.common import CLIError, cli_command
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deeplab convert",
@@ -87,8 +90,7 @@ def _convert(args: argparse.Namespace) -> int:
     from deeplab.tf.convert import convert_checkpoint
 
     if not args.out:
-        print("deeplab convert tf: --out is required (or --list to inspect the checkpoint)", file=sys.stderr)
-        return 2
+        raise CLIError("--out is required (or --list to inspect the checkpoint)")
     out = Path(args.out).expanduser()
     print(f"converting {args.checkpoint} (reader={args.reader}, dataset={args.dataset or 'auto'}, "
           f"output_stride={args.output_stride}, multi_grid={args.multi_grid}, backbone_only={args.backbone_only})")
@@ -125,17 +127,12 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+@cli_command("convert")
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from deeplab.tf.convert import ConversionError
-
-    try:
-        if args.list:
-            return _list(args)
-        return _convert(args)
-    except ConversionError as exc:
-        print(f"deeplab convert tf: {exc}", file=sys.stderr)
-        return 1
+    if args.list:
+        return _list(args)
+    return _convert(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from deeplab.checkpoint import load_model
 from deeplab.cli import train as train_cli
 from deeplab.config import InferenceConfig
+from deeplab.cli.common import cli_command
 from deeplab.data import EvalTransform, FolderSegmentation, colorize, fetch_demo_data
 from deeplab.eval.evaluate import write_report
 from deeplab.eval.inference import predict_mask
@@ -60,6 +61,7 @@ def side_by_side(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, palette
     return canvas
 
 
+@cli_command("demo")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="deeplab demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")

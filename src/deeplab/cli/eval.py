@@ -17,18 +17,18 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from deeplab._utils import ConfigError
-from deeplab.checkpoint import CheckpointError, load_model
+from deeplab.checkpoint import load_model
 from deeplab.cli.common import (
     CLIError,
     add_data_args,
     add_inference_args,
+    cli_command,
     inference_config,
     make_dataset,
     print_config,
 )
 from deeplab.config import InferenceConfig
-from deeplab.data import DatasetError, EvalTransform
+from deeplab.data import EvalTransform
 from deeplab.eval.evaluate import ShardSampler, evaluate, write_report
 from deeplab.train import distributed as dist_utils
 
@@ -123,14 +123,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     return {"miou": cm.miou, "pixel_accuracy": cm.pixel_accuracy}
 
 
+@cli_command("eval")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (CLIError, CheckpointError, ConfigError, DatasetError, FileNotFoundError) as exc:
-        print(f"deeplab eval: {exc}", file=sys.stderr)
-        return 2
+    run(args)
     return 0
 
 

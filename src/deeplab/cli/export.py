@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from deeplab.cli.common import cli_command
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -36,20 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli_command("export")
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from deeplab.checkpoint import CheckpointError, load_model
+    from deeplab.checkpoint import load_model
     from deeplab.deploy.export import export_model, model_metadata
     from deeplab.deploy.format import ExportError
     from deeplab.deploy.runtime import check_parity
 
-    try:
-        model, ckpt = load_model(args.checkpoint, map_location="cpu", output_stride=args.output_stride)
-    except (CheckpointError, FileNotFoundError) as exc:
-        print(f"deeplab export: {exc}", file=sys.stderr)
-        return 2
+    model, ckpt = load_model(args.checkpoint, map_location="cpu", output_stride=args.output_stride)
     cfg = model.config
     print(
         f"deeplab export: {args.checkpoint} ({cfg.arch} / {cfg.backbone}, OS {model.output_stride}, "
@@ -60,12 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = model_metadata(model, classes=ckpt.get("classes"), palette=ckpt.get("palette"),
                           normalization=ckpt.get("normalization"))
     start = time.perf_counter()
-    try:
-        path = export_model(model, args.out, format=args.format, metadata=meta, fold_bn=not args.no_fold_bn,
-                            opset=args.opset)
-    except (ExportError, OSError) as exc:
-        print(f"deeplab export: {exc}", file=sys.stderr)
-        return 1
+    path = export_model(model, args.out, format=args.format, metadata=meta, fold_bn=not args.no_fold_bn,
+                        opset=args.opset)
     size_mb = Path(path).stat().st_size / 2**20
     print(f"wrote {path} ({size_mb:.1f} MiB) in {time.perf_counter() - start:.1f} s; "
           f"inputs 'image' (batch, 3, height, width) -> 'logits' (batch, {model.num_classes}, height, width)")

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from deeplab.cli.common import cli_command
 from deeplab.config import ARCHS, ModelConfig
 from deeplab.models import BACKBONES, build_model_from_config
 
@@ -57,6 +58,7 @@ def markdown(rows: List[Dict[str, Any]], size: int) -> str:
     return "\n".join(lines)
 
 
+@cli_command("info")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="deeplab info", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(ARCHS), choices=list(ARCHS))

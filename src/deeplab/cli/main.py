@@ -28,6 +28,11 @@ def _usage() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Dispatch ``deeplab <subcommand> ...``; each subcommand's ``main`` reports its own errors.
+
+    Returns:
+        The exit status: 0, 2 for a usage or user error (one ``deeplab <cmd>: error:`` line).
+    """
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
@@ -39,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name not in SUBCOMMANDS:
-        print(f"deeplab: unknown subcommand {name!r}; choose from {sorted(SUBCOMMANDS)}", file=sys.stderr)
+        print(f"deeplab: error: unknown subcommand {name!r}; choose from {sorted(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return int(module.main(rest) or 0)

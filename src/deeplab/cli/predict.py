@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from deeplab.cli.common import add_inference_args, inference_config
+from deeplab.cli.common import CLIError, add_inference_args, cli_command, inference_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -116,6 +116,7 @@ def _why_not_an_image(exc: BaseException) -> str:
     return str(exc)
 
 
+@cli_command("predict")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -134,8 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for problem in problems:
         print(f"deeplab predict: {problem}", file=sys.stderr)
     if not files:
-        print("deeplab predict: no input files; pass image files, folders or quoted glob patterns", file=sys.stderr)
-        return 2
+        raise CLIError("no input files; pass image files, folders or quoted glob patterns")
     try:
         inference = inference_config(args)
         if args.backend == "torch":
@@ -143,8 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             segmenter = Segmenter.load(args.checkpoint, backend=args.backend, threads=args.threads, inference=inference)
     except (CheckpointError, ExportError, FileNotFoundError, ValueError) as exc:
-        print(f"deeplab predict: {exc}", file=sys.stderr)
-        return 2
+        # Segmenter.load says "bad option / wrong file for this backend" with ValueError: a user error
+        raise CLIError(str(exc)) from exc
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import typing
 from pathlib import Path
@@ -19,15 +18,15 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from deeplab.checkpoint import CheckpointError, load_checkpoint, strip_state_dict_prefixes
-from deeplab.cli.common import CLIError, add_data_args, make_dataset, parse_with_preset, print_config
+from deeplab.checkpoint import load_checkpoint, strip_state_dict_prefixes
+from deeplab.cli.common import CLIError, add_data_args, cli_command, make_dataset, parse_with_preset, print_config
 from deeplab.config import ARCHS, ModelConfig, TrainConfig
-from deeplab.data import DatasetError, EvalTransform, TrainTransform
+from deeplab.data import EvalTransform, TrainTransform
 from deeplab.train import distributed as dist_utils
 from deeplab.eval.evaluate import ShardSampler, evaluate
 from deeplab.train import TrainResult, train
 from deeplab.models import BACKBONES, build_model
-from deeplab.weights import WeightsError, resolve_pretrained
+from deeplab.weights import resolve_pretrained
 
 # Flags whose name differs from their config field.
 FLAG_NAMES = {"run_dir": "out", "resume_from": "resume", "hflip": "hflip"}
@@ -198,19 +197,12 @@ def run(args: argparse.Namespace) -> TrainResult:
     return result
 
 
-USER_ERRORS = (CLIError, CheckpointError, DatasetError, WeightsError, FileNotFoundError, FileExistsError, ValueError)
-
-
+# TrainConfig and the model builders validate with plain ValueError: here they mean bad flags.
+@cli_command("train", user_errors=(ValueError,))
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    try:
-        args = parse_with_preset(parser, argv)
-        run(args)
-    except USER_ERRORS as exc:
-        if os.environ.get("DEEPLAB_DEBUG"):
-            raise
-        print(f"deeplab train: {exc}\n(set DEEPLAB_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+    args = parse_with_preset(parser, argv)
+    run(args)
     return 0
 
 

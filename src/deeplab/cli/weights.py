@@ -6,9 +6,11 @@ import argparse
 import sys
 from typing import List, Optional
 
-from deeplab.weights import PRETRAINED_FILES, WeightsError, fetch_weights, hub_checkpoint_dir
+from deeplab.cli.common import cli_command
+from deeplab.weights import PRETRAINED_FILES, fetch_weights, hub_checkpoint_dir
 
 
+@cli_command("weights")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="deeplab weights", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,11 +25,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 here = (hub_checkpoint_dir() / entry.filename).is_file()
                 print(f"{backbone:<13} {entry.filename:<30} {'cached' if here else '-':<7} {entry.source}")
         return 0
-    try:
-        path = fetch_weights(args.backbone, cache_dir=args.cache_dir)
-    except WeightsError as exc:
-        print(f"deeplab weights: {exc}", file=sys.stderr)
-        return 1
+    path = fetch_weights(args.backbone, cache_dir=args.cache_dir)
     print(path)
     return 0
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .._utils import DeeplabError
 from .palettes import IGNORE_INDEX, RGB
 
 PathLike = Union[str, Path]
@@ -26,7 +27,7 @@ Transform = Callable[..., Any]
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
-class DatasetError(ValueError):
+class DatasetError(DeeplabError, ValueError):
     """A dataset's files do not match the expected layout or content.
 
     The message names the offending file or directory and says how to fix it.

@@ -28,6 +28,8 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from .._utils import DeeplabError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 TABLE_MAGIC = 0xDB4775248B80FB57
@@ -58,7 +60,7 @@ DTYPE_NAMES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6
                19: "float16", 22: "uint32", 23: "uint64"}
 
 
-class BundleError(ValueError):
+class BundleError(DeeplabError, ValueError):
     """A checkpoint file is missing, truncated, corrupt or uses a feature this reader lacks."""
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._utils import load_state_dict_strict
+from .._utils import DeeplabError, load_state_dict_strict
 from ..config import ModelConfig
 from .bundle import BundleError, CheckpointReader
 from .names import (
@@ -49,7 +49,7 @@ EVAL_CROP_SIZE = {"voc": (513, 513), "cityscapes": (1025, 2049), "ade20k": (513,
 READERS = ("python", "tensorflow")
 
 
-class ConversionError(ValueError):
+class ConversionError(DeeplabError, ValueError):
     """The checkpoint cannot be converted; the message lists the offending variables."""
 
 
