@@ -69,7 +69,6 @@ PATH_SPECS: Dict[str, PathSpec] = {
     "openvino": PathSpec("OpenVINO", "fp32"),
 }
 PATHS = tuple(PATH_SPECS)
-PATH_LABELS = {name: spec.label for name, spec in PATH_SPECS.items()}
 DEFAULT_BACKBONES = ("resnet101", "xception65", "mobilenet_v2")
 
 # The flags that decide the GEMM limits above: fp32 (AVX2 / AVX-512F FMA), bf16 (AVX-512 BF16,
@@ -385,7 +384,8 @@ def markdown_table(report: Dict[str, Any]) -> str:
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        label = PATH_LABELS.get(r["path"], r["path"])
+        spec = PATH_SPECS.get(r["path"])
+        label = spec.label if spec else r["path"]
         if r.get("error"):
             lines.append(f"| {r['model']} | {r['gmacs']:.2f} | {label} | - | - | - | {r['error']} |")
             continue
