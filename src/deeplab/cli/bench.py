@@ -118,11 +118,6 @@ def machine_isa(cpuinfo: str = "/proc/cpuinfo") -> Dict[str, Any]:
     return info
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``, else what :mod:`platform` knows)."""
-    return str(machine_isa()["cpu"])
-
-
 @dataclass(frozen=True)
 class GemmSpec:
     """How one precision's GEMM limit is measured."""
