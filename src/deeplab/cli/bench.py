@@ -15,31 +15,34 @@ separable ASPP/decoder, ``1 x 3 x 513 x 513``, fp32), it measures the latency of
 
 each timed ``--repeat`` times after ``--warmup`` runs, *interleaved* (one run of each path in
 turn), so a neighbour's load hits all paths alike; min and median are reported. It also
-measures, in the same run, the machine's fp32 limits:
+measures, in the same run and at the same thread count, the machine's limit per precision:
 
-* **FMA peak**: a tight loop of 12 independent AVX2 ``vfmadd231ps`` per iteration (no memory
-  traffic, 192 FLOP/iteration), run on every thread at once - the machine's real
-  fused-multiply-add throughput (x86-64 Linux with AVX2+FMA; elsewhere reported as n/a).
-* **GEMM**: ``torch.mm`` of two ``N x N`` fp32 matrices (MKL), ``2 N^3`` FLOP.
+* **fp32 GEMM**: ``torch.mm`` of two ``N x N`` float32 matrices, ``2 N^3`` FLOP;
+* **bf16 GEMM**: the same in bfloat16 (n/a where unsupported or emulated far below fp32);
+* **int8 GEMM**: ``torch._int_mm`` (int8 x int8 -> int32), ``2 N^3`` OPs;
 
-Both are sampled before, between and after the models; the best sample is the limit. Each
-path's effective throughput is ``2 x Mult-Adds / median latency`` (Mult-Adds counted by
-``deeplab info``'s FLOP counter), also shown as a fraction of the FMA peak.
+each sampled before, between and after the models; the best sample is the limit. The CPU's
+model name, ``torch.backends.cpu.get_cpu_capability()`` and the ISA flags that decide these
+limits (AVX2, AVX-512F, AVX-512 BF16/VNNI, AMX BF16/INT8; from ``/proc/cpuinfo``) go with them.
+Each path declares its precision (:data:`PATH_SPECS`); its effective throughput
+``2 x Mult-Adds / median latency`` (Mult-Adds counted by ``deeplab info``'s FLOP counter) is
+shown as a fraction of the GEMM limit of *that* precision.
+
+Developer-only figures (per-op profiles, each conv timed in isolation) are in
+``benchmarks/profile_ops.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import mmap
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -48,129 +51,222 @@ from torch import nn
 
 from deeplab.cli.common import cli_command
 
-PATHS = ("eager", "eager_cl", "eager_opt", "compile", "onnxruntime", "openvino")
-PATH_LABELS = {
-    "eager": "eager fp32",
-    "eager_cl": "eager, BN folded + channels_last",
-    "eager_opt": "eager, + fused conv/ReLU/add (`Segmenter`)",
-    "compile": "torch.compile (inductor, frozen)",
-    "onnxruntime": "ONNX Runtime",
-    "openvino": "OpenVINO",
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """One deployment path: its table label and the precision whose limit its figure is divided by."""
+
+    label: str
+    precision: str
+
+
+PATH_SPECS: Dict[str, PathSpec] = {
+    "eager": PathSpec("eager fp32", "fp32"),
+    "eager_cl": PathSpec("eager, BN folded + channels_last", "fp32"),
+    "eager_opt": PathSpec("eager, + fused conv/ReLU/add (`Segmenter`)", "fp32"),
+    "compile": PathSpec("torch.compile (inductor, frozen)", "fp32"),
+    "onnxruntime": PathSpec("ONNX Runtime", "fp32"),
+    "openvino": PathSpec("OpenVINO", "fp32"),
 }
+PATHS = tuple(PATH_SPECS)
 DEFAULT_BACKBONES = ("resnet101", "xception65", "mobilenet_v2")
 
-# fma_loop(n): 14 x vxorps; loop n times { 12 x vfmadd231ps ymm0-11, ymm12, ymm13 }; vzeroupper; ret.
-# Assembled from the listing in benchmarks/fma_loop.s (SysV x86-64: n in rdi; ymm are caller-saved).
-_FMA_LOOP = bytes.fromhex(
-    "c5fc57c0c5f457c9c5ec57d2c5e457dbc5dc57e4c5d457edc5cc57f6c5c457ffc4413c57c0c4413457c9c4412c57d2"
-    "c4412457dbc4411c57e4c4411457ed4889f8c4c21db8c5c4c21db8cdc4c21db8d5c4c21db8ddc4c21db8e5c4c21db8ed"
-    "c4c21db8f5c4c21db8fdc4421db8c5c4421db8cdc4421db8d5c4421db8dd48ffcf75bfc5f877c3"
-)
-_FMA_FLOP_PER_ITER = 12 * 8 * 2  # 12 FMAs x 8 fp32 lanes x 2 FLOP
+# The flags that decide the GEMM limits above: fp32 (AVX2 / AVX-512F FMA), bf16 (AVX-512 BF16,
+# AMX), int8 (AVX-512 VNNI, AMX).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+
+# A bf16/int8 GEMM below this fraction of the fp32 one is an emulation, not a machine limit:
+# dividing a path by it would flatter the path, so the limit is reported as n/a instead.
+EMULATED_BELOW = 0.1
+PROBE_SIZE = 256  # the quick first GEMM that decides whether a precision is worth sampling at full size
 
 
-def _cpu_flags() -> set:
+def parse_cpuinfo(text: str) -> Dict[str, Any]:
+    """The CPU model name and the :data:`ISA_FLAGS` from the text of ``/proc/cpuinfo``.
+
+    Args:
+        text: the file's contents (the first processor's entries are used).
+
+    Returns:
+        ``{"cpu": name or None, "flags": {flag: bool for flag in ISA_FLAGS}}``.
+    """
+    name: Optional[str] = None
+    flags: Optional[set] = None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip()
+        if key == "model name" and name is None:
+            name = value.strip()
+        elif key in ("flags", "Features") and flags is None:  # "Features" on ARM
+            flags = set(value.split())
+    return {"cpu": name, "flags": {flag: flag in (flags or set()) for flag in ISA_FLAGS}}
+
+
+def machine_isa(cpuinfo: str = "/proc/cpuinfo") -> Dict[str, Any]:
+    """:func:`parse_cpuinfo` of this machine plus torch's own CPU capability (``AVX2``, ``AVX512``, ...)."""
     try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_name() -> str:
+        info = parse_cpuinfo(Path(cpuinfo).read_text())
+    except OSError:  # not Linux: no flags to show, the capability below still tells the kernel set
+        info = parse_cpuinfo("")
+    info["cpu"] = info["cpu"] or platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # an old or unusual build; the figure is informative only
+        info["torch_cpu_capability"] = None
+    return info
 
 
-class FmaKernel:
-    """The AVX2 FMA loop as a callable (``None`` where it cannot run)."""
+@dataclass(frozen=True)
+class GemmSpec:
+    """How one precision's GEMM limit is measured."""
 
-    def __init__(self) -> None:
-        self.fn: Optional[Callable[[int], int]] = None
-        self.reason = ""
-        if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-            self.reason = f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
-            return
-        flags = _cpu_flags()
-        if not {"avx2", "fma"} <= flags:
-            self.reason = "CPU lacks AVX2/FMA"
-            return
-        try:
-            self._buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        except (OSError, ValueError) as exc:  # W^X policies forbid executable anonymous maps
-            self.reason = f"cannot map executable memory ({exc})"
-            return
-        self._buf.write(_FMA_LOOP)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
-        self.fn = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64)(address)
-
-    def gflops(self, threads: int, seconds: float = 0.25) -> Optional[float]:
-        """FMA throughput of ``threads`` threads running the loop at once (ctypes drops the GIL)."""
-        if self.fn is None:
-            return None
-        fn = self.fn
-        n = 1_000_000
-        start = time.perf_counter()
-        fn(n)
-        one = max(time.perf_counter() - start, 1e-6)
-        n = max(int(n * seconds / one), 1_000_000)
-        workers = [threading.Thread(target=fn, args=(n,)) for _ in range(threads)]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        elapsed = time.perf_counter() - start
-        return threads * n * _FMA_FLOP_PER_ITER / elapsed / 1e9
+    op: str
+    unit: str
+    make: Callable[[int, torch.Generator], torch.Tensor]
+    mm: Callable[..., torch.Tensor]
+    out_dtype: torch.dtype
 
 
-def gemm_gflops(n: int = 4096, repeat: int = 3) -> float:
-    """Best fp32 ``torch.mm`` throughput for ``n x n`` matrices over ``repeat`` runs."""
+def _float_operand(dtype: torch.dtype) -> Callable[[int, torch.Generator], torch.Tensor]:
+    def make(n: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, n, generator=g).to(dtype)
+
+    return make
+
+
+def _int8_operand(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(-128, 128, (n, n), generator=g, dtype=torch.int8)
+
+
+GEMMS: Dict[str, GemmSpec] = {
+    "fp32": GemmSpec("torch.mm float32", "GFLOP/s", _float_operand(torch.float32), torch.mm, torch.float32),
+    "bf16": GemmSpec("torch.mm bfloat16", "GFLOP/s", _float_operand(torch.bfloat16), torch.mm, torch.bfloat16),
+    "int8": GemmSpec("torch._int_mm int8 -> int32", "GOP/s", _int8_operand, torch._int_mm, torch.int32),
+}
+
+
+def gemm_throughput(precision: str, n: int = 4096, repeat: int = 3) -> float:
+    """Best ``n x n`` GEMM throughput of ``precision`` over ``repeat`` runs, in G(FL)OP/s (``2 n^3`` per run).
+
+    Raises:
+        ValueError: for a precision not in :data:`PRECISIONS`.
+        RuntimeError: where this torch build or CPU has no such GEMM.
+    """
+    if precision not in GEMMS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+    spec = GEMMS[precision]
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g)
-    b = torch.randn(n, n, generator=g)
-    out = torch.empty(n, n)
-    torch.mm(a, b, out=out)
+    a = spec.make(n, g)
+    b = spec.make(n, g)
+    out = torch.empty(n, n, dtype=spec.out_dtype)
+    spec.mm(a, b, out=out)  # warm-up: first-call dispatch and packing are not the limit
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        torch.mm(a, b, out=out)
+        spec.mm(a, b, out=out)
         best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best / 1e9
+    return 2.0 * n**3 / max(best, 1e-9) / 1e9
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
 class Limits:
-    """Samples of the GEMM and FMA limits taken during the run."""
+    """Samples of each precision's GEMM limit taken during the run, at one thread count.
 
-    def __init__(self, threads: int, gemm_size: int) -> None:
+    A precision that cannot run here, or runs emulated (below :data:`EMULATED_BELOW` of fp32
+    on a quick probe), is not sampled: its limit is ``None`` and :attr:`reasons` says why.
+    """
+
+    def __init__(self, threads: int, gemm_size: int, *, precisions: Sequence[str] = PRECISIONS) -> None:
         self.threads = threads
         self.gemm_size = gemm_size
-        self.kernel = FmaKernel()
-        self.gemm: List[float] = []
-        self.fma: List[float] = []
+        self.samples: Dict[str, List[float]] = {p: [] for p in precisions}
+        self.reasons: Dict[str, str] = {}
+        self._probed = False
+
+    def _probe(self) -> None:
+        # A small GEMM first, so an emulated precision costs a fraction of a second, not the
+        # minutes a full-size emulated GEMM can take. One thread: on a loaded machine a small
+        # multi-threaded GEMM waits on descheduled workers, which would blur the ratio.
+        size = min(PROBE_SIZE, self.gemm_size)
+        rates: Dict[str, float] = {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for precision in self.samples:
+                try:
+                    rates[precision] = gemm_throughput(precision, size, repeat=3)
+                except Exception as exc:  # unsupported dtype/op on this build or CPU: n/a with the reason
+                    self.reasons[precision] = _one_line(exc)
+        finally:
+            torch.set_num_threads(threads)
+        fp32 = rates.get("fp32")
+        for precision, rate in rates.items():
+            if precision != "fp32" and fp32 and rate < EMULATED_BELOW * fp32:
+                self.reasons[precision] = (
+                    f"{GEMMS[precision].op} runs at {rate:.1f} {GEMMS[precision].unit}, under "
+                    f"{EMULATED_BELOW:.0%} of fp32 ({fp32:.1f}) on a {size}^2 probe: no native {precision} GEMM here"
+                )
+        self._probed = True
 
     def sample(self) -> None:
-        self.gemm.append(gemm_gflops(self.gemm_size))
-        value = self.kernel.gflops(self.threads)
-        if value is not None:
-            self.fma.append(value)
+        """One sample of every precision that runs here."""
+        if not self._probed:
+            self._probe()
+        for precision, samples in self.samples.items():
+            if precision not in self.reasons:
+                samples.append(gemm_throughput(precision, self.gemm_size))
 
-    @property
-    def fma_peak(self) -> Optional[float]:
-        return max(self.fma) if self.fma else None
+    def peak(self, precision: str) -> Optional[float]:
+        """The best sample of ``precision`` (``None`` where it was not measured)."""
+        samples = self.samples.get(precision)
+        return max(samples) if samples else None
 
-    @property
-    def gemm_peak(self) -> float:
-        return max(self.gemm) if self.gemm else float("nan")
+    def last(self) -> str:
+        """The latest sample of each precision, for the progress log."""
+        return ", ".join(
+            f"{p} GEMM " + (f"{s[-1]:.0f} {GEMMS[p].unit}" if s else "n/a") for p, s in self.samples.items()
+        )
+
+    def as_dict(self) -> Dict[str, Dict[str, Any]]:
+        """``{precision: {"peak", "samples", "unit", "op", "size", "threads", "reason"}}``; ``peak`` is
+        ``None`` exactly when ``reason`` says why."""
+        out: Dict[str, Dict[str, Any]] = {}
+        for precision, samples in self.samples.items():
+            peak = self.peak(precision)
+            reason = self.reasons.get(precision) or (None if peak else "not sampled")
+            out[precision] = {
+                "peak": peak if reason is None else None,
+                "samples": list(samples),
+                "unit": GEMMS[precision].unit,
+                "op": GEMMS[precision].op,
+                "size": self.gemm_size,
+                "threads": self.threads,
+                "reason": reason,
+            }
+        return out
+
+
+def path_precision(result: Dict[str, Any]) -> str:
+    """The precision a result row is measured against: its own ``precision`` or its path's."""
+    spec = PATH_SPECS.get(result.get("path", ""))
+    return str(result.get("precision") or (spec.precision if spec else "fp32"))
+
+
+def fraction_of_limit(result: Dict[str, Any], limits: Dict[str, Dict[str, Any]], key: str = "gflops") -> Optional[float]:
+    """``result[key]`` as a fraction of the GEMM limit of the result's own precision (``None``: no limit)."""
+    limit = limits.get(path_precision(result), {}).get("peak")
+    value = result.get(key)
+    if not limit or value is None:
+        return None
+    return float(value) / float(limit)
 
 
 def _sync_runner(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[], None]:
@@ -189,7 +285,7 @@ def build_paths(
     log: Callable[[str], None],
 ) -> Dict[str, Any]:
     """A zero-argument runner per path (or the error string if the path could not be built)."""
-    from deeplab.deploy.export import export_onnx, fold_batchnorm, optimize_for_inference
+    from deeplab.deploy import export_onnx, fold_batchnorm, optimize_for_inference
 
     runners: Dict[str, Any] = {}
     folded: Optional[nn.Module] = None
@@ -214,20 +310,21 @@ def build_paths(
                 runners[path] = _sync_runner(compiled, x)
             elif path in ("onnxruntime", "openvino"):
                 if onnx_path is None:
-                    onnx_path = export_onnx(model, workdir / f"{model.config.backbone}.onnx")
+                    stem = getattr(getattr(model, "config", None), "backbone", "model")
+                    onnx_path = export_onnx(model, workdir / f"{stem}.onnx")
                 from deeplab.deploy.runtime import OnnxRuntimeModel, OpenVINOModel
 
+                runner: nn.Module
                 if path == "onnxruntime":
                     runner = OnnxRuntimeModel(onnx_path, threads=threads)
                 else:
                     runner = OpenVINOModel(onnx_path, threads=threads, static_shapes=True)
-                array = x.numpy()
-                runner._run(array)
-                runners[path] = (lambda r=runner, a=array: r._run(a))
+                runner(x)  # first run: session / compiled-model setup, not inside the timed loop
+                runners[path] = _sync_runner(runner, x)
             else:
                 raise ValueError(f"unknown path {path!r}; choose from {list(PATHS)}")
         except Exception as exc:  # one backend failing (not installed, no compiler) must not end the run
-            runners[path] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            runners[path] = _one_line(exc)
         log(f"  prepared {path:<12} in {time.perf_counter() - start:5.1f} s"
             + (f"  ({runners[path]})" if isinstance(runners[path], str) else ""))
     return runners
@@ -249,43 +346,59 @@ def time_interleaved(runners: Dict[str, Any], *, warmup: int, repeat: int) -> Di
     return times
 
 
-def profile_ops(run: Callable[[], None], rows: int = 12) -> str:
-    """Self-CPU time per op of one run (torch.profiler), as a table."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-
-
 def _fmt_pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
+def _limit_text(precision: str, entry: Dict[str, Any]) -> str:
+    if entry.get("peak") is None:
+        return f"{precision} GEMM n/a ({entry.get('reason') or 'not measured'})"
+    samples = ", ".join(f"{v:.0f}" for v in entry.get("samples", []))
+    return f"{precision} GEMM {entry['peak']:.0f} {entry.get('unit', 'GFLOP/s')} ({entry.get('op', '')}; samples {samples})"
+
+
+def _isa_text(machine: Dict[str, Any]) -> str:
+    isa = machine.get("isa") or {}
+    flags = isa.get("flags") or {}
+    have = [f for f in ISA_FLAGS if flags.get(f)]
+    lack = [f for f in ISA_FLAGS if f in flags and not flags[f]]
+    text = f"CPU {machine.get('cpu', '?')}, torch CPU capability {isa.get('torch_cpu_capability') or 'n/a'}"
+    if flags:
+        text += f"; ISA {', '.join(have) or 'none of ' + ', '.join(ISA_FLAGS)}"
+        if have and lack:
+            text += f" (no {', '.join(lack)})"
+    return text + "."
+
+
 def markdown_table(report: Dict[str, Any]) -> str:
-    fma = report["limits"]["fma_peak_gflops"]
-    gemm = report["limits"]["gemm_peak_gflops"]
+    """The results as a Markdown table, then one paragraph with the limits and the ISA."""
+    limits: Dict[str, Dict[str, Any]] = report["limits"]
+    precisions = {path_precision(r) for r in report["results"]}
+    # One precision (today: all fp32) names its limit; mixed rows are each divided by their own.
+    against = f"{next(iter(precisions))} GEMM" if len(precisions) == 1 else "own-precision GEMM"
     lines = [
-        "| model | GMACs | path | min (s) | median (s) | GFLOP/s (median) | % FMA peak (median / min) |",
+        f"| model | GMACs | path | min (s) | median (s) | GFLOP/s (median) | % of {against} (median / min) |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
+        spec = PATH_SPECS.get(r["path"])
+        label = spec.label if spec else r["path"]
         if r.get("error"):
-            lines.append(f"| {r['model']} | {r['gmacs']:.2f} | {PATH_LABELS.get(r['path'], r['path'])} | - | - | - | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['gmacs']:.2f} | {label} | - | - | - | {r['error']} |")
             continue
-        frac_med = r["gflops"] / fma if fma else None
-        frac_min = r["gflops_min"] / fma if fma else None
+        frac_med = fraction_of_limit(r, limits, "gflops")
+        frac_min = fraction_of_limit(r, limits, "gflops_min")
         lines.append(
-            f"| {r['model']} | {r['gmacs']:.2f} | {PATH_LABELS.get(r['path'], r['path'])} | {r['min_s']:.3f} | "
+            f"| {r['model']} | {r['gmacs']:.2f} | {label} | {r['min_s']:.3f} | "
             f"{r['median_s']:.3f} | {r['gflops']:.0f} | {_fmt_pct(frac_med)} / {_fmt_pct(frac_min)} |"
         )
-    fma_text = f"{fma:.0f}" if fma else f"n/a ({report['limits']['fma_note']})"
+    sizes = {int(entry["size"]) for entry in limits.values() if entry.get("size")}
+    size_text = f", {'/'.join(str(s) for s in sorted(sizes))}^2 matrices" if sizes else ""
     lines.append("")
     lines.append(
-        f"Machine limits measured in this run ({report['machine']['threads']} threads): FMA peak {fma_text} GFLOP/s "
-        f"(samples {', '.join(f'{v:.0f}' for v in report['limits']['fma_samples_gflops']) or '-'}); "
-        f"fp32 GEMM {gemm:.0f} GFLOP/s (torch.mm {report['limits']['gemm_size']}^2; samples "
-        f"{', '.join(f'{v:.0f}' for v in report['limits']['gemm_samples_gflops'])})."
+        f"Machine limits measured in this run ({report['machine']['threads']} threads{size_text}; best sample): "
+        + "; ".join(_limit_text(p, limits[p]) for p in PRECISIONS if p in limits)
+        + ". " + _isa_text(report["machine"])
     )
     return "\n".join(lines)
 
@@ -304,7 +417,6 @@ def run_bench(
     repeat: int = 7,
     threads: Optional[int] = None,
     gemm_size: int = 4096,
-    profile: bool = False,
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     """Run the benchmark; returns the report dict (see :func:`markdown_table`)."""
@@ -317,10 +429,8 @@ def run_bench(
     threads = torch.get_num_threads()
     limits = Limits(threads, gemm_size)
     limits.sample()
-    log(f"limits: GEMM {limits.gemm[-1]:.0f} GFLOP/s, FMA "
-        + (f"{limits.fma[-1]:.0f} GFLOP/s" if limits.fma else f"n/a ({limits.kernel.reason})"))
+    log(f"limits: {limits.last()}")
     results: List[Dict[str, Any]] = []
-    profiles: Dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="deeplab-bench-") as tmp:
         for backbone in backbones:
             torch.manual_seed(0)
@@ -336,7 +446,8 @@ def run_bench(
             limits.sample()
             name = f"{arch} {backbone}"
             for path in paths:
-                entry: Dict[str, Any] = {"model": name, "backbone": backbone, "path": path, "gmacs": macs / 1e9}
+                entry: Dict[str, Any] = {"model": name, "backbone": backbone, "path": path, "gmacs": macs / 1e9,
+                                         "precision": PATH_SPECS[path].precision}
                 if path not in times:
                     entry["error"] = runners.get(path, "not run")
                 else:
@@ -351,47 +462,36 @@ def run_bench(
                     log(f"  {path:<12} min {entry['min_s']:.3f} s  median {entry['median_s']:.3f} s  "
                         f"{entry['gflops']:.0f} GFLOP/s")
                 results.append(entry)
-            if profile:
-                for path in ("eager", "eager_cl", "eager_opt"):
-                    if callable(runners.get(path)):
-                        profiles[f"{backbone}/{path}"] = profile_ops(runners[path])
-                        log(f"profile {backbone} {path}:\n{profiles[f'{backbone}/{path}']}")
             del runners, model
     limits.sample()
+    log(f"limits: {limits.last()}")
     versions = {"torch": torch.__version__, "deeplab": __version__, "python": platform.python_version()}
     for module in ("onnxruntime", "openvino"):
         try:
             versions[module] = __import__(module).__version__
         except Exception:
             pass
-    report = {
+    isa = machine_isa()
+    limit_table = limits.as_dict()
+    for r in results:
+        if "gflops" in r:
+            r["fraction_of_limit"] = fraction_of_limit(r, limit_table, "gflops")
+            r["fraction_of_limit_min"] = fraction_of_limit(r, limit_table, "gflops_min")
+    return {
         "config": {"arch": arch, "backbones": list(backbones), "size": size, "batch": batch,
                    "output_stride": output_stride, "separable": separable, "num_classes": num_classes,
-                   "warmup": warmup, "repeat": repeat, "paths": list(paths)},
-        "machine": {"cpu": cpu_name(), "threads": threads, "logical_cpus": os.cpu_count(), "versions": versions},
-        "limits": {
-            "fma_peak_gflops": limits.fma_peak,
-            "fma_samples_gflops": limits.fma,
-            "fma_note": limits.kernel.reason,
-            "gemm_peak_gflops": limits.gemm_peak,
-            "gemm_samples_gflops": limits.gemm,
-            "gemm_size": gemm_size,
-        },
+                   "warmup": warmup, "repeat": repeat, "paths": list(paths), "gemm_size": gemm_size},
+        "machine": {"cpu": isa.pop("cpu"), "threads": threads, "logical_cpus": os.cpu_count(), "isa": isa,
+                    "versions": versions},
+        "limits": limit_table,
         "results": results,
-        "profiles": profiles,
     }
-    for r in results:
-        if "gflops" in r and limits.fma_peak:
-            r["fraction_of_fma_peak"] = r["gflops"] / limits.fma_peak
-            r["fraction_of_fma_peak_min"] = r["gflops_min"] / limits.fma_peak
-        if "gflops" in r:
-            r["fraction_of_gemm"] = r["gflops"] / limits.gemm_peak
-    return report
 
 
 @cli_command("bench")
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="deeplab bench", description=__doc__.split("\n\n")[0],
+    """``deeplab bench``: parse ``argv``, run, print the table and write the JSON report."""
+    parser = argparse.ArgumentParser(prog="deeplab bench", description=(__doc__ or "").split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES))
     parser.add_argument("--arch", default="deeplabv3plus", choices=["deeplabv3plus", "deeplabv3"])
@@ -404,15 +504,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="default: torch's (the machine's cores)")
-    parser.add_argument("--gemm-size", type=int, default=4096)
-    parser.add_argument("--profile", action="store_true", help="print a per-op profile of the eager paths")
+    parser.add_argument("--gemm-size", type=int, default=4096, help="N of the N x N GEMMs that measure the limits")
     parser.add_argument("--json", default="bench.json", help="where to write the full report")
     args = parser.parse_args(argv)
     print(f"deeplab bench: {vars(args)}", flush=True)
     report = run_bench(
         backbones=args.backbones, arch=args.arch, size=args.size, batch=args.batch, output_stride=args.output_stride,
         separable=not args.regular, num_classes=args.num_classes, paths=args.paths, warmup=args.warmup,
-        repeat=args.repeat, threads=args.threads, gemm_size=args.gemm_size, profile=args.profile,
+        repeat=args.repeat, threads=args.threads, gemm_size=args.gemm_size,
         log=lambda s: print(s, flush=True),
     )
     table = markdown_table(report)
