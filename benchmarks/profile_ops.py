@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 import torch
 from torch import nn
 
-from deeplab.deploy.export import (
+from deeplab.deploy.optimize import (
     FusedConv2d,
     ShiftDepthwiseConv,
     optimize_for_inference,

@@ -119,7 +119,7 @@ class Segmenter:
             path: the checkpoint.
             device: ``"cpu"``, ``"cuda"``, ...
             optimize: fold BatchNorm into the convs (same outputs, less work; CPU inference
-                also picks the faster memory layout, see :func:`deeplab.deploy.export.optimize_for_inference`).
+                also picks the faster memory layout, see :func:`deeplab.deploy.optimize.optimize_for_inference`).
             output_stride: rebuild at another output stride (e.g. 8 for the paper's eval);
                 ``inference.output_stride`` does the same.
             inference: how to predict; see :class:`Segmenter`.

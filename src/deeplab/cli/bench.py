@@ -5,9 +5,9 @@ separable ASPP/decoder, ``1 x 3 x 513 x 513``, fp32), it measures the latency of
 
 * ``eager``      - the model as built, NCHW, ``torch.inference_mode``;
 * ``eager_cl``   - BN folded, channels_last, ASPP's atrous depthwise convs as shifted
-  multiply-adds (:func:`deeplab.deploy.export.optimize_for_inference` with ``fuse=False``);
+  multiply-adds (:func:`deeplab.deploy.optimize.optimize_for_inference` with ``fuse=False``);
 * ``eager_opt``  - the same plus conv + ReLU/ReLU6 and ResNet's conv + add + ReLU as single
-  oneDNN calls (:func:`deeplab.deploy.export.optimize_for_inference`, what ``Segmenter`` runs);
+  oneDNN calls (:func:`deeplab.deploy.optimize.optimize_for_inference`, what ``Segmenter`` runs);
 * ``compile``    - ``torch.compile`` (inductor, weight freezing) of the BN-folded model;
 * ``onnxruntime``- the exported ONNX file (BN folded), ``ORT_ENABLE_ALL``, intra-op threads;
 * ``openvino``   - the same ONNX file, OpenVINO CPU, ``PERFORMANCE_HINT=LATENCY``, f32, the

@@ -31,12 +31,7 @@ from deeplab.deploy.format import (
     ExportError,
     quiet_tracing,
 )
-from deeplab.deploy.optimize import (
-    fold_batchnorm,
-    # Only re-exported: cli/bench.py (rewritten in parallel) still imports it from here.
-    # Drop it once bench imports from deeplab.deploy.
-    optimize_for_inference,  # noqa: F401
-)
+from deeplab.deploy.optimize import fold_batchnorm
 
 __all__ = [
     "DEFAULT_OPSET",
