@@ -171,5 +171,5 @@ def test_invalid_inference_flags_are_one_line_errors(capsys: pytest.CaptureFixtu
     assert cli.main(["eval", "--checkpoint", "/nonexistent/best.pt", "--data-root", "x", "--mode", "slide",
                      "--crop-size", "33", "--stride", "65"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("deeplab eval: invalid InferenceConfig: stride (65, 65) larger than crop_size (33, 33)")
+    assert err.startswith("deeplab eval: error: invalid InferenceConfig: stride (65, 65) larger than crop_size (33, 33)")
     assert "Traceback" not in err and err.count("\n") == 1

@@ -95,7 +95,7 @@ def test_predict_slide_pad_to_and_invalid_inference_flags(ckpt: Path, images: Pa
                              "--mode", "slide", "--crop-size", "33", "--stride", "65", "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "deeplab predict: invalid InferenceConfig: stride (65, 65) larger than crop_size (33, 33)" in err
+    assert "deeplab predict: error: invalid InferenceConfig: stride (65, 65) larger than crop_size (33, 33)" in err
 
 
 def test_export_cli_onnx_then_predict_with_onnxruntime(ckpt: Path, images: Path, tmp_path: Path,
