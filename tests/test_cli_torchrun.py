@@ -55,8 +55,7 @@ def _grad_worker(rank: int, port: int, out: str) -> None:
         D.cleanup()
 
 
-@pytest.mark.slow
-@pytest.mark.spawn
+@pytest.mark.spawn  # ~6 s: under the ~10 s line for `slow`
 def test_real_model_ddp_syncbn_gradients_are_exact(tmp_path: Path) -> None:
     """In float64 (no rounding noise), 2 ranks x 1 image give the 1 x 2 gradients of the real
     DeepLabv3+ MobileNetV2, image-pooling BN included."""

@@ -219,6 +219,7 @@ def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         D.cleanup()
 
 
+@pytest.mark.spawn
 def test_cpu_sync_batchnorm_matches_batchnorm_on_union_batch(tmp_path: Path) -> None:
     port = D.find_free_port()
     mp.spawn(_collectives_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
@@ -288,6 +289,7 @@ def _assert_states_close(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor],
         torch.testing.assert_close(a[key].double(), b[key].double(), rtol=0, atol=atol, msg=key)
 
 
+@pytest.mark.spawn
 def test_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path: Path) -> None:
     """MUST-HAVE: 2 ranks x batch 4 (SyncBN, Gloo) == 1 process x batch 8 after 3 steps.
 

@@ -484,6 +484,7 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: fl
     raise AssertionError(f"child did not reach step {step} in {timeout}s")
 
 
+@pytest.mark.spawn
 def test_sigkilled_run_resumes_from_last_checkpoint(tmp_path: Path, one_thread: None) -> None:
     """MUST-HAVE: SIGKILL mid-run loses at most ckpt_every steps; resuming is exact."""
     run_dir = tmp_path / "run"
@@ -504,6 +505,7 @@ def test_sigkilled_run_resumes_from_last_checkpoint(tmp_path: Path, one_thread: 
     assert_identical(resumed.state_dict(), ref.state_dict())
 
 
+@pytest.mark.spawn
 def test_sigterm_stops_at_a_step_boundary_after_saving(tmp_path: Path, one_thread: None) -> None:
     run_dir = tmp_path / "run"
     cfg = make_cfg(run_dir, max_steps=40, ckpt_every=100)  # no periodic checkpoint at all
