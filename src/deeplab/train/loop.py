@@ -420,7 +420,7 @@ def setup_model(
         # Fixed crop size -> the same conv shapes every step, so autotuning pays off.
         torch.backends.cudnn.benchmark = True
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
     if world_size > 1 and cfg.sync_bn and not cfg.freeze_bn:
         model = convert_sync_batchnorm(model, device=device)
     if cfg.freeze_bn:
