@@ -130,6 +130,7 @@ def test_failed_write_keeps_previous_file_and_cleans_temp(tmp_path: Path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.spawn
 def test_sigkill_during_write_never_leaves_a_torn_checkpoint(tmp_path: Path) -> None:
     """A process killed half-way through torch.save leaves the old file loadable."""
     path = tmp_path / "last.pt"

@@ -20,6 +20,8 @@ from deeplab.config import ModelConfig, TrainConfig
 from deeplab.train import distributed as D
 from deeplab.train import train
 
+from .conftest import ToySegData
+
 # ----------------------------------------------------------------------------- stand-ins
 
 
@@ -43,23 +45,9 @@ class SegNet(nn.Module):
         return self.body(x)
 
 
-class SegData(torch.utils.data.Dataset):
-    """Random images; masks with an ignore region whose size varies a lot per sample, so
-    per-rank valid-pixel counts differ and a per-rank mean would be wrong."""
-
-    def __init__(self, n: int = 16, size: int = 10) -> None:
-        g = torch.Generator().manual_seed(1234)
-        self.images = torch.randn(n, 3, size, size, generator=g)
-        self.masks = torch.randint(0, 3, (n, size, size), generator=g)
-        for i in range(n):
-            rows = (i * 3) % size  # 0..size-1 ignored rows
-            self.masks[i, :rows] = 255
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.images[i], self.masks[i]
+def seg_data() -> ToySegData:
+    """16 samples of 10 x 10 whose ignore rows grow by 3 per sample (uneven per-rank valid counts)."""
+    return ToySegData(n=16, size=10, seed=1234, ignore_step=3)
 
 
 def flip_noise(image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +219,7 @@ def _collectives_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         D.cleanup()
 
 
+@pytest.mark.spawn
 def test_cpu_sync_batchnorm_matches_batchnorm_on_union_batch(tmp_path: Path) -> None:
     port = D.find_free_port()
     mp.spawn(_collectives_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
@@ -281,7 +270,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 total = D.all_reduce_(torch.tensor([1.0]), "sum")
                 return {"mIoU": float(total.item()) / 10}
 
-            res = train(model, SegData(), _cfg(Path(out_dir) / name, accum_steps=accum, eval_every=2),
+            res = train(model, seg_data(), _cfg(Path(out_dir) / name, accum_steps=accum, eval_every=2),
                         transform=flip_noise, eval_fn=eval_fn, model_config=ModelConfig(num_classes=3),
                         progress=False)
             result[name] = {"state": {k: v.clone() for k, v in model.state_dict().items()},
@@ -300,6 +289,7 @@ def _assert_states_close(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor],
         torch.testing.assert_close(a[key].double(), b[key].double(), rtol=0, atol=atol, msg=key)
 
 
+@pytest.mark.spawn
 def test_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path: Path) -> None:
     """MUST-HAVE: 2 ranks x batch 4 (SyncBN, Gloo) == 1 process x batch 8 after 3 steps.
 
@@ -317,7 +307,7 @@ def test_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path: Path) -> No
         torch.manual_seed(0)
         model = SegNet()
         initial = {k: v.clone() for k, v in model.state_dict().items()}
-        single = train(model, SegData(), _cfg(tmp_path / f"single_{name}", accum_steps=accum),
+        single = train(model, seg_data(), _cfg(tmp_path / f"single_{name}", accum_steps=accum),
                        transform=flip_noise, model_config=ModelConfig(num_classes=3), progress=False)
         assert single.step == ranks[0][name]["step"] == 3
         assert ranks[0][name]["syncbn"] == 2

@@ -15,7 +15,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -37,6 +37,8 @@ from deeplab.train import (
 )
 from deeplab.train.distributed import DeterministicBatchSampler
 
+from .conftest import ToySegData
+
 MODEL_CONFIG = ModelConfig(num_classes=3, backbone="mobilenet_v2")
 THIS_FILE = Path(__file__).resolve()
 
@@ -55,28 +57,6 @@ class DropNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(torch.relu(self.bn(self.conv(x)))))
-
-
-class ToySegData(torch.utils.data.Dataset):
-    """10 random images/masks with varying ignore regions; ``delay`` slows loading."""
-
-    def __init__(self, n: int = 10, size: int = 12, delay: float = 0.0, nan: bool = False) -> None:
-        g = torch.Generator().manual_seed(99)
-        self.images = torch.randn(n, 3, size, size, generator=g)
-        self.masks = torch.randint(0, 3, (n, size, size), generator=g)
-        for i in range(n):
-            self.masks[i, : (i * 5) % size] = 255
-        if nan:
-            self.images.fill_(float("nan"))
-        self.delay = delay
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.delay:
-            time.sleep(self.delay)
-        return self.images[i], self.masks[i]
 
 
 def jitter(image: torch.Tensor, mask: torch.Tensor, *, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -115,16 +95,6 @@ def assert_optimizer_identical(a: Dict[str, Any], b: Dict[str, Any]) -> None:
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:
         assert torch.equal(a["state"][k]["momentum_buffer"], b["state"][k]["momentum_buffer"])
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    # Results are compared with runs in subprocesses that use one thread; thread count
-    # can change float summation order in conv kernels.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -466,11 +436,10 @@ def test_bad_labels_and_nan_loss_fail_clearly_without_losing_work(tmp_path: Path
 # ----------------------------------------------------------------------------- killed runs
 
 _CHILD = """
-import importlib.util, json, sys, torch
+import json, sys, torch
 torch.set_num_threads(1)
-spec = importlib.util.spec_from_file_location("train_helpers", {test_file!r})
-helpers = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(helpers)
+sys.path.insert(0, {repo_root!r})  # the tests package: the helpers import from tests.conftest
+import tests.test_train as helpers
 from deeplab.config import TrainConfig
 from deeplab.train import train
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
@@ -483,7 +452,7 @@ print("RESULT", result.reason, result.step, flush=True)
 
 def _start_child(tmp_path: Path, cfg: TrainConfig, delay: float) -> subprocess.Popen:
     script = tmp_path / "child.py"
-    script.write_text(_CHILD.format(test_file=str(THIS_FILE), delay=delay))
+    script.write_text(_CHILD.format(repo_root=str(THIS_FILE.parent.parent), delay=delay))
     return subprocess.Popen([sys.executable, str(script), json.dumps(cfg.to_dict())],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -515,6 +484,7 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: fl
     raise AssertionError(f"child did not reach step {step} in {timeout}s")
 
 
+@pytest.mark.spawn
 def test_sigkilled_run_resumes_from_last_checkpoint(tmp_path: Path, one_thread: None) -> None:
     """MUST-HAVE: SIGKILL mid-run loses at most ckpt_every steps; resuming is exact."""
     run_dir = tmp_path / "run"
@@ -535,6 +505,7 @@ def test_sigkilled_run_resumes_from_last_checkpoint(tmp_path: Path, one_thread: 
     assert_identical(resumed.state_dict(), ref.state_dict())
 
 
+@pytest.mark.spawn
 def test_sigterm_stops_at_a_step_boundary_after_saving(tmp_path: Path, one_thread: None) -> None:
     run_dir = tmp_path / "run"
     cfg = make_cfg(run_dir, max_steps=40, ckpt_every=100)  # no periodic checkpoint at all

@@ -234,50 +234,20 @@ def train(
         ValueError: inconsistent metadata, batch/world sizes, or labels out of range.
         FloatingPointError: the loss became NaN/inf (nothing is overwritten).
     """
-    rank, world_size = get_rank(), get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
-    device = resolve_device(cfg.device, local_rank)
-    last_path, best_path = Path(cfg.run_dir) / "last.pt", Path(cfg.run_dir) / "best.pt"
     meta = CheckpointMeta(check_arguments(model, model_config, classes, palette, stop_at), classes, palette,
                           normalization, dict(dataset_info or {}))
-
-    resume_path = resolve_resume(cfg, last_path)
-    dataset = train_set if isinstance(train_set, SeededDataset) and transform is None else SeededDataset(
-        train_set, transform, seed=cfg.seed
-    )
-    sampler = DeterministicBatchSampler(len(dataset), global_batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
-                                        world_size=world_size, accum_steps=cfg.accum_steps)
-    channels_last = device.type == "cuda" and cfg.channels_last
-    model, optimizer, scheduler = setup_model(model, cfg, device, world_size, channels_last=channels_last,
-                                              optimizer=optimizer, scheduler=scheduler)
-    amp = amp_settings(device.type, enabled=cfg.amp, dtype=cfg.amp_dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp.use_scaler)
-    best = {"metric": best_metric, "value": None, "step": None}
-    restored = None if resume_path is None else restore(
-        resume_path, cfg=cfg, config_dict=meta.config, model=model, optimizer=optimizer, scheduler=scheduler,
-        scaler=scaler if amp.use_scaler else None, steps_per_epoch=sampler.steps_per_epoch,
-        num_samples=len(dataset), world_size=world_size, best=best, stacklevel=2,
-    )
-    state = TrainState.begin(restored, best=best, device=device)
-
-    ddp_model = wrap_ddp(model, device) if world_size > 1 else model
-    loader = build_train_loader(dataset, sampler, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                collate_fn=collate_fn)
-    run = Run(
-        cfg=cfg, device=device, world_size=world_size, is_main=rank == 0, model=model, ddp_model=ddp_model,
-        optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=amp, channels_last=channels_last,
-        dataset=dataset, sampler=sampler, loader=loader, meta=meta, eval_fn=eval_fn, best_metric=best_metric,
-        end_step=cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps), handle_signals=handle_signals,
-        last_path=last_path, best_path=best_path,
-        log=RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=tensorboard), start_time=time.time(),
-        bar=progress_bar(total=cfg.max_steps, initial=state.step, enabled=progress and rank == 0),
+    run, state, restored, resume_path = build_run(
+        model, train_set, cfg, meta=meta, transform=transform, eval_fn=eval_fn, optimizer=optimizer,
+        scheduler=scheduler, collate_fn=collate_fn, best_metric=best_metric, stop_at=stop_at, progress=progress,
+        tensorboard=tensorboard, handle_signals=handle_signals,
     )
     run.log.write({"kind": "resume" if resume_path else "start", "step": state.step, "time": run.start_time,
-                   "world_size": world_size, "from": str(resume_path) if resume_path else None,
+                   "world_size": run.world_size, "from": str(resume_path) if resume_path else None,
                    "train_config": cfg.to_dict()})
-    result = TrainResult(step=state.step, reason="finished", best_checkpoint=best_path if best_path.exists() else None,
+    result = TrainResult(step=state.step, reason="finished",
+                         best_checkpoint=run.best_path if run.best_path.exists() else None,
                          best_metric=state.best.get("value"), last_eval=state.last_eval)
-    set_train_mode(ddp_model, freeze_bn=cfg.freeze_bn)
+    set_train_mode(run.ddp_model, freeze_bn=cfg.freeze_bn)
     state.last_log_time = time.time()
 
     # Last, so nothing above (model building, DDP, loader setup) shifts the state.
@@ -291,13 +261,13 @@ def train(
     finally:
         run.bar.close()
         run.log.close()
-        close_loader(loader)
+        close_loader(run.loader)
 
     if result.reason != "signal" and state.step < cfg.max_steps:
         result.reason = "stop_at"
     result.step = state.step
-    if result.last_checkpoint is None and last_path.exists():
-        result.last_checkpoint = last_path
+    if result.last_checkpoint is None and run.last_path.exists():
+        result.last_checkpoint = run.last_path
     barrier()  # nobody returns (and e.g. destroys the group) while rank 0 still writes
     return result
 
@@ -335,6 +305,70 @@ def train_loop(run: Run, state: TrainState, result: TrainResult, stopper: "_Stop
 
 
 # --------------------------------------------------------------------------- the steps
+
+
+def build_run(
+    model: nn.Module,
+    train_set: Any,
+    cfg: TrainConfig,
+    *,
+    meta: CheckpointMeta,
+    transform: Optional[Callable[..., Any]],
+    eval_fn: Optional[EvalFn],
+    optimizer: Optional[Optimizer],
+    scheduler: Optional[LRScheduler],
+    collate_fn: Optional[Callable[..., Any]],
+    best_metric: str,
+    stop_at: Optional[int],
+    progress: bool,
+    tensorboard: bool,
+    handle_signals: bool,
+) -> Tuple[Run, TrainState, Optional[Restored], Optional[Path]]:
+    """Everything :func:`train` runs on: device, data, model, optimizer, restored state, logs.
+
+    Consumes no global randomness (the caller seeds or restores the RNGs after it).
+
+    Returns:
+        The :class:`Run`, the :class:`TrainState` to start from, what was restored (if
+        resuming) and the checkpoint resumed from.
+    """
+    rank, world_size = get_rank(), get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
+    device = resolve_device(cfg.device, local_rank)
+    last_path, best_path = Path(cfg.run_dir) / "last.pt", Path(cfg.run_dir) / "best.pt"
+
+    resume_path = resolve_resume(cfg, last_path)
+    dataset = train_set if isinstance(train_set, SeededDataset) and transform is None else SeededDataset(
+        train_set, transform, seed=cfg.seed
+    )
+    sampler = DeterministicBatchSampler(len(dataset), global_batch_size=cfg.batch_size, seed=cfg.seed, rank=rank,
+                                        world_size=world_size, accum_steps=cfg.accum_steps)
+    channels_last = device.type == "cuda" and cfg.channels_last
+    model, optimizer, scheduler = setup_model(model, cfg, device, world_size, channels_last=channels_last,
+                                              optimizer=optimizer, scheduler=scheduler)
+    amp = amp_settings(device.type, enabled=cfg.amp, dtype=cfg.amp_dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.use_scaler)
+    best = {"metric": best_metric, "value": None, "step": None}
+    restored = None if resume_path is None else restore(
+        resume_path, cfg=cfg, config_dict=meta.config, model=model, optimizer=optimizer, scheduler=scheduler,
+        scaler=scaler if amp.use_scaler else None, steps_per_epoch=sampler.steps_per_epoch,
+        num_samples=len(dataset), world_size=world_size, best=best, stacklevel=3,
+    )
+    state = TrainState.begin(restored, best=best, device=device)
+
+    ddp_model = wrap_ddp(model, device) if world_size > 1 else model
+    loader = build_train_loader(dataset, sampler, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                collate_fn=collate_fn)
+    run = Run(
+        cfg=cfg, device=device, world_size=world_size, is_main=rank == 0, model=model, ddp_model=ddp_model,
+        optimizer=optimizer, scheduler=scheduler, scaler=scaler, amp=amp, channels_last=channels_last,
+        dataset=dataset, sampler=sampler, loader=loader, meta=meta, eval_fn=eval_fn, best_metric=best_metric,
+        end_step=cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps), handle_signals=handle_signals,
+        last_path=last_path, best_path=best_path,
+        log=RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=tensorboard), start_time=time.time(),
+        bar=progress_bar(total=cfg.max_steps, initial=state.step, enabled=progress and rank == 0),
+    )
+    return run, state, restored, resume_path
 
 
 def check_arguments(
@@ -386,7 +420,7 @@ def setup_model(
         # Fixed crop size -> the same conv shapes every step, so autotuning pays off.
         torch.backends.cudnn.benchmark = True
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
     if world_size > 1 and cfg.sync_bn and not cfg.freeze_bn:
         model = convert_sync_batchnorm(model, device=device)
     if cfg.freeze_bn:

@@ -119,7 +119,7 @@ class PolyLR(LRScheduler):
 
     def get_lr(self) -> List[float]:  # type: ignore[override]
         """Rates for the current ``last_epoch`` (= completed steps)."""
-        return [poly_lr(base, self.last_epoch, self.max_steps, self.power) for base in self.base_lrs]
+        return [poly_lr(base, self.last_epoch, self.max_steps, self.power) for base in self.base_lrs]  # type: ignore[arg-type]
 
     def _get_closed_form_lr(self) -> List[float]:
         return self.get_lr()
