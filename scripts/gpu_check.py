@@ -188,7 +188,8 @@ def entry_train(argv: List[str]) -> int:
         # The CLI has no --stop-at; the loop's stop_at writes last.pt there without changing
         # the schedule (max_steps), exactly what an interrupted run leaves.
         cli_train.train = functools.partial(cli_train.train, stop_at=own.stop_at)  # type: ignore[assignment]
-    return cli_train.main(rest)
+    # ``rest`` is a full ``deeplab train ...`` argument list; cli.train.main takes what follows "train".
+    return cli_train.main(rest[1:] if rest[:1] == ["train"] else rest)
 
 
 def entry_syncbn_probe(argv: List[str]) -> int:
@@ -212,7 +213,8 @@ def entry_syncbn_probe(argv: List[str]) -> int:
     synced.load_state_dict(plain.state_dict())
     synced = D.convert_sync_batchnorm(synced.to(device), device=device).train()
     kinds = sorted({type(m).__name__ for m in synced.modules() if "BatchNorm" in type(m).__name__})
-    ddp = D.wrap_ddp(synced, device)
+    # DDP directly: deeplab's wrap_ddp leaves a world of one unwrapped, the probe wants DDP's path.
+    ddp = torch.nn.parallel.DistributedDataParallel(synced, device_ids=[device.index] if device.type == "cuda" else None)
     x = torch.randn(4, 3, 97, 97, device=device)
     y_plain = plain(x)
     y_sync = ddp(x)
@@ -290,8 +292,8 @@ def phase_throughput(sz: Sizes, data: Path, work: Path, env: Dict[str, str]) -> 
     ]
     for label, extra in variants:
         setting = f"{sz.backbone} OS16 b{sz.batch} {sz.crop}px, {sz.steps} steps, {label}"
-        if sz.device == "cpu" and ("fp16" in label or "NCHW" in label):
-            rows.append(Row("a) train", setting, "skipped", "CPU: no fp16 autocast; channels-last is CUDA-only"))
+        if sz.device == "cpu" and "fp16" in label:
+            rows.append(Row("a) train", setting, "skipped", "CPU: no fp16 autocast"))
             continue
         out = work / f"speed_{len(rows)}"
         ok, seconds, last = run_logged(
@@ -299,7 +301,8 @@ def phase_throughput(sz: Sizes, data: Path, work: Path, env: Dict[str, str]) -> 
                                                                     steps=sz.steps, extra=extra)],
             work / f"speed_{len(rows)}.log", sz.phase_timeout_s, env)
         result = train_speed(out) if ok else f"FAILED: {last}"
-        rows.append(Row("a) train", setting, result, f"{seconds:.0f} s wall incl. start-up", ok))
+        notes = f"{seconds:.0f} s wall incl. start-up" + ("; channels-last is CUDA-only" if sz.device == "cpu" else "")
+        rows.append(Row("a) train", setting, result, notes, ok))
     return rows
 
 
@@ -315,8 +318,9 @@ def phase_torchrun(sz: Sizes, data: Path, work: Path, env: Dict[str, str]) -> Li
         work / "torchrun.log", sz.phase_timeout_s, env)
     rows.append(Row("b) torchrun", f"--nproc_per_node 1 deeplab train, bf16, {sz.steps} steps",
                     train_speed(out) if ok else f"FAILED: {last}",
-                    "WORLD_SIZE=1: deeplab runs it as one process (no group, no DDP, no SyncBN)", ok))
-    ok, seconds, last = run_logged([*launcher, *python_cmd("--entry", "syncbn")], work / "syncbn.log",
+                    "WORLD_SIZE=1: deeplab runs it as one process (no group, no DDP, no SyncBN); torchrun sets OMP_NUM_THREADS=1", ok))
+    # torchrun runs a script path with its own python: no sys.executable here.
+    ok, seconds, last = run_logged([*launcher, str(Path(__file__).resolve()), "--entry", "syncbn"], work / "syncbn.log",
                                    sz.phase_timeout_s, env)
     probe: Dict[str, Any] = {}
     for line in (work / "syncbn.log").read_text(errors="replace").splitlines():
@@ -324,10 +328,10 @@ def phase_torchrun(sz: Sizes, data: Path, work: Path, env: Dict[str, str]) -> Li
             probe = json.loads(line)
     if ok and probe:
         result = (f"{probe['backend']} group of {probe['world_size']}, {'/'.join(probe['bn_types'])} under "
-                  f"{probe['ddp']}; max |y - y_BN| {probe['max_diff_vs_bn']:.2g}")
+                  f"{probe['ddp']}; max abs diff vs BatchNorm {probe['max_diff_vs_bn']:.2g}")
     else:
         result = f"FAILED: {last}"
-    rows.append(Row("b) SyncBN probe", "torchrun 1 proc, convert_sync_batchnorm + wrap_ddp, fwd/bwd", result,
+    rows.append(Row("b) SyncBN probe", "torchrun 1 proc, convert_sync_batchnorm + DDP, fwd/bwd", result,
                     "torch.nn.SyncBatchNorm on CUDA (NCCL); CPUSyncBatchNorm on CPU (Gloo)", ok))
     return rows
 
@@ -354,10 +358,10 @@ def phase_resume(sz: Sizes, data: Path, work: Path, env: Dict[str, str]) -> List
     straight = work / "straight" / "last.pt"
     setting = f"{n} steps vs {half} + resume to {n}, bf16, b{sz.resume_batch} {sz.resume_crop}px, deterministic"
     return [
-        Row("c) resume", setting, f"max |w_straight - w_resumed| = {max_abs_diff(straight, work / 'split' / 'last.pt')}",
+        Row("c) resume", setting, f"max abs diff straight vs resumed: {max_abs_diff(straight, work / 'split' / 'last.pt')}",
             "0 = exact"),
         Row("c) resume", "noise floor: the straight run twice",
-            f"max |w_straight - w_straight2| = {max_abs_diff(straight, work / 'straight2' / 'last.pt')}",
+            f"max abs diff straight vs straight again: {max_abs_diff(straight, work / 'straight2' / 'last.pt')}",
             "non-zero: CUDA kernels without a deterministic variant (e.g. bilinear backward atomics)"),
     ]
 

@@ -59,7 +59,7 @@ class ModelConfig(_PlainDict):
 
     Attributes:
         arch: ``"deeplabv3plus"`` (encoder + decoder) or ``"deeplabv3"`` (encoder only).
-        backbone: one of :data:`BACKBONE_NAMES` (the keys of ``deeplab.models.backbones.BACKBONES``).
+        backbone: one of ``deeplab.models.backbones.BACKBONES``.
         num_classes: number of output channels of the classifier.
         output_stride: 8, 16 or 32; decided when the backbone is built.
         separable: atrous separable 3x3 convs in ASPP and decoder (the paper's best) or
