@@ -4,12 +4,11 @@
 >>> model = deeplab.build_model(arch="deeplabv3plus", backbone="xception65", num_classes=21)
 """
 
+from ._version import __version__
 from .checkpoint import load_model
 from .config import InferenceConfig, ModelConfig, TrainConfig
 from .models import BACKBONES, build_model, build_model_from_config
 from .segmenter import Segmenter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKBONES",

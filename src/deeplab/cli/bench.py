@@ -420,7 +420,7 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> Dict[str, Any]:
     """Run the benchmark; returns the report dict (see :func:`markdown_table`)."""
-    from deeplab import __version__
+    from deeplab._version import __version__
     from deeplab.cli.info import count
     from deeplab.models import build_model
 

@@ -27,8 +27,8 @@ from PIL import Image, ImageDraw
 
 from deeplab.checkpoint import load_model
 from deeplab.cli import train as train_cli
-from deeplab.config import InferenceConfig
 from deeplab.cli.common import cli_command
+from deeplab.config import InferenceConfig
 from deeplab.data import EvalTransform, FolderSegmentation, colorize, fetch_demo_data
 from deeplab.eval.evaluate import write_report
 from deeplab.eval.inference import predict_mask

@@ -38,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_usage())
         return 0
     if args[0] in ("-V", "--version"):
-        from deeplab import __version__
+        from deeplab._version import __version__
 
         print(__version__)
         return 0

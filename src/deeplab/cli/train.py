@@ -18,14 +18,15 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from deeplab._utils import load_state_dict_strict
 from deeplab.checkpoint import load_checkpoint, strip_state_dict_prefixes
 from deeplab.cli.common import CLIError, add_data_args, cli_command, make_dataset, parse_with_preset, print_config
-from deeplab.config import ARCHS, ModelConfig, TrainConfig
+from deeplab.config import ModelConfig, TrainConfig
 from deeplab.data import EvalTransform, TrainTransform
-from deeplab.train import distributed as dist_utils
 from deeplab.eval.evaluate import ShardSampler, evaluate
+from deeplab.models import build_model_from_config
 from deeplab.train import TrainResult, train
-from deeplab.models import BACKBONES, build_model
+from deeplab.train import distributed as dist_utils
 from deeplab.weights import resolve_pretrained
 
 # Flags whose name differs from their config field.
@@ -104,10 +105,6 @@ def _model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
     for key in ("aspp_rates", "multi_grid"):
         if values[key] is not None:
             values[key] = tuple(int(v) for v in values[key])
-    if values["arch"] not in ARCHS:
-        raise CLIError(f"unknown arch {values['arch']!r}; choose from {list(ARCHS)}")
-    if values["backbone"] not in BACKBONES:
-        raise CLIError(f"unknown backbone {values['backbone']!r}; choose from {sorted(BACKBONES)}")
     return ModelConfig(num_classes=num_classes, **values)
 
 
@@ -122,16 +119,15 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 def init_from(model: torch.nn.Module, path: str) -> None:
     """Load a deeplab checkpoint's weights into a freshly built model (strict keys and shapes)."""
     ckpt = load_checkpoint(path)
-    state = strip_state_dict_prefixes(ckpt["model"])
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        theirs = ckpt.get("config") or {}
-        raise CLIError(
-            f"--init-from {path}: its weights do not fit this model ({theirs.get('arch')} / {theirs.get('backbone')}, "
-            f"{theirs.get('num_classes')} classes in the file); use the same arch, backbone and class count "
-            f"(output stride may differ). {' '.join(str(exc).split())[:300]}"
-        ) from exc
+    theirs = ckpt.get("config") or {}
+    load_state_dict_strict(
+        model,
+        strip_state_dict_prefixes(ckpt["model"]),
+        source=(f"--init-from {path}: its weights do not fit this model ({theirs.get('arch')} / "
+                f"{theirs.get('backbone')}, {theirs.get('num_classes')} classes in the file)"),
+        fix="use the same arch, backbone and class count (output stride may differ)",
+        error=CLIError,
+    )
 
 
 def make_eval_fn(val_set: Any, *, num_classes: int, device: torch.device, world_size: int,
@@ -162,7 +158,7 @@ def run(args: argparse.Namespace) -> TrainResult:
     dist_utils.barrier()
     # The same seed gives the same initial head on every rank and in every rerun.
     torch.manual_seed(cfg.seed)
-    model = build_model(**dataclasses.asdict(model_config), pretrained_backbone=pretrained)
+    model = build_model_from_config(model_config, pretrained_backbone=pretrained)
     if args.init_from:
         init_from(model, args.init_from)
     norm = model.normalization

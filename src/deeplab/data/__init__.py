@@ -10,17 +10,35 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Type
 
 from .ade20k import ADE20K
-from .base import (DatasetError, DatasetNotFoundError, SegmentationDataset, Transform,
-                   load_image)
+from .base import DatasetError, DatasetNotFoundError, SegmentationDataset, Transform, load_image
 from .cityscapes import Cityscapes
 from .demo_data import fetch_demo_data
 from .folder import FolderSegmentation
-from .palettes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES,
-                       CITYSCAPES_ID_TO_TRAINID, CITYSCAPES_PALETTE, IGNORE_INDEX, PALETTES,
-                       VOC_CLASSES, VOC_PALETTE, colorize, voc_colormap)
-from .transforms import (IMAGENET_MEAN, IMAGENET_STD, INCEPTION_MEAN, INCEPTION_STD,
-                         EvalTransform, TrainTransform, denormalize, normalize_image,
-                         pad_collate, to_uint8_image)
+from .palettes import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_ID_TO_TRAINID,
+    CITYSCAPES_PALETTE,
+    IGNORE_INDEX,
+    PALETTES,
+    VOC_CLASSES,
+    VOC_PALETTE,
+    colorize,
+    voc_colormap,
+)
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    EvalTransform,
+    TrainTransform,
+    denormalize,
+    normalize_image,
+    pad_collate,
+    to_uint8_image,
+)
 from .voc import VOCSegmentation
 
 DATASETS: Dict[str, Type[SegmentationDataset]] = {

@@ -18,8 +18,7 @@ from typing import Dict, Optional
 import numpy as np
 from PIL import Image
 
-from .base import (DatasetError, DatasetNotFoundError, PathLike, SegmentationDataset,
-                   Transform, index_mask_array)
+from .base import DatasetError, DatasetNotFoundError, PathLike, SegmentationDataset, Transform, index_mask_array
 from .palettes import ADE20K_CLASSES, ADE20K_PALETTE
 
 SPLIT_DIRS: Dict[str, str] = {"train": "training", "val": "validation",

@@ -19,8 +19,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from .base import (DatasetError, DatasetNotFoundError, PathLike, SegmentationDataset,
-                   Transform, index_mask_array)
+from .base import DatasetError, DatasetNotFoundError, PathLike, SegmentationDataset, Transform, index_mask_array
 from .palettes import CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, cityscapes_lut
 
 _SUFFIX = "_leftImg8bit.png"

@@ -33,9 +33,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
-from .base import (IMAGE_EXTENSIONS, DatasetError, DatasetNotFoundError, PathLike,
-                   SegmentationDataset, Transform, colour_mask_to_ids, index_mask_array,
-                   read_split_list)
+from .base import (
+    IMAGE_EXTENSIONS,
+    DatasetError,
+    DatasetNotFoundError,
+    PathLike,
+    SegmentationDataset,
+    Transform,
+    colour_mask_to_ids,
+    index_mask_array,
+    read_split_list,
+)
 from .palettes import RGB, default_palette
 
 IGNORE_NAME = "__ignore__"

@@ -21,8 +21,16 @@ from typing import List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from .base import (DatasetError, DatasetNotFoundError, PathLike, SegmentationDataset,
-                   Transform, colour_mask_to_ids, index_mask_array, read_split_list)
+from .base import (
+    DatasetError,
+    DatasetNotFoundError,
+    PathLike,
+    SegmentationDataset,
+    Transform,
+    colour_mask_to_ids,
+    index_mask_array,
+    read_split_list,
+)
 from .palettes import VOC_CLASSES, VOC_IGNORE_COLOR, VOC_PALETTE
 
 _DOWNLOAD_HINT = (

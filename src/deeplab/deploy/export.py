@@ -67,7 +67,7 @@ def model_metadata(
         ``{"format", "version", "num_classes", "classes", "palette", "normalization",
         "output_stride", "align_corners", "config", "deeplab_version"}``.
     """
-    from deeplab import __version__
+    from deeplab._version import __version__
     from deeplab.data.palettes import default_palette
 
     config = getattr(model, "config", None)

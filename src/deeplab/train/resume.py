@@ -23,7 +23,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from deeplab._utils import one_line, unwrap_model
+from deeplab._utils import load_state_dict_strict, unwrap_model
 from deeplab.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -271,13 +271,13 @@ def restore(
             f"cannot resume {path}: it was trained with another model config (differs in {changed}); "
             "resume with the same model, or start a new run (e.g. OS 8 fine-tuning) initialised from it"
         )
-    try:
-        unwrap_model(model).load_state_dict(strip_state_dict_prefixes(ckpt["model"]), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"cannot resume {path}: its weights do not fit this model: {one_line(exc)}; resume "
-            "with the model configuration the run was started with"
-        ) from exc
+    load_state_dict_strict(
+        unwrap_model(model),
+        strip_state_dict_prefixes(ckpt["model"]),
+        source=f"cannot resume {path}: its weights do not fit this model",
+        fix="resume with the model configuration the run was started with",
+        error=CheckpointError,
+    )
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as exc:
