@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import math
 import os
 from collections.abc import Mapping
-from typing import Any, List, Sequence, Type, Union
+from types import ModuleType
+from typing import Any, List, Optional, Sequence, Type, Union
 
 import torch
 from torch import nn
@@ -26,6 +28,7 @@ __all__ = [
     "ConfigError",
     "DeeplabError",
     "jsonable",
+    "optional_import",
     "load_state_dict_strict",
     "one_line",
     "sha256_of",
@@ -83,6 +86,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod  # type: ignore[assignment]
         else:
             return model
+
+
+def optional_import(name: str) -> Optional[ModuleType]:
+    """The module ``name``, or ``None`` where it is not installed (for optional dependencies)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 def one_line(exc: BaseException) -> str:

@@ -25,13 +25,15 @@ import re
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
 
-from deeplab._utils import DeeplabError, load_state_dict_strict
+from deeplab._utils import DeeplabError, load_state_dict_strict, optional_import
 from deeplab.config import ModelConfig
+
+if TYPE_CHECKING:  # the model code is imported lazily, where a model is built
+    from deeplab.models.deeplab import DeepLabV3
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -342,7 +344,7 @@ def load_model(
     arch: Optional[str] = None,
     backbone: Optional[str] = None,
     output_stride: Optional[int] = None,
-) -> Tuple[nn.Module, Dict[str, Any]]:
+) -> Tuple["DeepLabV3", Dict[str, Any]]:
     """Rebuild a model from a checkpoint alone and load its weights strictly.
 
     Args:
@@ -421,10 +423,7 @@ def capture_rng_state() -> Dict[str, Any]:
         "torch": torch.get_rng_state(),
         "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
     }
-    try:
-        import numpy as np
-    except ImportError:  # numpy is a dependency, but RNG capture must never fail a save
-        np = None
+    np = optional_import("numpy")  # a dependency, but RNG capture must never fail a save
     if np is not None:
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state["numpy"] = {
@@ -447,10 +446,7 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         py = state["python"]
         random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     if "numpy" in state:
-        try:
-            import numpy as np
-        except ImportError:
-            np = None
+        np = optional_import("numpy")
         if np is not None:
             nps = state["numpy"]
             np.random.set_state(

@@ -130,16 +130,16 @@ class Segmenter:
 
         config = inference_with(inference, output_stride=output_stride, **options)
         model, ckpt = load_model(path, map_location="cpu", output_stride=config.output_stride)
+        classes = ckpt.get("classes") or [f"class_{i}" for i in range(model.num_classes)]
+        normalization = ckpt.get("normalization") or model.normalization.to_dict()
+        net: nn.Module = model
         if optimize:
             from deeplab.deploy.optimize import optimize_for_inference
 
-            model = optimize_for_inference(model, device=device)
-        model = model.to(device)
-        num_classes = model.num_classes
-        classes = ckpt.get("classes") or [f"class_{i}" for i in range(num_classes)]
-        normalization = ckpt.get("normalization") or model.normalization.to_dict()
+            net = optimize_for_inference(model, device=device)
+        net = net.to(device)
         return cls(
-            model,
+            net,
             classes=classes,
             palette=ckpt.get("palette"),
             normalization=normalization,

@@ -179,10 +179,11 @@ def _convert(action: argparse.Action, value: Any, source: str) -> Any:
     """Give a preset value the type its flag would (YAML reads ``1e-4`` as a string)."""
     if value is None or action.type is None:
         return value
+    convert = cast(Callable[[Any], Any], action.type)  # our flags' types are callables, never names
     try:
         if isinstance(value, (list, tuple)):
-            return [action.type(v) for v in value]
-        return action.type(value)
+            return [convert(v) for v in value]
+        return convert(value)
     except (TypeError, ValueError) as exc:
         raise CLIError(f"{source}: {action.dest}: {value!r} is not a valid {getattr(action.type, '__name__', action.type)}") from exc
 

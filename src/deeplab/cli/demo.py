@@ -106,6 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for i in range(len(dataset)):
         image, mask = dataset[i]
         x, target = transform(image, mask)
+        assert target is not None  # every demo photo has its mask
         pred = predict_mask(model, x[None], whole_image)[0]
         cm.update(pred, target)
         side_by_side(np.asarray(image), np.asarray(mask), pred.numpy().astype(np.uint8), dataset.palette,

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
-import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from deeplab.checkpoint import load_model
 from deeplab.cli.common import (
@@ -29,6 +28,7 @@ from deeplab.cli.common import (
 )
 from deeplab.config import InferenceConfig
 from deeplab.data import EvalTransform
+from deeplab.data.base import SegmentationDataset
 from deeplab.eval.evaluate import ShardSampler, evaluate, write_report
 from deeplab.train import distributed as dist_utils
 
@@ -69,14 +69,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     dataset_name = args.dataset or data_info.get("dataset") or "voc"
     norm = ckpt.get("normalization") or model.normalization.to_dict()
     transform = EvalTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
-    dataset = make_dataset(dataset_name, args.data_root, args.split, transform)
-    if dataset.num_classes != config["num_classes"]:
+    full_set = make_dataset(dataset_name, args.data_root, args.split, transform)
+    if full_set.num_classes != config["num_classes"]:
         raise CLIError(
             f"{checkpoint} predicts {config['num_classes']} classes but the {dataset_name} dataset at "
-            f"{args.data_root} has {dataset.num_classes}; evaluate it on the dataset it was trained for"
+            f"{args.data_root} has {full_set.num_classes}; evaluate it on the dataset it was trained for"
         )
+    dataset: Union[SegmentationDataset, Subset[Any]] = full_set
     if args.limit is not None:
-        dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
+        dataset = Subset(full_set, range(min(args.limit, len(full_set))))
     sampler = ShardSampler(dataset) if info.world_size > 1 else None
     loader = DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, num_workers=args.num_workers)
     output_stride = model.output_stride
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         inference=inference,
         progress=info.is_main and not args.no_progress,
     )
-    class_names = list(ckpt.get("classes") or dataset.classes)
+    class_names = list(ckpt.get("classes") or full_set.classes)
     if info.is_main:
         out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, args.split, inference, output_stride)
         report = write_report(cm, class_names, out_dir, extra=resolved)

@@ -50,6 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     model, ckpt = load_model(args.checkpoint, map_location="cpu", output_stride=args.output_stride)
     cfg = model.config
+    assert cfg is not None  # load_model rebuilds the model from its config and keeps it there
     print(
         f"deeplab export: {args.checkpoint} ({cfg.arch} / {cfg.backbone}, OS {model.output_stride}, "
         f"{model.num_classes} classes) -> {args.out} [{args.format}{f', opset {args.opset}' if args.format == 'onnx' else ''}, "

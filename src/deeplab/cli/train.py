@@ -13,16 +13,17 @@ import dataclasses
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from deeplab._utils import load_state_dict_strict
 from deeplab.checkpoint import load_checkpoint, strip_state_dict_prefixes
 from deeplab.cli.common import CLIError, add_data_args, cli_command, make_dataset, parse_with_preset, print_config
 from deeplab.config import ModelConfig, TrainConfig
 from deeplab.data import EvalTransform, TrainTransform
+from deeplab.data.base import SegmentationDataset
 from deeplab.eval.evaluate import ShardSampler, evaluate
 from deeplab.models import build_model_from_config
 from deeplab.train import TrainResult, train
@@ -166,9 +167,10 @@ def run(args: argparse.Namespace) -> TrainResult:
                                mean=norm.mean, std=norm.std, flip=cfg.hflip, ignore_index=cfg.ignore_index)
     eval_fn = None
     if str(args.val_split).lower() != "none":
-        val_set = make_dataset(dataset_name, args.data_root, args.val_split, EvalTransform(mean=norm.mean, std=norm.std))
+        val_set: Union[SegmentationDataset, Subset[Any]] = make_dataset(dataset_name, args.data_root, args.val_split,
+                                        EvalTransform(mean=norm.mean, std=norm.std))
         if args.eval_limit is not None:
-            val_set = torch.utils.data.Subset(val_set, range(min(args.eval_limit, len(val_set))))
+            val_set = Subset(val_set, range(min(args.eval_limit, len(val_set))))
         eval_fn = make_eval_fn(val_set, num_classes=num_classes, device=info.device, world_size=info.world_size,
                                num_workers=cfg.num_workers)
     if info.is_main:

@@ -69,7 +69,7 @@ def parse_color(value: Any, where: str) -> RGB:
     if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
         raise DatasetError(f"bad colour {value!r} in {where}: write it as 'R G B' (0-255 each) "
                            f"or '#rrggbb'.")
-    return rgb  # type: ignore[return-value]
+    return rgb
 
 
 def _parse_txt(path: Path) -> List[Tuple[str, Optional[RGB]]]:

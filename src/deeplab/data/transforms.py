@@ -20,6 +20,11 @@ from PIL import Image
 
 from .palettes import IGNORE_INDEX
 
+# Image.Resampling exists from Pillow 9.1 on; 9.0 (our lower bound) has the same values as module constants.
+_RESAMPLING = getattr(Image, "Resampling", Image)
+_BILINEAR = _RESAMPLING.BILINEAR
+_NEAREST = _RESAMPLING.NEAREST
+
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 # TF DeepLab's Xception / MobileNetV2 preprocessing: pixels to [-1, 1]
@@ -169,8 +174,8 @@ class TrainTransform:
             sx, sy = w / nw, h / nh
             box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
             size = (x1 - x0, y1 - y0)
-            rgb = np.asarray(img.resize(size, Image.BILINEAR, box=box))
-            crop_lbl = np.asarray(Image.fromarray(lbl).resize(size, Image.NEAREST, box=box))
+            rgb = np.asarray(img.resize(size, _BILINEAR, box=box))
+            crop_lbl = np.asarray(Image.fromarray(lbl).resize(size, _NEAREST, box=box))
         # the crop goes into a canvas that already holds the padding values, which is the
         # same as padding first
         out_img = torch.zeros(3, ch, cw)  # 0 == the mean pixel after normalisation

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, Union
 
 import torch
 
-from deeplab._utils import DeeplabError
+from deeplab._utils import DeeplabError, optional_import
 
 __all__ = [
     "METADATA_FORMAT",
@@ -132,10 +132,7 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
 
 
 def _onnx_metadata_text(path: Path) -> str:
-    try:
-        import onnx
-    except ImportError:
-        onnx = None
+    onnx = optional_import("onnx")
     if onnx is not None:
         try:
             proto = onnx.load(str(path), load_external_data=False)

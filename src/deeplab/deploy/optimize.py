@@ -19,7 +19,7 @@ Every rewrite is checked numerically against the original model and raises
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union, cast
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ _METADATA_FUNCS = (
     torch.Tensor.is_floating_point,
     torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
     torch.Tensor.dtype.__get__,  # type: ignore[attr-defined]
-    torch.Tensor.device.__get__,  # type: ignore[attr-defined]
+    torch.Tensor.device.__get__,
     torch.Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
 )
 
@@ -187,6 +187,8 @@ def find_conv_bn_pairs(model: nn.Module, example_input: torch.Tensor) -> List[Tu
 def _fold_into(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Merge eval-mode ``bn`` into ``conv`` in place (float64 arithmetic)."""
     dtype = conv.weight.dtype
+    # find_conv_bn_pairs keeps only BatchNorms that track running statistics.
+    assert bn.running_var is not None and bn.running_mean is not None
     var = bn.running_var.double()
     mean = bn.running_mean.double()
     gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
@@ -300,7 +302,10 @@ class ShiftDepthwiseConv(nn.Module):
     not for tracing).
     """
 
-    def __init__(self, conv: nn.Module) -> None:
+    taps: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(self, conv: Union[nn.Conv2d, "FusedConv2d"]) -> None:
         super().__init__()
         weight = conv.weight.detach()
         channels, _, kh, kw = weight.shape
@@ -379,7 +384,7 @@ class FusedConv2d(nn.Module):
     Attributes ``weight``/``bias`` keep ``nn.Conv2d``'s names, so a state dict still reads.
     """
 
-    def __init__(self, conv: nn.Conv2d, activation: Optional[type] = None) -> None:
+    def __init__(self, conv: nn.Conv2d, activation: Optional[Type[nn.Module]] = None) -> None:
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("FusedConv2d needs an nn.Conv2d with explicit zero padding")
@@ -412,12 +417,13 @@ class FusedConv2d(nn.Module):
 class FusedBottleneck(nn.Module):
     """ResNet's Bottleneck with every conv fused: conv1+ReLU, conv2+ReLU, conv3+residual+ReLU."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: Bottleneck) -> None:
         super().__init__()
         self.conv1 = FusedConv2d(block.conv1, nn.ReLU)
         self.conv2 = FusedConv2d(block.conv2, nn.ReLU)
         self.conv3 = FusedConv2d(block.conv3, nn.ReLU)
-        self.downsample = None if block.downsample is None else FusedConv2d(block.downsample[0])
+        # fuse_conv_activations rewrites only blocks whose downsample is (1x1 conv, folded BN).
+        self.downsample = None if block.downsample is None else FusedConv2d(cast(nn.Conv2d, block.downsample[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -453,28 +459,28 @@ def fuse_conv_activations(model: nn.Module, example_input: Optional[torch.Tensor
         act = model.get_submodule(act_name)
         if not _plain_conv(conv):
             continue
-        _set_submodule(model, conv_name, FusedConv2d(conv, type(act)))  # type: ignore[arg-type]
+        _set_submodule(model, conv_name, FusedConv2d(cast(nn.Conv2d, conv), type(act)))
         _set_submodule(model, act_name, nn.Identity())
         fused.append((conv_name, act_name))
     # timm-style Xception modules apply ReLU functionally behind a ``relu`` flag.
     for name, module in list(model.named_modules()):
         if isinstance(module, XceptionConvBN) and module.relu is True and isinstance(module.bn, nn.Identity) \
                 and _plain_conv(module.conv):
-            module.conv = FusedConv2d(module.conv, nn.ReLU)
+            _set_submodule(model, f"{name}.conv", FusedConv2d(module.conv, nn.ReLU))
             module.relu = False
             fused.append((f"{name}.conv", f"{name}.relu"))
         elif isinstance(module, XceptionSeparableConv2d) and module.relu is True \
                 and isinstance(module.bn_dw, nn.Identity) and isinstance(module.bn_pw, nn.Identity) \
                 and _plain_conv(module.conv_dw) and _plain_conv(module.conv_pw):
-            module.conv_dw = FusedConv2d(module.conv_dw, nn.ReLU)
-            module.conv_pw = FusedConv2d(module.conv_pw, nn.ReLU)
+            _set_submodule(model, f"{name}.conv_dw", FusedConv2d(module.conv_dw, nn.ReLU))
+            _set_submodule(model, f"{name}.conv_pw", FusedConv2d(module.conv_pw, nn.ReLU))
             module.relu = False
             fused += [(f"{name}.conv_dw", f"{name}.relu"), (f"{name}.conv_pw", f"{name}.relu")]
     # Every other conv calls oneDNN directly too: aten's dispatcher would send some NCHW shapes
     # to its slower im2col path.
     for name, module in list(model.named_modules()):
         if _plain_conv(module):
-            _set_submodule(model, name, FusedConv2d(module))  # type: ignore[arg-type]
+            _set_submodule(model, name, FusedConv2d(cast(nn.Conv2d, module)))
     model.fused_activations = fused  # type: ignore[assignment]
     return model
 
@@ -528,7 +534,7 @@ def optimize_for_inference(
         for name, module in list(model.named_modules()):
             if ShiftDepthwiseConv.supports(module):
                 _set_submodule(model, name, ShiftDepthwiseConv(module))
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs omit it
 
         def to_channels_last(_: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
             x = args[0]

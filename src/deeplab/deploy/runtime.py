@@ -153,6 +153,7 @@ class OpenVINOModel(ExportedModel):
         key = tuple(shape) if self.static_shapes else None
         compiled = self._compiled.get(key)
         if compiled is None:
+            assert key is not None  # the dynamic model is compiled up front, in __init__
             model = self.core.read_model(str(self.path))
             model.reshape({model.inputs[0].get_any_name(): self._ov.PartialShape(list(key))})
             compiled = self.core.compile_model(model, "CPU", self.config)

@@ -37,7 +37,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
     """Batch norm over the union of all ranks' batches, with an exact backward."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         weight: Optional[torch.Tensor],
@@ -90,7 +90,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         x_hat, invstd, weight = ctx.saved_tensors
         channels = x_hat.shape[1]
         dims = [0] + list(range(2, x_hat.dim()))

@@ -24,7 +24,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union, cast
 
 import numpy as np
 
@@ -171,6 +171,7 @@ def _proto_fields(buf: bytes) -> Iterator[Tuple[int, int, Union[int, bytes]]]:
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         field, wire = key >> 3, key & 7
+        value: Union[int, bytes]
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire == 1:
@@ -219,7 +220,7 @@ def _parse_shape(buf: bytes) -> Tuple[int, ...]:
             size = 0
             for f2, _, v2 in _proto_fields(value):  # type: ignore[arg-type]
                 if f2 == 1:
-                    size = _signed64(int(v2))  # type: ignore[arg-type]
+                    size = _signed64(int(v2))
             dims.append(size)
         elif field == 3 and value:
             raise BundleError("tensor of unknown rank")
@@ -230,17 +231,17 @@ def _parse_entry(name: str, buf: bytes) -> TensorEntry:
     kwargs: Dict[str, object] = {"dtype": 0, "shape": ()}
     for field, _, value in _proto_fields(buf):
         if field == 1:
-            kwargs["dtype"] = int(value)  # type: ignore[arg-type]
+            kwargs["dtype"] = int(value)
         elif field == 2:
             kwargs["shape"] = _parse_shape(value)  # type: ignore[arg-type]
         elif field == 3:
-            kwargs["shard_id"] = int(value)  # type: ignore[arg-type]
+            kwargs["shard_id"] = int(value)
         elif field == 4:
-            kwargs["offset"] = _signed64(int(value))  # type: ignore[arg-type]
+            kwargs["offset"] = _signed64(int(value))
         elif field == 5:
-            kwargs["size"] = _signed64(int(value))  # type: ignore[arg-type]
+            kwargs["size"] = _signed64(int(value))
         elif field == 6:
-            kwargs["crc32c"] = int(value)  # type: ignore[arg-type]
+            kwargs["crc32c"] = int(value)
         elif field == 7:
             kwargs["sliced"] = True
     return TensorEntry(name=name, **kwargs)  # type: ignore[arg-type]
@@ -372,9 +373,9 @@ class CheckpointReader:
             if key == b"":
                 for field, _, v in _proto_fields(value):
                     if field == 1:
-                        self.num_shards = int(v)  # type: ignore[arg-type]
+                        self.num_shards = int(v)
                     elif field == 2:
-                        big_endian = int(v) == 1  # type: ignore[arg-type]
+                        big_endian = int(v) == 1
                 continue
             name = key.decode("utf-8", errors="replace")
             entry = _parse_entry(name, value)
@@ -423,7 +424,7 @@ class CheckpointReader:
         count = int(np.prod(entry.shape, dtype=np.int64)) if entry.shape else 1
         if entry.dtype == DT_STRING:
             return self._decode_strings(entry, bytes(raw), count).reshape(entry.shape)
-        if self.verify and entry.crc32c is not None and unmask_crc(entry.crc32c) != crc32c(raw):
+        if self.verify and entry.crc32c is not None and unmask_crc(entry.crc32c) != crc32c(cast(memoryview, raw)):  # an ndarray is a buffer; numpy's stubs say so from 3.12 on
             raise BundleError(f"{name}: checksum mismatch; the checkpoint data is corrupt - download it again")
         if entry.dtype == DT_BFLOAT16:
             bits = np.frombuffer(raw, dtype=">u2" if self.big_endian else "<u2", count=count)

@@ -37,7 +37,7 @@ class Bottleneck(nn.Module):
         *,
         stride: int = 1,
         dilation: int = 1,
-        downsample: Optional[nn.Module] = None,
+        downsample: Optional[nn.Sequential] = None,
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
