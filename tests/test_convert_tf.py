@@ -46,7 +46,7 @@ from deeplab.tf.names import CONV, DEPTHWISE, to_torch
 
 from .tf_reference import LAYER_CASES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.spawn]  # real TensorFlow runs in its own process
 
 HERE = Path(__file__).parent
 

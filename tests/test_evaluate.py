@@ -205,6 +205,7 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.spawn
 def test_distributed_gloo_matches_single_process_exactly(tmp_path: Path) -> None:
     ds = ToySet()
     single = evaluate(

@@ -430,11 +430,13 @@ def deeplab_imports_in_source(filename: str) -> set:
     return {n for n in names if n == "deeplab" or n.startswith("deeplab.")}
 
 
+@pytest.mark.spawn
 def test_deploy_format_is_a_leaf() -> None:
     assert deeplab_modules_loaded_by("deeplab.deploy.format") == {"deeplab._utils", "deeplab.deploy.format"}
     assert deeplab_imports_in_source("format.py") == {"deeplab._utils"}
 
 
+@pytest.mark.spawn
 def test_deploy_runtime_imports_neither_export_nor_optimize() -> None:
     loaded = deeplab_modules_loaded_by("deeplab.deploy.runtime")
     assert "deeplab.deploy.runtime" in loaded and "deeplab.deploy.format" in loaded
