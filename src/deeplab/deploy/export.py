@@ -14,11 +14,12 @@ from tensor shapes without converting them to ``int``, so tracing keeps them sym
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -113,6 +114,22 @@ def _example(model: nn.Module, example_input: Optional[torch.Tensor]) -> torch.T
     return torch.randn(1, 3, stride * 4 + 1, stride * 5 + 1, generator=torch.Generator().manual_seed(0))
 
 
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces it only when the block succeeds.
+
+    A failed or interrupted export never leaves a half-written model under ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def export_onnx(
     model: nn.Module,
     path: PathLike,
@@ -148,9 +165,7 @@ def export_onnx(
     prepared = _prepare(model, fold_bn)
     x = _example(prepared, example_input)
     axes = {0: "batch", 2: "height", 3: "width"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with _atomic_target(path) as tmp:
         with quiet_tracing(), torch.no_grad():
             torch.onnx.export(
                 prepared,
@@ -169,10 +184,6 @@ def export_onnx(
         entry.key, entry.value = METADATA_KEY, json.dumps(meta)
         proto.doc_string = f"deeplab {meta.get('config') or ''}"[:1000]
         onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -200,15 +211,8 @@ def export_torchscript(
     x = _example(prepared, example_input)
     with quiet_tracing(), torch.no_grad():
         traced = torch.jit.trace(prepared, (x,), check_trace=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with quiet_tracing():
-            torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _atomic_target(path) as tmp, quiet_tracing():
+        torch.jit.save(traced, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(meta)})
     return path
 
 
