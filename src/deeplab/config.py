@@ -31,6 +31,10 @@ class _PlainDict:
 
     _TUPLES: ClassVar[Dict[str, type]] = {}
 
+    def _set(self, name: str, value: Any) -> None:
+        # The dataclasses are frozen; normalising a field during __post_init__ is the one exception.
+        object.__setattr__(self, name, value)
+
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict (tuples as lists) that ``torch.load(weights_only=True)`` accepts."""
         out = asdict(self)  # type: ignore[call-overload]
@@ -152,10 +156,6 @@ class ModelConfig(_PlainDict):
             self._set("multi_grid", grid)
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
-
-    def _set(self, name: str, value: Any) -> None:
-        # The dataclass is frozen; normalising a field during __post_init__ is the one exception.
-        object.__setattr__(self, name, value)
 
 
 def _positive_int(value: Any) -> Optional[int]:
@@ -342,17 +342,17 @@ class InferenceConfig(_PlainDict):
         if scales is None or not scales or min(scales) <= 0 or not all(math.isfinite(s) for s in scales):
             problems.append(f"scales must be a non-empty sequence of positive numbers, got {self.scales!r}")
         else:
-            object.__setattr__(self, "scales", scales)
+            self._set("scales", scales)
         crop = _int_pair(self.crop_size)
         if crop is None:
             problems.append(f"crop_size must be a positive int or (height, width), got {self.crop_size!r}")
         elif not isinstance(self.crop_size, int):  # a list or numpy ints: store a plain tuple
-            object.__setattr__(self, "crop_size", crop)
+            self._set("crop_size", crop)
         step = _int_pair(self.stride)
         if step is None:
             problems.append(f"stride must be a positive int or (height, width), got {self.stride!r}")
         elif not isinstance(self.stride, int):
-            object.__setattr__(self, "stride", step)
+            self._set("stride", step)
         if self.mode == "slide" and crop is not None and step is not None and (step[0] > crop[0] or step[1] > crop[1]):
             problems.append(
                 f"stride {step} larger than crop_size {crop} would leave pixels unpredicted; "
@@ -369,8 +369,8 @@ class InferenceConfig(_PlainDict):
             if pad is None:
                 problems.append(f"pad_to must be None or (height, width) of positive ints, got {self.pad_to!r}")
             else:
-                object.__setattr__(self, "pad_to", pad)
-        object.__setattr__(self, "flip", bool(self.flip))
+                self._set("pad_to", pad)
+        self._set("flip", bool(self.flip))
         if problems:
             raise ConfigError("invalid InferenceConfig: " + "; ".join(problems))
 
