@@ -262,3 +262,166 @@ def render_confusion(
         draw.text((bx + bar_w + 5, y - th // 2 - 1), f"{value:.1f}", fill="black", font=tick_font)
 
     return image, {"x0": x0, "y0": y0, "cell": cell}
+
+
+# ---------------------------------------------------------------------- Evaluation charts
+# Trimap curves, run comparisons and worst-image triptychs. matplotlib is imported inside each
+# function (Agg backend), never when the package is imported.
+
+__all__ += ["plot_compare", "plot_trimap", "render_triptych"]
+
+TrimapCurve = Tuple[Sequence[int], Sequence[Optional[float]]]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig: Any, path: Union[str, "os.PathLike[str]"]) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
+def _plot_curves(ax: Any, curves: Dict[str, TrimapCurve]) -> None:
+    for label, (widths, values) in curves.items():
+        # An empty band has no mIoU: the point is left out, never drawn as 0.
+        pts = [(w, 100.0 * v) for w, v in zip(widths, values) if v is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.set_xlabel("trimap width (px)")
+    ax.set_ylabel("mIoU in band (%)")
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend(loc="lower right", fontsize=8)
+
+
+def plot_trimap(
+    curves: Dict[str, TrimapCurve],
+    path: Union[str, "os.PathLike[str]"],
+    *,
+    title: str = "mIoU inside the trimap band (paper Fig. 5)",
+) -> Path:
+    """mIoU vs trimap width, one line per run; widths with an empty band are skipped.
+
+    Args:
+        curves: label -> (widths, mIoU in [0, 1] or ``None`` for an empty band).
+        path: the PNG to write (parents created).
+        title: the figure title.
+
+    Returns:
+        The written path.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _plot_curves(ax, curves)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_compare(
+    labels: Sequence[str],
+    class_names: Sequence[str],
+    deltas: Sequence[Sequence[Optional[float]]],
+    path: Union[str, "os.PathLike[str]"],
+    *,
+    trimap: Optional[Dict[str, TrimapCurve]] = None,
+) -> Path:
+    """Per-class IoU deltas against the first run (bars) and, when given, the trimap curves.
+
+    Args:
+        labels: run labels; ``labels[0]`` is the baseline.
+        class_names: the classes on the x axis.
+        deltas: for every run after the baseline, one IoU delta (fraction) per class, ``None``
+            where either run has no IoU for the class (drawn as no bar).
+        path: the PNG to write.
+        trimap: label -> (widths, mIoU) curves for a second panel.
+
+    Returns:
+        The written path.
+    """
+    plt = _pyplot()
+    panels = 2 if trimap else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(6.0, 0.45 * len(class_names) + 2) + 5 * (panels - 1), 4.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    n = max(1, len(deltas))
+    width = 0.8 / n
+    for k, row in enumerate(deltas):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(class_names))]
+        ys = [100.0 * v if v is not None else 0.0 for v in row]
+        ax.bar(xs, ys, width=width, label=f"{labels[k + 1]} - {labels[0]}")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(class_names)))
+    ax.set_xticklabels(class_names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("IoU delta (points)")
+    ax.set_title("per-class IoU vs " + labels[0], fontsize=10)
+    if deltas:
+        ax.legend(fontsize=8)
+    if trimap:
+        _plot_curves(axes[0][1], trimap)
+        axes[0][1].set_title("mIoU in the trimap band", fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def render_triptych(
+    image: ImageInput,
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    palette: Sequence[Sequence[int]],
+    classes: Sequence[str],
+    *,
+    title: str = "",
+    ignore_index: int = 255,
+) -> Image.Image:
+    """``image | ground truth | prediction`` side by side, a title line and a legend.
+
+    Ground-truth void (``ignore_index``) is drawn white.
+
+    Args:
+        image: the input image (anything :func:`to_rgb_array` takes).
+        truth: ``(H, W)`` ground-truth ids.
+        prediction: ``(H, W)`` predicted ids.
+        palette: one RGB colour per class.
+        classes: class names.
+        title: a line above the panels (e.g. the image's name and IoU).
+        ignore_index: the void label.
+
+    Returns:
+        An RGB ``PIL.Image``.
+    """
+    rgb = to_rgb_array(image)
+    truth, prediction = np.asarray(truth), np.asarray(prediction)
+    if rgb.shape[:2] != truth.shape or truth.shape != prediction.shape:
+        raise ValueError(f"image {rgb.shape[:2]}, ground truth {truth.shape} and prediction {prediction.shape} differ")
+    pal = cast(Sequence[RGB], palette)
+    gt_rgb = colorize(np.where(truth == ignore_index, 0, truth), pal)
+    gt_rgb[truth == ignore_index] = 255
+    panels = [rgb, gt_rgb, colorize(prediction, pal)]
+    h, w = truth.shape
+    font = _font(14)
+    top, legend_h = 40, 24
+    canvas = Image.new("RGB", (3 * w, h + top + legend_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill="black", font=font)
+    for i, (panel, name) in enumerate(zip(panels, ("image", "ground truth (white = void)", "prediction"))):
+        canvas.paste(Image.fromarray(np.ascontiguousarray(panel)), (i * w, top))
+        draw.text((i * w + 4, 20), name, fill="black", font=font)
+    ids = np.unique(np.concatenate([truth.ravel(), prediction.ravel()]))
+    present = sorted({int(c) for c in ids if 0 <= c < len(classes)})
+    x = 4
+    for c in present:
+        color = tuple(int(v) for v in palette[c][:3]) if c < len(palette) else (0, 0, 0)
+        draw.rectangle([x, h + top + 5, x + 12, h + top + 17], fill=color, outline="black")
+        draw.text((x + 16, h + top + 4), classes[c], fill="black", font=font)
+        x += 28 + int(draw.textlength(classes[c], font=font))
+    return canvas

@@ -10,10 +10,13 @@ counts; each image is predicted the same way on any rank).
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import json
 import math
 import os
 import warnings
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import (
@@ -30,6 +33,7 @@ from typing import (
     Union,
 )
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -39,9 +43,102 @@ from tqdm import tqdm
 from deeplab._utils import jsonable, unwrap_model
 from deeplab.config import InferenceConfig
 from deeplab.eval.inference import predict_mask
-from deeplab.eval.metrics import ConfusionMatrix
+from deeplab.eval.metrics import BoundaryFScore, ConfusionMatrix, TrimapMeter, image_miou
 
-__all__ = ["ShardSampler", "evaluate", "shard_indices", "write_report"]
+__all__ = [
+    "EvalResult",
+    "ImageScore",
+    "ShardSampler",
+    "WorstImage",
+    "evaluate",
+    "evaluate_detailed",
+    "shard_indices",
+    "write_report",
+]
+
+
+@dataclass
+class ImageScore:
+    """One image's scores: ``index`` in the dataset, ``iou`` (mean IoU over the classes in
+    its ground truth or prediction; ``None`` for an image without non-void pixels),
+    ``pixels`` (non-void), ``boundary_f`` (mean over its classes, when measured)."""
+
+    index: int
+    iou: Optional[float]
+    pixels: int
+    boundary_f: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class WorstImage:
+    """A low-scoring image kept for a triptych: its score, prediction and ground truth
+    (``(H, W)`` int numpy arrays on the CPU)."""
+
+    score: ImageScore
+    prediction: np.ndarray
+    target: np.ndarray
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate_detailed` measured in one pass."""
+
+    confusion: ConfusionMatrix
+    trimap: Optional[TrimapMeter] = None
+    boundary_f: Optional[BoundaryFScore] = None
+    per_image: List[ImageScore] = field(default_factory=list)
+    worst: List[WorstImage] = field(default_factory=list)
+
+    def sections(self, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """The extra ``report.json`` sections (``trimap``, ``boundary_f``, ``per_image``)
+        of what was measured, for :func:`write_report`'s ``sections``."""
+        out: Dict[str, Any] = {}
+        if self.trimap is not None:
+            out["trimap"] = self.trimap.summary(class_names)
+        if self.boundary_f is not None:
+            out["boundary_f"] = self.boundary_f.summary(class_names)
+        if self.per_image:
+            out["per_image"] = [s.to_dict() for s in self.per_image]
+        return out
+
+
+def _sample_order(loader: Iterable[Any]) -> Optional[List[int]]:
+    """Dataset indices in the order the loader yields them (``None`` if unknown)."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, Sampler):
+        return None
+    # A sampler is re-iterable; a shuffling one would give another order than the loop's.
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        return None
+    return [int(i) for i in sampler]
+
+
+def _keep_worst(heap: List[Tuple[float, int, WorstImage]], n: int, score: ImageScore,
+                pred: torch.Tensor, mask: torch.Tensor) -> None:
+    """Keep the ``n`` lowest-IoU images in a max-heap on IoU (heapq is a min-heap: store -iou)."""
+    assert score.iou is not None
+    key = (-score.iou, -score.index)
+    if len(heap) >= n and key <= (heap[0][0], heap[0][1]):
+        return  # not worse than the best of the kept ones
+    entry = WorstImage(score, pred.detach().cpu().numpy().astype(np.int64), mask.detach().cpu().numpy().astype(np.int64))
+    item = (key[0], key[1], entry)
+    if len(heap) < n:
+        heapq.heappush(heap, item)
+    else:
+        heapq.heapreplace(heap, item)
+
+
+def _num_or_none(value: float) -> Optional[float]:
+    return None if math.isnan(value) else float(value)
+
+
+def _nanmean_float(values: torch.Tensor) -> float:
+    valid = values[~torch.isnan(values)]
+    return float(valid.mean()) if valid.numel() else float("nan")
 
 
 def _dist_active() -> bool:
@@ -177,6 +274,75 @@ def evaluate(
         ValueError: model and ``device`` disagree, a DistributedSampler that pads/drops,
             masks whose size differs from their images, or labels outside the classes.
     """
+    return _evaluate(
+        model, loader, num_classes=num_classes, ignore_index=ignore_index, device=device,
+        inference=inference, distributed=distributed, progress=progress, stacklevel=3,
+    ).confusion
+
+
+
+def evaluate_detailed(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    num_classes: int,
+    ignore_index: int = 255,
+    device: Union[str, torch.device] = "cpu",
+    inference: InferenceConfig = InferenceConfig(),
+    distributed: Optional[bool] = None,
+    progress: bool = True,
+    trimap_widths: Optional[Sequence[int]] = None,
+    trimap_source: str = "void",
+    boundary_tolerance: Optional[int] = None,
+    per_image: bool = False,
+    worst: int = 0,
+) -> EvalResult:
+    """:func:`evaluate` plus the boundary metrics and per-image scores, in the same one pass.
+
+    Every option off gives exactly :func:`evaluate`'s confusion matrix (it calls this).
+
+    Args:
+        model, loader, num_classes, ignore_index, device, inference, distributed, progress:
+            as for :func:`evaluate`.
+        trimap_widths: widths in pixels: one confusion matrix per width over the trimap band
+            (:class:`~deeplab.eval.metrics.TrimapMeter`).
+        trimap_source: ``"void"`` (the paper: dilate the void annotation) or ``"boundary"``
+            (dilate the ground truth's class edges, for datasets without a void border).
+        boundary_tolerance: pixels; also accumulate the boundary F-score at this tolerance.
+        per_image: record every image's IoU (mean over the classes it contains).
+        worst: keep the predictions and masks of this many lowest-IoU images.
+
+    Returns:
+        An :class:`EvalResult`; under ``torch.distributed`` every rank gets the full result.
+    """
+    if worst < 0:
+        raise ValueError(f"worst must be >= 0, got {worst}")
+    return _evaluate(
+        model, loader, num_classes=num_classes, ignore_index=ignore_index, device=device,
+        inference=inference, distributed=distributed, progress=progress, trimap_widths=trimap_widths,
+        trimap_source=trimap_source, boundary_tolerance=boundary_tolerance, per_image=per_image,
+        worst=worst, stacklevel=3,
+    )
+
+
+def _evaluate(
+    model: nn.Module,
+    loader: Iterable[Any],
+    *,
+    num_classes: int,
+    ignore_index: int,
+    device: Union[str, torch.device],
+    inference: InferenceConfig,
+    distributed: Optional[bool],
+    progress: bool,
+    trimap_widths: Optional[Sequence[int]] = None,
+    trimap_source: str = "void",
+    boundary_tolerance: Optional[int] = None,
+    per_image: bool = False,
+    worst: int = 0,
+    stacklevel: int = 2,
+) -> EvalResult:
+    """The one evaluation loop behind :func:`evaluate` and :func:`evaluate_detailed`."""
     device = torch.device(device)
     net = unwrap_model(model)
     param = next(net.parameters(), None)
@@ -191,6 +357,13 @@ def evaluate(
     rank = dist.get_rank() if distributed else 0
 
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    trimap = (TrimapMeter(trimap_widths, num_classes, source=trimap_source, ignore_index=ignore_index, device=device)
+              if trimap_widths else None)
+    bf = BoundaryFScore(num_classes, boundary_tolerance, ignore_index=ignore_index) if boundary_tolerance is not None else None
+    want_images = per_image or worst > 0
+    order = _sample_order(loader) if want_images else None
+    scores: List[ImageScore] = []
+    worst_heap: List[Tuple[float, int, WorstImage]] = []
     seen = 0
     bar = tqdm(
         loader,
@@ -216,6 +389,23 @@ def evaluate(
                 )
             pred = predict_mask(net, image, inference, num_classes=num_classes)
             cm.update(pred, mask)
+            if trimap is not None:
+                trimap.update(pred, mask)
+            for j in range(int(image.shape[0])):
+                image_bf = bf.update(pred[j], mask[j]) if bf is not None else None
+                if not want_images:
+                    continue
+                position = seen + j
+                index = order[position] if order is not None and position < len(order) else position
+                score = ImageScore(
+                    index=index,
+                    iou=_num_or_none(image_miou(pred[j], mask[j], num_classes, ignore_index)),
+                    pixels=int((mask[j] != ignore_index).sum()),
+                    boundary_f=_num_or_none(_nanmean_float(image_bf)) if image_bf is not None else None,
+                )
+                scores.append(score)
+                if worst > 0 and score.iou is not None:
+                    _keep_worst(worst_heap, worst, score, pred[j], mask[j])
             seen += int(image.shape[0])
             if not bar.disable:
                 miou = cm.miou
@@ -227,6 +417,15 @@ def evaluate(
 
     if distributed:
         cm.all_reduce()
+        if trimap is not None:
+            trimap.all_reduce()
+        if bf is not None:
+            bf.all_reduce()
+        if want_images:
+            gathered: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (scores, worst_heap))
+            scores = [s for part, _ in gathered for s in part]
+            worst_heap = [h for _, part in gathered for h in part]
         count = torch.tensor([seen], dtype=torch.int64, device=device)
         dist.all_reduce(count)
         seen = int(count.item())
@@ -236,9 +435,12 @@ def evaluate(
             f"distributed evaluation saw {seen} samples in total for a dataset of "
             f"{len(dataset)}: the ranks' samplers do not partition the dataset (use "
             "ShardSampler), so pixels were counted more or fewer times than once",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-    return cm
+    scores.sort(key=lambda s: s.index)
+    worst_list = [entry for _, _, entry in sorted(worst_heap, key=lambda h: (-h[0], -h[1]))][:worst] if worst > 0 else []
+    return EvalResult(confusion=cm, trimap=trimap, boundary_f=bf, per_image=scores if per_image or worst > 0 else [],
+                      worst=worst_list)
 
 
 def write_report(
@@ -246,6 +448,7 @@ def write_report(
     class_names: Optional[Sequence[str]],
     out_dir: Union[str, Path],
     extra: Optional[Dict[str, Any]] = None,
+    sections: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write ``report.json`` and ``confusion.png`` into ``out_dir``; call on rank 0.
 
@@ -261,6 +464,8 @@ def write_report(
         out_dir: directory (created if missing).
         extra: what produced the numbers (checkpoint, inference options, dataset...);
             dataclasses, paths and tuples are converted to JSON.
+        sections: further top-level entries (e.g. :meth:`EvalResult.sections`: ``trimap``,
+            ``boundary_f``, ``per_image``), written after ``confusion_matrix``.
 
     Returns:
         Path of ``report.json``.
@@ -275,6 +480,10 @@ def write_report(
         "confusion_matrix": cm.matrix.cpu().tolist(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    for key, value in (sections or {}).items():
+        if key in report:
+            raise ValueError(f"report section {key!r} would overwrite a standard report.json key")
+        report[key] = jsonable(value)
     path = out / "report.json"
     tmp = out / f".report.json.{os.getpid()}.tmp"
     try:
