@@ -5,17 +5,30 @@ ground truth or the prediction), pixel accuracy; output stride 8/16, multi-scale
 (softmax averaged), whole image (padded to OS*k+1) or sliding window. Writes ``report.json``
 and ``confusion.png``. Under ``torchrun`` each rank evaluates its shard and the matrices are
 summed, giving exactly the single-process result.
+
+Beyond the paper's table, in the same one pass: ``--trimap W...`` (mIoU inside the band of
+width W around object boundaries, paper Fig. 5: ``trimap.json`` + ``trimap.png``),
+``--boundary-f TOL`` (boundary F-score, Csurka et al. 2013), per-image IoU in the report and
+``--worst N`` (triptychs of the N worst images in ``worst/``). ``--checkpoint`` also takes an
+exported model (``.onnx``, OpenVINO ``.xml``, TorchScript ``.ts``), run through its runtime
+backend with the same inference options; classes and normalisation come from its metadata.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from deeplab._utils import DeeplabError
 from deeplab.checkpoint import load_model
 from deeplab.cli.common import (
     CLIError,
@@ -29,15 +42,41 @@ from deeplab.cli.common import (
 from deeplab.config import InferenceConfig
 from deeplab.data import EvalTransform
 from deeplab.data.base import SegmentationDataset
-from deeplab.eval.evaluate import ShardSampler, evaluate, write_report
+from deeplab.deploy.format import ExportError, validate_metadata
+from deeplab.deploy.runtime import ExportedModel, OnnxRuntimeModel, OpenVINOModel, load_exported
+from deeplab.eval.evaluate import EvalResult, ShardSampler, evaluate_detailed, write_report
+from deeplab.eval.metrics import TRIMAP_SOURCES
 from deeplab.train import distributed as dist_utils
+from deeplab.viz import plot_trimap, render_triptych
+
+# Files that are exported models rather than deeplab checkpoints, by suffix.
+EXPORTED_SUFFIXES = (".onnx", ".xml", ".ts", ".torchscript", ".pts")
+EVAL_BACKENDS = ("auto", "onnxruntime", "openvino", "torchscript")
+# The paper's Fig. 5 widths (pixels).
+PAPER_TRIMAP = (0, 2, 4, 8, 12, 16, 20, 30, 40)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplab eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a deeplab checkpoint (best.pt / last.pt / converted)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a deeplab checkpoint (best.pt / last.pt / converted) or an exported model "
+                             "(.onnx, OpenVINO .xml, TorchScript .ts from `deeplab export`)")
+    parser.add_argument("--backend", default="auto", choices=list(EVAL_BACKENDS),
+                        help="exported models: runtime (auto: onnxruntime for .onnx, openvino for .xml, "
+                             "torchscript for TorchScript)")
     add_data_args(parser, split="val")
     add_inference_args(parser, deprecated_crop=True)  # --crop: the old name of --crop-size
+    extra = parser.add_argument_group("beyond the paper's table")
+    extra.add_argument("--trimap", type=int, nargs="+", default=None, metavar="W",
+                       help="trimap widths in px: mIoU inside the band around boundaries "
+                            f"(paper Fig. 5: {' '.join(map(str, PAPER_TRIMAP))}); writes trimap.json + trimap.png")
+    extra.add_argument("--trimap-source", default="auto", choices=["auto", *TRIMAP_SOURCES],
+                       help="band seed: void = dilate the void (255) annotation (the paper; VOC), boundary = "
+                            "dilate the ground truth's class edges; auto = void for voc, boundary otherwise")
+    extra.add_argument("--boundary-f", type=int, default=None, metavar="TOL",
+                       help="also report the boundary F-score (Csurka et al. 2013) at this tolerance in px")
+    extra.add_argument("--worst", type=int, default=0, metavar="N",
+                       help="write image | ground truth | prediction triptychs of the N lowest-IoU images to worst/")
     parser.add_argument("--out", default=None, help="report folder (default: next to the checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--num-workers", type=int, default=2)
@@ -46,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_out_dir(checkpoint: Path, split: str, inference: InferenceConfig, output_stride: int) -> Path:
-    """``<checkpoint folder>/eval_<split>_os<N>[_ms][_flip][_slide]``."""
+def default_out_dir(checkpoint: Path, split: str, inference: InferenceConfig, output_stride: int,
+                    backend: Optional[str] = None) -> Path:
+    """``<checkpoint folder>/eval_<split>_os<N>[_ms][_flip][_slide][_<backend>]``."""
     parts = [f"eval_{split}", f"os{output_stride}"]
     if inference.scales != (1.0,):
         parts.append("ms")
@@ -55,19 +95,193 @@ def default_out_dir(checkpoint: Path, split: str, inference: InferenceConfig, ou
         parts.append("flip")
     if inference.mode != "whole":
         parts.append(inference.mode)
+    if backend:
+        parts.append(backend)
     return checkpoint.parent / "_".join(parts)
+
+
+# --------------------------------------------------------------------------- exported models
+
+
+def is_exported_file(path: Path) -> bool:
+    """An exported model (ONNX, OpenVINO IR, TorchScript) rather than a ``torch.save`` checkpoint."""
+    if path.suffix.lower() in EXPORTED_SUFFIXES:
+        return True
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return path.is_file() and path.suffix.lower() not in (".pt", ".pth", ".ckpt")
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    # TorchScript archives hold code/ and constants.pkl besides data.pkl; checkpoints do not.
+    return any("/code/" in n or n.endswith("constants.pkl") for n in names)
+
+
+def openvino_ir_metadata(path: Path) -> Dict[str, Any]:
+    """The deeplab metadata of an OpenVINO IR ``.xml`` (kept in its ``rt_info`` when the IR was
+    saved from one of our ONNX files)."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise ExportError(f"evaluating {path} needs OpenVINO: pip install 'deeplab[openvino]'") from exc
+    model = ov.Core().read_model(str(path))
+    for keys in (["framework", "deeplab"], ["deeplab"]):
+        if model.has_rt_info(keys):
+            value = model.get_rt_info(keys)
+            text = str(value.astype(str) if hasattr(value, "astype") else value)
+            return validate_metadata(json.loads(text), path)
+    raise ExportError(f"{path} carries no deeplab metadata; convert the ONNX file from `deeplab export` "
+                      "with openvino.save_model so its rt_info keeps it")
+
+
+def fixed_input_size(model: ExportedModel) -> Optional[Tuple[int, int]]:
+    """``(H, W)`` when the exported graph only accepts one input size, else ``None``."""
+    dims: List[Any] = []
+    if isinstance(model, OnnxRuntimeModel):
+        dims = list(model.session.get_inputs()[0].shape)
+    elif isinstance(model, OpenVINOModel):
+        shape = model.core.read_model(str(model.path)).inputs[0].get_partial_shape()
+        dims = [d.get_length() if d.is_static else None for d in shape]
+    if len(dims) == 4 and isinstance(dims[2], int) and isinstance(dims[3], int):
+        return int(dims[2]), int(dims[3])
+    return None
+
+
+class FixedInputModel(nn.Module):
+    """An exported model with a fixed input size behind the any-size contract: smaller inputs
+    are padded at the bottom/right with 0 (the mean pixel, as ``--pad-to`` does) and the logits
+    cropped back; larger ones are refused with the way out (sliding windows of that size)."""
+
+    def __init__(self, model: ExportedModel, size: Tuple[int, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.size = size
+        self.output_stride = model.output_stride
+        self.align_corners = model.align_corners
+        self.num_classes = model.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        fh, fw = self.size
+        if h > fh or w > fw:
+            raise DeeplabError(
+                f"{self.model.path} was exported for {fh}x{fw} inputs only and this image needs {h}x{w}; "
+                f"evaluate with --mode slide --crop-size {fh} {fw}, or re-export with `deeplab export` "
+                "(dynamic height and width)"
+            )
+        logits = self.model(F.pad(x, (0, fw - w, 0, fh - h), value=0.0))
+        return logits[..., :h, :w]
+
+
+def open_exported(path: Path, backend: str) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
+    """``(model, metadata, description)`` of an exported file opened with a runtime backend.
+
+    The description (``model_file``, ``format``, ``backend``, ``precision``, ``input_size``)
+    goes into the report.
+    """
+    is_ir = path.suffix.lower() == ".xml"
+    if is_ir:
+        if backend not in ("auto", "openvino"):
+            raise CLIError(f"{path} is an OpenVINO IR file; evaluate it with --backend openvino (or auto)")
+        runner: ExportedModel = OpenVINOModel(path, metadata=openvino_ir_metadata(path))
+    else:
+        runner = load_exported(path, backend=backend)
+    meta = runner.metadata
+    fixed = fixed_input_size(runner)
+    model: nn.Module = runner if fixed is None else FixedInputModel(runner, fixed)
+    description = {
+        "model_file": str(path),
+        "format": "openvino-ir" if is_ir else ("onnx" if runner.backend in ("onnxruntime", "openvino") else "torchscript"),
+        "backend": runner.backend,
+        "precision": meta.get("precision", "fp32"),
+        "input_size": list(fixed) if fixed else "dynamic",
+    }
+    return model, meta, description
+
+
+def open_model(args: argparse.Namespace, inference: InferenceConfig) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model to evaluate and what is known about it: ``config`` (ModelConfig dict),
+    ``classes``, ``normalization``, ``dataset`` (its training data, if recorded) and
+    ``exported`` (the description of an exported file, else ``None``)."""
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if is_exported_file(path):
+        if inference.output_stride is not None:
+            raise CLIError(f"{path} is an exported graph with its output stride built in; drop --output-stride "
+                           "(or export the checkpoint again at the output stride you want)")
+        model, meta, description = open_exported(path, args.backend)
+        config = dict(meta.get("config") or {})
+        config.setdefault("num_classes", int(meta["num_classes"]))
+        config.setdefault("arch", "?")
+        config.setdefault("backbone", "?")
+        return model, {"config": config, "classes": meta.get("classes"), "normalization": meta.get("normalization"),
+                       "palette": meta.get("palette"), "dataset": {}, "exported": description}
+    if args.backend != "auto":
+        raise CLIError(f"{path} is a deeplab checkpoint (run with PyTorch); --backend is for exported files")
+    torch_model, ckpt = load_model(path, map_location="cpu", output_stride=inference.output_stride)
+    norm = ckpt.get("normalization") or torch_model.normalization.to_dict()
+    return torch_model, {"config": ckpt["config"], "classes": ckpt.get("classes"), "normalization": norm,
+                         "palette": None, "dataset": dict(ckpt.get("dataset") or {}), "exported": None}
+
+
+# --------------------------------------------------------------------------- outputs beyond the table
+
+
+def write_trimap(result: EvalResult, class_names: List[str], out_dir: Path, label: str,
+                 identity: Dict[str, Any]) -> Path:
+    """``trimap.json`` (the bands' mIoU per width and what produced them) and ``trimap.png``."""
+    assert result.trimap is not None
+    summary = result.trimap.summary(class_names)
+    path = out_dir / "trimap.json"
+    path.write_text(json.dumps({**identity, **summary}, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    widths = [row["width"] for row in summary["widths"]]
+    values = [row["mIoU"] for row in summary["widths"]]
+    plot_trimap({label: (widths, values)}, out_dir / "trimap.png",
+                title=f"mIoU inside the trimap band ({summary['source']} seed)")
+    return path
+
+
+def write_worst(result: EvalResult, dataset: SegmentationDataset, palette: List[Any], class_names: List[str],
+                out_dir: Path) -> List[Path]:
+    """One triptych PNG per worst image, ``worst/<rank>_<name>.png``, worst first."""
+    folder = out_dir / "worst"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):  # a previous run's files would be mistaken for this one's
+        old.unlink()
+    paths = []
+    for rank, entry in enumerate(result.worst, 1):
+        score = entry.score
+        name = dataset.names[score.index]
+        assert score.iou is not None
+        title = f"#{rank} worst: {name}   IoU {100 * score.iou:.1f}%"
+        if score.boundary_f is not None:
+            title += f"   boundary F {100 * score.boundary_f:.1f}%"
+        picture = render_triptych(dataset.load_image(score.index), entry.target, entry.prediction, palette,
+                                  class_names, title=title, ignore_index=dataset.ignore_index)
+        path = folder / f"{rank:02d}_{name}.png"
+        picture.save(path)
+        paths.append(path)
+    return paths
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     inference = inference_config(args)
-    info = dist_utils.init_distributed(device=args.device)
+    if args.worst < 0:
+        raise CLIError(f"--worst must be >= 0, got {args.worst}")
+    if args.boundary_f is not None and args.boundary_f < 0:
+        raise CLIError(f"--boundary-f is a tolerance in pixels (>= 0), got {args.boundary_f}")
+    if args.trimap is not None and (min(args.trimap) < 0 or len(set(args.trimap)) != len(args.trimap)):
+        raise CLIError(f"--trimap takes distinct widths in pixels >= 0, got {args.trimap}")
     checkpoint = Path(args.checkpoint)
-    model, ckpt = load_model(checkpoint, map_location="cpu", output_stride=inference.output_stride)
+    model, loaded = open_model(args, inference)
+    exported = loaded["exported"]
+    if exported is not None and args.device not in ("auto", "cpu"):
+        raise CLIError(f"{checkpoint} runs on the CPU through {exported['backend']}; drop --device {args.device}")
+    info = dist_utils.init_distributed(device="cpu" if exported is not None else args.device)
     model.to(info.device)
-    config = ckpt["config"]
-    data_info = dict(ckpt.get("dataset") or {})
+    config = loaded["config"]
+    data_info = loaded["dataset"]
     dataset_name = args.dataset or data_info.get("dataset") or "voc"
-    norm = ckpt.get("normalization") or model.normalization.to_dict()
+    norm = loaded["normalization"]
     transform = EvalTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
     full_set = make_dataset(dataset_name, args.data_root, args.split, transform)
     if full_set.num_classes != config["num_classes"]:
@@ -80,7 +294,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         dataset = Subset(full_set, range(min(args.limit, len(full_set))))
     sampler = ShardSampler(dataset) if info.world_size > 1 else None
     loader = DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, num_workers=args.num_workers)
-    output_stride = model.output_stride
+    output_stride = int(model.output_stride)  # type: ignore[arg-type]
+    trimap_source = args.trimap_source
+    if trimap_source == "auto":
+        trimap_source = "void" if dataset_name == "voc" else "boundary"
     resolved = {
         "checkpoint": str(checkpoint),
         "arch": config["arch"],
@@ -101,24 +318,63 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "device": str(info.device),
         "world_size": info.world_size,
     }
+    # New keys only when their option is used: a plain run's report keeps its old shape.
+    if exported is not None:
+        resolved.update(exported)
+    if args.trimap:
+        resolved["trimap_widths"] = sorted(args.trimap)
+        resolved["trimap_source"] = trimap_source
+    if args.boundary_f is not None:
+        resolved["boundary_f_tolerance"] = args.boundary_f
+    if args.worst:
+        resolved["worst"] = args.worst
     if info.is_main:
         print_config("deeplab eval", resolved)
-    cm = evaluate(
+    result = evaluate_detailed(
         model,
         loader,
         num_classes=config["num_classes"],
         device=info.device,
         inference=inference,
         progress=info.is_main and not args.no_progress,
+        trimap_widths=sorted(args.trimap) if args.trimap else None,
+        trimap_source=trimap_source,
+        boundary_tolerance=args.boundary_f,
+        per_image=True,
+        worst=args.worst,
     )
-    class_names = list(ckpt.get("classes") or full_set.classes)
+    cm = result.confusion
+    class_names = list(loaded["classes"] or full_set.classes)
     if info.is_main:
-        out_dir = Path(args.out) if args.out else default_out_dir(checkpoint, args.split, inference, output_stride)
-        report = write_report(cm, class_names, out_dir, extra=resolved)
+        out_dir = Path(args.out) if args.out else default_out_dir(
+            checkpoint, args.split, inference, output_stride, exported["backend"] if exported else None)
+        sections = result.sections(class_names)
+        for score in sections.get("per_image", []):
+            score["name"] = full_set.names[score["index"]]
+        report = write_report(cm, class_names, out_dir, extra=resolved, sections=sections)
         print(cm.format_table(class_names))
         print(f"mIoU {100 * cm.miou:.2f}  pixel accuracy {100 * cm.pixel_accuracy:.2f}  "
               f"({len(dataset)} images, OS {output_stride}, scales {list(inference.scales)}, flip {inference.flip}, "
               f"{inference.mode})")
+        if exported is not None:
+            print(f"measured: {exported['model_file']} ({exported['format']}, {exported['backend']}, "
+                  f"{exported['precision']}, input {exported['input_size']})")
+        if result.trimap is not None:
+            print(result.trimap.format_table())
+            identity = {key: resolved[key] for key in ("checkpoint", "arch", "backbone", "dataset", "split", "images")}
+            trimap_json = write_trimap(result, class_names, out_dir, f"{config['arch']} ({checkpoint.parent.name})",
+                                       identity)
+            print(f"trimap: {trimap_json}, {trimap_json.parent / 'trimap.png'}")
+        if result.boundary_f is not None:
+            bf = result.boundary_f
+            print(f"boundary F @ {bf.tolerance} px: {100 * bf.mean:.2f} (mean over {int((bf.counts > 0).sum())} classes)")
+        if result.worst:
+            palette = list(loaded["palette"] or full_set.palette)
+            paths = write_worst(result, full_set, palette, class_names, out_dir)
+            print(f"worst {len(paths)} images (IoU = mean over the classes in the image):")
+            for entry, path in zip(result.worst, paths):
+                assert entry.score.iou is not None
+                print(f"  {100 * entry.score.iou:6.2f}  {full_set.names[entry.score.index]}  -> {path}")
         print(f"report: {report}\nconfusion matrix: {report.parent / 'confusion.png'}")
     dist_utils.cleanup()
     return {"miou": cm.miou, "pixel_accuracy": cm.pixel_accuracy}
