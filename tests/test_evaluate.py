@@ -242,3 +242,77 @@ def test_write_report(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["confusion.png", "report.json"]
     with Image.open(path.parent / "confusion.png") as png:
         assert png.format == "PNG"
+
+
+# --------------------------------------------------------------------- beyond the paper's table
+def _image_iou(pred: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean IoU over the classes in this image's ground truth or prediction, by set counting."""
+    valid = mask != 255
+    ious = []
+    for c in range(NUM_CLASSES):
+        p, t = (pred == c) & valid, (mask == c) & valid
+        union = int((p | t).sum())
+        if union:
+            ious.append(int((p & t).sum()) / union)
+    return sum(ious) / len(ious)
+
+
+def test_evaluate_detailed_per_image_scores_and_worst() -> None:
+    from deeplab.eval.evaluate import evaluate_detailed
+
+    ds = ToySet()
+    loader = DataLoader(ds, batch_size=1)
+    result = evaluate_detailed(Oracle(), loader, num_classes=NUM_CLASSES, progress=False, per_image=True, worst=3,
+                               trimap_widths=[1, 3], boundary_tolerance=1)
+    # The extras do not change the main matrix.
+    assert torch.equal(result.confusion.matrix, _expected_matrix(ds, list(range(NUM_SAMPLES))))
+    want = [_image_iou(*ds.pred_and_mask(i)) for i in range(NUM_SAMPLES)]
+    assert [s.index for s in result.per_image] == list(range(NUM_SAMPLES))
+    assert [s.iou for s in result.per_image] == pytest.approx(want, abs=1e-12)
+    worst = sorted(range(NUM_SAMPLES), key=lambda i: want[i])[:3]
+    assert [w.score.index for w in result.worst] == worst  # lowest first
+    for w in result.worst:
+        pred, mask = ds.pred_and_mask(w.score.index)
+        assert (w.prediction == pred.numpy()).all() and (w.target == mask.numpy()).all()
+    sections = result.sections()
+    assert set(sections) == {"trimap", "boundary_f", "per_image"}
+    assert [r["width"] for r in sections["trimap"]["widths"]] == [1, 3]
+
+
+def _dist_detailed_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    from deeplab.eval.evaluate import evaluate_detailed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        ds = ToySet()
+        result = evaluate_detailed(Oracle(), DataLoader(ds, batch_size=1, sampler=ShardSampler(ds)),
+                                   num_classes=NUM_CLASSES, progress=False, per_image=True, worst=2,
+                                   trimap_widths=[0, 2], trimap_source="boundary", boundary_tolerance=1)
+        assert result.trimap is not None and result.boundary_f is not None
+        torch.save({"trimap": [cm.matrix for cm in result.trimap.matrices], "bf": result.boundary_f.per_class,
+                    "per_image": [(s.index, s.iou) for s in result.per_image],
+                    "worst": [w.score.index for w in result.worst]}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.spawn
+def test_distributed_trimap_boundary_f_and_worst_match_single_process(tmp_path: Path) -> None:
+    from deeplab.eval.evaluate import evaluate_detailed
+
+    ds = ToySet()
+    single = evaluate_detailed(Oracle(), DataLoader(ds, batch_size=1), num_classes=NUM_CLASSES, progress=False,
+                               per_image=True, worst=2, trimap_widths=[0, 2], trimap_source="boundary",
+                               boundary_tolerance=1)
+    assert single.trimap is not None and single.boundary_f is not None
+    mp.spawn(_dist_detailed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        for a, b in zip(got["trimap"], single.trimap.matrices):
+            assert torch.equal(a, b.matrix)
+        # Sums of per-image scores in another order: equal to float64 rounding.
+        torch.testing.assert_close(got["bf"], single.boundary_f.per_class, rtol=0, atol=1e-12, equal_nan=True)
+        assert got["per_image"] == [(s.index, s.iou) for s in single.per_image]
+        assert got["worst"] == [w.score.index for w in single.worst]
