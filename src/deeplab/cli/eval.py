@@ -202,8 +202,7 @@ def open_model(args: argparse.Namespace, inference: InferenceConfig) -> Tuple[nn
     ``classes``, ``normalization``, ``dataset`` (its training data, if recorded) and
     ``exported`` (the description of an exported file, else ``None``)."""
     path = Path(args.checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"model file not found: {path}")
+    # A missing file falls through to the loader of its kind, whose message names it.
     if is_exported_file(path):
         if inference.output_stride is not None:
             raise CLIError(f"{path} is an exported graph with its output stride built in; drop --output-stride "
