@@ -163,7 +163,9 @@ def format_comparison(comparison: Mapping[str, Any]) -> str:
         add(title, comparison["scalars"][key])
     bf = comparison.get("boundary_f")
     if bf:
-        add(f"boundary F @{bf['tolerance_px'][0]}px", bf["mean"])
+        tolerances = sorted({t for t in bf["tolerance_px"] if t is not None})
+        # Scores at different tolerances are not comparable: say so in the row's name.
+        add(f"boundary F @{'/'.join(map(str, tolerances))}px", bf["mean"])
     trimap = comparison.get("trimap")
     if trimap:
         for i, w in enumerate(trimap["widths"]):
