@@ -17,6 +17,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "bench": ("deeplab.cli.bench", "latency / throughput benchmarks"),
     "demo": ("deeplab.cli.demo", "fine-tune on real VOC photos on the CPU, evaluate, write overlays"),
     "convert": ("deeplab.cli.convert", "convert the paper's TensorFlow checkpoints"),
+    "serve": ("deeplab.cli.serve", "web page + HTTP API for a model (pip install 'deeplab[serve]')"),
 }
 
 
