@@ -97,7 +97,9 @@ def is_loopback(host: str) -> bool:
 
 
 def check_serve_installed() -> None:
-    missing = [name for name in ("fastapi", "uvicorn", "multipart") if optional_import(name) is None]
+    missing = [name for name in ("fastapi", "uvicorn") if optional_import(name) is None]
+    if optional_import("python_multipart") is None:  # python-multipart's module (``multipart`` before 0.0.13)
+        missing.append("python-multipart")
     if missing:
         raise CLIError(f"deeplab serve needs {', '.join(missing)}: pip install 'deeplab[serve]'")
 
