@@ -66,7 +66,7 @@ function showLegend(classes) {
     name.textContent = c.name;
     const share = document.createElement("span");
     share.className = "share";
-    share.textContent = (100 * c.share).toFixed(1) + "%";
+    share.textContent = c.share < 0.001 ? "<0.1%" : (100 * c.share).toFixed(1) + "%";
     li.append(sw, name, share);
     ul.append(li);
   }
