@@ -10,11 +10,12 @@ authentication, so put a reverse proxy in front of it before opening it to a net
 from __future__ import annotations
 
 import argparse
+import inspect
 import ipaddress
 import json
 import os
 import sys
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from deeplab._utils import optional_import
 from deeplab.cli.common import CLIError, add_inference_args, cli_command, inference_config
@@ -22,6 +23,7 @@ from deeplab.cli.common import CLIError, add_inference_args, cli_command, infere
 # Worker processes (--workers > 1) re-read the command line from here: uvicorn imports the app
 # by name in each of them.
 ARGV_ENV = "DEEPLAB_SERVE_ARGV"
+WORKER_STARTUP_S = 300
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,8 +130,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         del app
         os.environ[ARGV_ENV] = json.dumps(argv)
+        options: Dict[str, Any] = {}
+        if "timeout_worker_healthcheck" in inspect.signature(uvicorn.Config).parameters:
+            # uvicorn kills a worker that does not answer its ping in 5 s; loading a model takes longer
+            options["timeout_worker_healthcheck"] = WORKER_STARTUP_S
         uvicorn.run("deeplab.cli.serve:worker_app", factory=True, host=args.host, port=args.port,
-                    workers=args.workers, log_level=args.log_level)
+                    workers=args.workers, log_level=args.log_level, **options)
     return 0
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import logging
 import math
@@ -433,6 +434,7 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
     info["limits"] = asdict(limits)
     worker = Worker(segmenter, limits)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         worker.executor.shutdown(wait=False, cancel_futures=True)
