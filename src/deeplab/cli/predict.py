@@ -252,7 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     done, failed = 0, []
     start = time.perf_counter()
     args.quiet = args.quiet or not dist_info.is_main  # one progress bar: rank 0's
-    bar = tqdm(files, unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    only_videos = bool(files) and all(is_video(p) for p in files)  # then the frame bars are the progress
+    bar = tqdm(files, unit="img", disable=args.quiet or only_videos, file=sys.stderr, dynamic_ncols=True)
     for path in bar:
         bar.set_postfix_str(path.name[-30:], refresh=False)
         if is_video(path):
