@@ -118,9 +118,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     # Load the model here even with --workers N: a bad file is one line now, not N tracebacks.
     app = make_app(args)
-    info = app.state.worker.segmenter
+    segmenter = app.state.worker.segmenter
     where = f"http://{args.host}:{args.port}/" if ":" not in args.host else f"http://[{args.host}]:{args.port}/"
-    print(f"deeplab serve: {args.checkpoint} ({info.backend}, {info.num_classes} classes) on {where} "
+    print(f"deeplab serve: {args.checkpoint} ({segmenter.backend}, {segmenter.num_classes} classes) on {where} "
           f"| workers={args.workers} queue={args.queue} max_bytes={args.max_bytes} max_pixels={args.max_pixels}", flush=True)
     if not is_loopback(args.host):
         print(f"deeplab serve: note: bound to {args.host}, reachable from the network; the server has no authentication",
