@@ -1,6 +1,7 @@
 """A bounded load test of a real ``deeplab serve`` on loopback: 8 concurrent clients x 25
 requests, zero errors, throughput and p50/p99 latency printed, the server's memory after the run
-within 64 MiB of before; and a full queue answers 503 with Retry-After at once, not a hang.
+within 64 MiB of before; a full queue answers 503 with Retry-After at once, not a hang; and
+``--workers 2`` serves from two processes.
 
 Every request has a timeout and the server is stopped at the end: the test stops by itself.
 The figures go to stdout (``pytest -s``); timings on a shared machine are noisy.
@@ -106,3 +107,15 @@ def test_full_queue_answers_503_not_a_hang(ckpt: Path, tmp_path: Path) -> None:
     assert all(int(h.get("Retry-After", h.get("retry-after", "0"))) >= 1 for _, h in rejected)
     assert max(t for t, _ in rejected) < 5.0  # refused at once, not after waiting for a place
     assert health["rejected"] == len(rejected) and health["queued"] == 0
+
+
+def test_two_worker_processes_share_the_port(ckpt: Path, tmp_path: Path) -> None:
+    data = jpeg(48, 64, seed=2)
+    # --log-level info: uvicorn logs "Child process [N] died" at info when it kills a worker
+    with Server(ckpt, "--threads", "1", "--workers", "2", "--log-level", "info", log=tmp_path / "serve.log", ready_s=240) as server:
+        with ThreadPoolExecutor(4) as pool:
+            statuses = [s for s, _, _ in pool.map(lambda _: post(server.url, data), range(12))]
+        log = server.log_text()
+    assert statuses == [200] * 12
+    assert "workers=2" in log and log.count("Application startup complete") == 2
+    assert "died" not in log  # neither worker was killed while loading its model
