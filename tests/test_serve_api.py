@@ -203,7 +203,8 @@ def test_unknown_and_invalid_query_fields_are_422(client: TestClient) -> None:
     assert unknown.status_code == 422 and "unknown query field 'scale'" in unknown.json()["detail"]
     assert "scales" in unknown.json()["detail"]  # the choices are listed
     for query, words in (("mode=tiles", "mode"), ("scales=0", "scales"), ("mode=slide&crop_size=33&stride=65", "stride"),
-                         ("flip=maybe", "flip"), ("format=gif", "format")):
+                         ("flip=maybe", "flip"), ("format=gif", "format"), ("scales=3", "at most 2.0"),
+                         ("scales=" + ",".join(["1"] * 9), "at most 8"), ("pad_to=9000,9000", "16000000 pixels")):
         response = client.post(f"/v1/segment?{query}", content=data)
         assert response.status_code == 422, query
         assert words in response.json()["detail"], (query, response.json())

@@ -153,6 +153,28 @@ class SegmentQuery(BaseModel):
         return InferenceConfig.from_dict({**default.to_dict(), **changes})
 
 
+# Per-request options multiply the work of one image: bound them as the upload is bounded.
+MAX_SCALES, MAX_SCALE = 8, 2.0
+
+
+def check_cost(inference: InferenceConfig, limits: ServeLimits) -> None:
+    """Refuse per-request options that would cost far more than the upload limits allow.
+
+    Raises:
+        deeplab._utils.ConfigError: more than :data:`MAX_SCALES` scales, a scale above
+            :data:`MAX_SCALE`, or a ``pad_to`` (or, sliding, a ``crop_size``) over ``max_pixels``.
+    """
+    if len(inference.scales) > MAX_SCALES or max(inference.scales) > MAX_SCALE:
+        raise ConfigError(f"scales: at most {MAX_SCALES} scales of at most {MAX_SCALE} per request, got {list(inference.scales)}")
+    for name in ("pad_to", "crop_size"):
+        value = getattr(inference, name)
+        if value is None or (name == "crop_size" and inference.mode != "slide"):
+            continue
+        h, w = (value, value) if isinstance(value, int) else value
+        if h * w > limits.max_pixels:
+            raise ConfigError(f"{name}: {h}x{w} is over the limit of {limits.max_pixels} pixels")
+
+
 # --------------------------------------------------------------------------- images in, masks out
 
 
@@ -479,6 +501,7 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
         start = time.perf_counter()
         try:
             inference = query.inference(segmenter.inference)
+            check_cost(inference, limits)
         except (ConfigError, ValueError) as exc:
             return error_response(422, one_line(exc))
         try:
