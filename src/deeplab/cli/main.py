@@ -18,6 +18,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "demo": ("deeplab.cli.demo", "fine-tune on real VOC photos on the CPU, evaluate, write overlays"),
     "convert": ("deeplab.cli.convert", "convert the paper's TensorFlow checkpoints"),
     "compare": ("deeplab.cli.compare", "compare evaluation reports: metrics, trimap, per-class IoU deltas"),
+    "serve": ("deeplab.cli.serve", "web page + HTTP API for a model (pip install 'deeplab[serve]')"),
 }
 
 

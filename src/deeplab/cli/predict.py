@@ -10,6 +10,16 @@ the shell leaves them alone; ``**`` recurses). MODEL is a deeplab checkpoint (ru
 PyTorch) or a file from ``deeplab export`` (``--backend onnxruntime|openvino`` for ONNX,
 ``torch`` for TorchScript). A file that is not an image is reported and skipped; the run
 ends with a summary, and exits 1 if any file failed.
+
+Videos (``.mp4 .mov .mkv .avi .webm``, extra ``[video]``) are segmented frame by frame, in
+batches: ``DIR/<name>.mp4`` is the colour-mask video, ``--overlay`` adds ``<name>_overlay.mp4``,
+``--frames`` adds ``<name>_frames/000000.png ...`` (index PNGs, lossless); fps and size are kept,
+audio is dropped (with a note). ``--out clip_out.mp4`` with one video input writes that one file
+(the overlay with ``--overlay``, else the mask video).
+
+Under ``torchrun`` the inputs are sharded across ranks (rank r takes files r, r+W, r+2W, ...
+of the sorted, de-duplicated list; output names are decided on the whole list first, so they
+never clash); each rank writes its own outputs and rank 0 prints the one summary.
 """
 
 from __future__ import annotations
@@ -19,10 +29,11 @@ import glob
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from deeplab._utils import DeeplabError, one_line
 from deeplab.cli.common import CLIError, add_inference_args, cli_command, inference_config
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -49,7 +60,84 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     parser.add_argument("--recursive", action="store_true", help="folders: include sub-folders")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_video_args(parser)
     return parser
+
+
+# --------------------------------------------------------------------------- video inputs
+
+
+def add_video_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("video inputs (pip install 'deeplab[video]')")
+    group.add_argument("--frames", action="store_true", help="also write <name>_frames/NNNNNN.png, one index PNG per frame")
+    group.add_argument("--frame-batch", type=int, default=4, help="frames per forward pass")
+
+
+def predict_video(segmenter: Any, path: Path, stem: str, out: Path, args: argparse.Namespace) -> None:
+    """Segment one video into the outputs its flags ask for (see the module docstring)."""
+    from deeplab.video import is_video, segment_video
+
+    if is_video(out):  # --out clip_out.mp4: that one file
+        target = {"overlay_out" if args.overlay else "mask_out": out}
+        frames_dir = out.with_name(out.stem + "_frames") if args.frames else None
+    else:
+        target = {"mask_out": out / f"{stem}.mp4"}
+        if args.overlay:
+            target["overlay_out"] = out / f"{stem}_overlay.mp4"
+        frames_dir = out / f"{stem}_frames" if args.frames else None
+    result = segment_video(segmenter, path, frames_dir=frames_dir, alpha=args.alpha, batch_size=args.frame_batch,
+                           progress=not args.quiet, **target)
+    info = result.info
+    note = "; audio dropped (the outputs carry no audio)" if result.dropped_audio else ""
+    tqdm_write(f"{path}: {result.frames} frames {info.width}x{info.height} at {float(info.fps):.3g} fps "
+               f"in {result.seconds:.1f} s ({result.frames / max(result.seconds, 1e-9):.2f} frames/s) -> "
+               f"{', '.join(str(p) for p in result.outputs)}{note}")
+
+
+def tqdm_write(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def check_video_out(files: List[Path], out: Path) -> None:
+    """``--out X.mp4`` takes exactly one video input."""
+    from deeplab.video import is_video
+
+    if is_video(out) and (len(files) != 1 or not is_video(files[0])):
+        raise CLIError(f"--out {out} names a video file: pass exactly one video input, or make --out a folder")
+
+
+# --------------------------------------------------------------------------- torchrun sharding
+
+
+def shard_inputs(files: List[Path], device: str) -> Tuple[List[Path], Any]:
+    """This rank's share of ``files`` (all of them without torchrun) and its ``DistInfo``.
+
+    Rank r of W takes ``files[r::W]`` (:func:`deeplab.eval.evaluate.shard_indices`): the list is
+    the same on every rank (same arguments, sorted folders), so the shards are disjoint and cover
+    it, and interleaving balances folders sorted by size.
+    """
+    from deeplab.eval.evaluate import shard_indices
+    from deeplab.train.distributed import init_distributed
+
+    info = init_distributed(device=device)
+    return [files[i] for i in shard_indices(len(files), info.world_size, info.rank)], info
+
+
+def gather_summary(info: Any, done: int, failed: List[Path], elapsed: float) -> Tuple[int, List[Path], float]:
+    """Every rank's ``(done, failed, elapsed)`` summed on all ranks (elapsed: the slowest rank's);
+    the process group ends here."""
+    if info.world_size <= 1:
+        return done, failed, elapsed
+    import torch.distributed as dist
+
+    from deeplab.train.distributed import cleanup
+
+    parts: List[Any] = [None] * info.world_size
+    dist.all_gather_object(parts, (done, [str(p) for p in failed], elapsed))
+    cleanup()
+    return (sum(p[0] for p in parts), [Path(f) for p in parts for f in p[1]], max(p[2] for p in parts))
 
 
 def collect_inputs(inputs: List[str], *, recursive: bool = False) -> Tuple[List[Path], List[str]]:
@@ -127,6 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from deeplab.data.base import DatasetError
     from deeplab.deploy.format import ExportError
     from deeplab.segmenter import Segmenter
+    from deeplab.video import is_video
     from deeplab.viz import to_rgb_array
 
     if args.threads:
@@ -136,29 +225,45 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"deeplab predict: {problem}", file=sys.stderr)
     if not files:
         raise CLIError("no input files; pass image files, folders or quoted glob patterns")
+    check_video_out(files, Path(args.out))
+    names = output_names(files)  # on the whole list: the same names whichever rank writes a file
+    all_files = len(files)
+    files, dist_info = shard_inputs(files, args.device)
     try:
         inference = inference_config(args)
         if args.backend == "torch":
-            segmenter = Segmenter.load(args.checkpoint, backend="torch", device=args.device, inference=inference)
+            device = dist_info.device if dist_info.world_size > 1 else args.device
+            segmenter = Segmenter.load(args.checkpoint, backend="torch", device=device, inference=inference)
         else:
             segmenter = Segmenter.load(args.checkpoint, backend=args.backend, threads=args.threads, inference=inference)
     except (CheckpointError, ExportError, FileNotFoundError, ValueError) as exc:
         # Segmenter.load says "bad option / wrong file for this backend" with ValueError: a user error
         raise CLIError(str(exc)) from exc
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"deeplab predict: {len(files)} file(s) -> {out} | model {args.checkpoint} ({segmenter.backend}, "
-        f"{segmenter.num_classes} classes) | mode={args.mode} scales={list(segmenter.scales)} flip={args.flip}"
-        f"{' overlay' if args.overlay else ''}{' probs' if args.probs else ''}",
-        flush=True,
-    )
-    names = output_names(files)
+    (out.parent if is_video(out) else out).mkdir(parents=True, exist_ok=True)
+    ranks = f" on {dist_info.world_size} ranks" if dist_info.world_size > 1 else ""
+    if dist_info.is_main:
+        print(
+            f"deeplab predict: {all_files} file(s){ranks} -> {out} | model {args.checkpoint} ({segmenter.backend}, "
+            f"{segmenter.num_classes} classes) | mode={args.mode} scales={list(segmenter.scales)} flip={args.flip}"
+            f"{' overlay' if args.overlay else ''}{' probs' if args.probs else ''}",
+            flush=True,
+        )
     done, failed = 0, []
     start = time.perf_counter()
-    bar = tqdm(files, unit="img", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
+    args.quiet = args.quiet or not dist_info.is_main  # one progress bar: rank 0's
+    only_videos = bool(files) and all(is_video(p) for p in files)  # then the frame bars are the progress
+    bar = tqdm(files, unit="img", disable=args.quiet or only_videos, file=sys.stderr, dynamic_ncols=True)
     for path in bar:
         bar.set_postfix_str(path.name[-30:], refresh=False)
+        if is_video(path):
+            try:
+                predict_video(segmenter, path, names[path], out, args)
+                done += 1
+            except (DeeplabError, RuntimeError, ValueError, OSError) as exc:
+                failed.append(path)
+                tqdm.write(f"failed {path}: {one_line(exc)}", file=sys.stderr)
+            continue
         try:
             rgb = to_rgb_array(path)
         except (DatasetError, OSError, ValueError) as exc:
@@ -179,6 +284,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             tqdm.write(f"failed {path}: {exc}", file=sys.stderr)
     bar.close()
     elapsed = time.perf_counter() - start
+    done, failed, elapsed = gather_summary(dist_info, done, failed, elapsed)
+    if not dist_info.is_main:
+        return 1 if failed else 0
     rate = f", {elapsed / max(done, 1):.3f} s/image" if done else ""
     print(f"done: {done}, failed: {len(failed)} ({elapsed:.1f} s{rate}); outputs in {out}")
     if failed:
