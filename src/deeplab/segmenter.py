@@ -97,8 +97,8 @@ class Segmenter:
         self.normalization = {k: [float(v) for v in normalization[k]] for k in ("mean", "std")}
         self.device = torch.device(device)
         self.backend = backend
-        self._mean = torch.tensor(self.normalization["mean"], device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(self.normalization["std"], device=self.device).view(1, 3, 1, 1) * 255.0
+        self._mean = torch.tensor(self.normalization["mean"], device=self.device).view(1, -1, 1, 1) * 255.0
+        self._std = torch.tensor(self.normalization["std"], device=self.device).view(1, -1, 1, 1) * 255.0
 
     # ------------------------------------------------------------------ construction
 
