@@ -368,16 +368,25 @@ def plot_class_frequency(classes: Sequence[str], pixels: Sequence[int], images: 
     height = max(2.5, 0.22 * n + 1.2)
     fig, axes = plt.subplots(1, 2, figsize=(11, height), sharey=True)
     y = np.arange(n)
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     for ax, values, what in ((axes[0], pixels, "pixels"), (axes[1], images, "images")):
-        # log axes cannot show 0: absent classes get no bar, their count is printed
+        # log axes cannot show 0: absent classes get no bar and a red 0 at the axis
         shown = [v if v > 0 else np.nan for v in values]
         ax.barh(y, shown, color="#3b6fb6")
         ax.set_xscale("log")
+        positive = [v for v in values if v > 0]
+        if positive:
+            ax.set_xlim(max(min(positive) / 2, 0.5), max(positive) * 1.5)
+        if what == "images":
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{what} per class (log)")
         ax.grid(axis="x", alpha=0.3)
         for yi, v in zip(y, values):
             if v == 0:
-                ax.text(1, yi, " 0", va="center", fontsize=7, color="#b00")
+                ax.text(0.01, yi, "0", va="center", fontsize=7, color="#b00", transform=ax.get_yaxis_transform())
     axes[0].set_yticks(y)
     axes[0].set_yticklabels(list(classes), fontsize=7 if n > 30 else 9)
     axes[0].invert_yaxis()

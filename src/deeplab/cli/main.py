@@ -17,6 +17,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "bench": ("deeplab.cli.bench", "latency / throughput benchmarks"),
     "demo": ("deeplab.cli.demo", "fine-tune on real VOC photos on the CPU, evaluate, write overlays"),
     "convert": ("deeplab.cli.convert", "convert the paper's TensorFlow checkpoints"),
+    "data": ("deeplab.cli.data", "check a dataset's masks: class histogram, pitfalls, class weights"),
+    "plot": ("deeplab.cli.plot", "draw curves.png of one or more run directories"),
 }
 
 
