@@ -397,7 +397,13 @@ class FolderSegmentation(SegmentationDataset):
                     f"mask {path} is a colour ({mask.mode}) image, but mask_format='index' "
                     f"reads class ids: use mask_format='auto' with class colours in the "
                     f"class list, or save the mask as an index PNG (pixel value = class id).")
-            return index_mask_array(mask, path)
+            ids = index_mask_array(mask, path)
+            if self._lut is not None:
+                if ids.dtype != np.uint8 and ids.size and ids.min() >= 0 and ids.max() <= 255:
+                    ids = ids.astype(np.uint8)  # 16-bit masks holding 8-bit values
+                if ids.dtype == np.uint8:
+                    ids = self._lut[ids]
+            return ids
         if not self.colors_given:
             raise DatasetError(
                 f"mask {path} is a colour image ({mask.mode}), but the class list "
