@@ -226,6 +226,7 @@ class TrainTransform:
             sx, sy = w / nw, h / nh
             box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
             size = (x1 - x0, y1 - y0)
+            assert img is not None  # the RGB path
             rgb = np.asarray(img.resize(size, _BILINEAR, box=box))
             crop_lbl = np.asarray(Image.fromarray(lbl).resize(size, _NEAREST, box=box))
         # the crop goes into a canvas that already holds the padding values, which is the
