@@ -130,3 +130,20 @@ def test_four_channel_model_trains_a_step_and_exports_to_onnx(tmp_path: Path) ->
         ref = model(x).numpy()
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_segmenter_predicts_an_n_channel_array_and_npy_file(tmp_path: Path) -> None:
+    from deeplab.segmenter import Segmenter
+
+    torch.manual_seed(0)
+    model = build_model(backbone="mobilenet_v2", num_classes=2, in_channels=4).eval()
+    seg = Segmenter(model, classes=["a", "b"], normalization=model.normalization.to_dict())
+    arr = np.random.default_rng(0).integers(0, 255, (20, 24, 4), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", arr)
+    x = seg.preprocess(arr)
+    ref = (torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1)[None] / 255
+           - torch.tensor(model.normalization.mean).view(1, 4, 1, 1)) / torch.tensor(model.normalization.std).view(1, 4, 1, 1)
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-5)
+    assert seg.predict(str(tmp_path / "x.npy")).shape == (20, 24)
+    with pytest.raises(ValueError, match="4"):
+        seg.preprocess(np.zeros((8, 8, 3), np.float32))
