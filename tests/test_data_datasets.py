@@ -336,7 +336,7 @@ def test_folder_palette_mask_is_index_and_binary_255_warns(tmp_path: Path) -> No
 
 # ----------------------------------------------------------------------------- shared
 def test_build_dataset_lookup(tmp_path: Path, voc_root: Path) -> None:
-    assert set(DATASETS) == {"voc", "cityscapes", "ade20k", "folder"}
+    assert set(DATASETS) == {"voc", "cityscapes", "ade20k", "folder", "camvid", "coco_stuff", "pascal_context"}
     ds = build_dataset("voc", str(voc_root), "val")
     assert isinstance(ds, VOCSegmentation) and len(ds) == 1
     folder = build_dataset("folder", str(make_folder(tmp_path / "f")), None, seed=1)
