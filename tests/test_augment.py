@@ -104,3 +104,42 @@ def test_train_cli_takes_augment(tmp_path: Path) -> None:
     cfg = load_checkpoint(run / "last.pt")["train_config"]
     assert cfg["augment"] == str(path) and cfg["loss"] == "ce:1,dice:0.5"
     assert len(cfg["class_weights"]) == 3 and min(cfg["class_weights"]) > 0
+
+
+class PairData(torch.utils.data.Dataset):
+    """Raw ``(PIL image, mask)`` pairs, as a dataset yields them before the transform."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> tuple:
+        return sample(i)
+
+
+def test_exact_resume_with_augment_and_a_composite_loss(tmp_path: Path) -> None:
+    from deeplab.checkpoint import load_checkpoint
+    from deeplab.config import ModelConfig, TrainConfig
+    from deeplab.train import train
+
+    path = save_pipeline(tmp_path / "aug.yaml", A.HorizontalFlip(p=0.5), A.RandomBrightnessContrast(p=1.0),
+                         A.Affine(rotate=(-20, 20), p=1.0, mask_interpolation=0, fill_mask=255))
+
+    def go(run_dir: Path, **kw: object) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                    torch.nn.Dropout2d(0.2), torch.nn.Conv2d(8, 3, 1))
+        cfg = TrainConfig(lr=0.05, max_steps=5, batch_size=2, crop_size=16, num_workers=0, device="cpu",
+                          run_dir=str(run_dir), eval_every=0, ckpt_every=0, log_every=1, seed=4,
+                          loss="ce:1,lovasz:0.5", class_weights=(0.5, 1.0, 2.0), augment=str(path),
+                          resume_from=kw.pop("resume_from", None))  # type: ignore[arg-type]
+        transform = AlbumentationsTransform(str(path), then=TrainTransform(crop_size=16, flip=False))
+        train(model, PairData(), cfg, transform=transform, model_config=ModelConfig(num_classes=3,
+              backbone="mobilenet_v2"), progress=False, **kw)  # type: ignore[arg-type]
+        return model
+
+    ref = go(tmp_path / "ref")
+    go(tmp_path / "split", stop_at=2)
+    resumed = go(tmp_path / "split", resume_from="auto")
+    for (k, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 5
