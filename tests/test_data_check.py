@@ -133,3 +133,25 @@ def test_check_dataset_with_workers_matches_in_process(tmp_path: Path) -> None:
     one = check_dataset(ds, workers=0, progress=False)
     two = check_dataset(ds, workers=2, progress=False)
     assert one == two
+
+
+def test_label_map_trains_and_travels_to_eval(tmp_path: Path) -> None:
+    masks = {}
+    for i in range(2):
+        m = np.zeros((20, 20), np.uint8)
+        m[4:15, 3 + i:16] = 255
+        masks[f"b{i}"] = m
+    root = write_folder(tmp_path / "bin", masks, classes="background\nforeground\n")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--dataset", "folder", "--data-root", str(root), "--train-split", "all",
+                     "--val-split", "none", "--label-map", "255:1", "--max-steps", "1", "--backbone", "mobilenet_v2",
+                     "--pretrained-backbone", "none", "--crop-size", "17", "--batch-size", "2", "--num-workers", "0",
+                     "--device", "cpu", "--no-progress", "--out", str(run)]) == 0
+    assert cli.main(["eval", "--checkpoint", str(run / "last.pt"), "--data-root", str(root), "--split", "all",
+                     "--num-workers", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    text = json.dumps(report)
+    # the foreground was evaluated as class 1, not ignored: the confusion matrix counts its pixels
+    fg = sum(int((m == 255).sum()) for m in masks.values())
+    cm = np.array(report["confusion_matrix"])
+    assert int(cm[1].sum()) == fg, text[:300]

@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> TrainResult:
         model, train_set, cfg, transform=transform, eval_fn=eval_fn, model_config=model_config,
         classes=train_set.classes, palette=train_set.palette, normalization=norm.to_dict(),
         dataset_info={"dataset": dataset_name, "root": str(args.data_root), "train_split": args.train_split,
-                      "val_split": args.val_split},
+                      "val_split": args.val_split, **({"label_map": args.label_map} if args.label_map else {})},
         progress=info.is_main and not args.no_progress,
     )
     if info.is_main:
