@@ -336,13 +336,13 @@ def test_folder_palette_mask_is_index_and_binary_255_warns(tmp_path: Path) -> No
 
 # ----------------------------------------------------------------------------- shared
 def test_build_dataset_lookup(tmp_path: Path, voc_root: Path) -> None:
-    assert set(DATASETS) == {"voc", "cityscapes", "ade20k", "folder"}
+    assert set(DATASETS) == {"voc", "cityscapes", "ade20k", "folder", "camvid", "coco_stuff", "pascal_context"}
     ds = build_dataset("voc", str(voc_root), "val")
     assert isinstance(ds, VOCSegmentation) and len(ds) == 1
     folder = build_dataset("folder", str(make_folder(tmp_path / "f")), None, seed=1)
     assert isinstance(folder, FolderSegmentation) and folder.seed == 1
-    with pytest.raises(ValueError, match=r"unknown dataset 'coco'; choose from \['ade20k', "
-                                         r"'cityscapes', 'folder', 'voc'\]"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'coco'; choose from \['ade20k', 'camvid', "
+                                         r"'cityscapes', 'coco_stuff', 'folder', 'pascal_context', 'voc'\]"):
         build_dataset("coco", str(tmp_path), "train")
 
 

@@ -83,6 +83,11 @@ class ModelConfig(_PlainDict):
             upsampling, final upsampling) use ``align_corners=True``; the MobileNetV2 backbone
             uses TF "SAME" padding for its strided convs, BatchNorm epsilon 1e-3 and [-1, 1]
             inputs. Xception already matches TF and ResNet has no TF counterpart here.
+        in_channels: input channels (3 = RGB; 4 for RGB-D, N for multispectral). A
+            pretrained 3-channel stem is inflated (see ``deeplab.models.inflate_stem``).
+        input_mean: per-channel mean in [0, 1] pixel units, one per input channel;
+            ``None`` = the backbone's RGB statistics, plus 0.5 for every extra channel.
+        input_std: per-channel std, like ``input_mean`` (extra channels default 0.5).
     """
 
     arch: str = "deeplabv3plus"
@@ -98,8 +103,12 @@ class ModelConfig(_PlainDict):
     decoder_channels: int = 256
     dropout: float = 0.1
     tf_compat: bool = False
+    in_channels: int = 3
+    input_mean: Optional[Tuple[float, ...]] = None
+    input_std: Optional[Tuple[float, ...]] = None
 
-    _TUPLES: ClassVar[Dict[str, type]] = {"aspp_rates": int, "multi_grid": int}
+    _TUPLES: ClassVar[Dict[str, type]] = {"aspp_rates": int, "multi_grid": int, "input_mean": float,
+                                          "input_std": float}
 
     def __post_init__(self) -> None:
         """Validate every field and normalise numbers, flags and tuples in place.
@@ -154,6 +163,22 @@ class ModelConfig(_PlainDict):
         else:
             # The per-backbone unit count (3 for every current backbone) is checked by the backbone.
             self._set("multi_grid", grid)
+        channels = _positive_int(self.in_channels)
+        if channels is None:
+            problems.append(f"in_channels must be a positive integer, got {self.in_channels!r}")
+        else:
+            self._set("in_channels", channels)
+        for name in ("input_mean", "input_std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            stats = _float_tuple(tuple(value) if isinstance(value, list) else value)
+            if stats is None or (channels is not None and len(stats) != channels) or \
+                    not all(math.isfinite(v) for v in stats) or (name == "input_std" and min(stats) <= 0):
+                problems.append(f"{name} must be {self.in_channels} finite numbers (one per input channel"
+                                f"{', > 0' if name == 'input_std' else ''}), got {value!r}")
+            else:
+                self._set(name, stats)
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -236,6 +261,19 @@ class TrainConfig(_PlainDict):
         run_dir: where ``last.pt``, ``best.pt`` and ``metrics.jsonl`` go.
         resume_from: checkpoint to resume from exactly; ``"auto"`` resumes from
             ``run_dir/last.pt`` when it exists and starts fresh otherwise.
+        loss: loss spec, one of ce|ohem|topk|focal|dice|lovasz or a weighted sum such as
+            ``"ce:1,dice:0.5"`` (see ``deeplab.losses``).
+        class_weights: one loss weight per class (``deeplab data check`` suggests
+            median-frequency weights), or ``None``.
+        ohem_thresh: OHEM keeps pixels whose target probability is below this.
+        ohem_min_kept: OHEM keeps at least this many pixels per image (per rank).
+        topk_percent: fraction of the hardest pixels the ``topk`` loss keeps (TF's
+            top_k_percent_pixels).
+        focal_gamma: focusing exponent of the focal loss.
+        dice_smooth: additive smoothing of the Dice loss.
+        lovasz_per_image: Lovász-softmax averaged per image instead of flat over the batch.
+        augment: albumentations pipeline (YAML, ``A.save`` format) applied to image and mask
+            before the paper's scale/crop/flip; ``None``: the paper's recipe only.
     """
 
     lr: float = 0.007
@@ -266,8 +304,17 @@ class TrainConfig(_PlainDict):
     device: str = "auto"
     run_dir: str = "runs/deeplab"
     resume_from: Optional[str] = None
+    loss: str = "ce"
+    class_weights: Optional[Tuple[float, ...]] = None
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100000
+    topk_percent: float = 0.25
+    focal_gamma: float = 2.0
+    dice_smooth: float = 1.0
+    lovasz_per_image: bool = False
+    augment: Optional[str] = None
 
-    _TUPLES: ClassVar[Dict[str, type]] = {"scale_range": float}
+    _TUPLES: ClassVar[Dict[str, type]] = {"scale_range": float, "class_weights": float}
 
     def __post_init__(self) -> None:
         problems = []
@@ -290,8 +337,33 @@ class TrainConfig(_PlainDict):
             problems.append(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
         if self.amp_dtype not in AMP_DTYPES:
             problems.append(f"unknown amp_dtype {self.amp_dtype!r}; choose from {list(AMP_DTYPES)}")
+        problems += self._loss_problems()
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def _loss_problems(self) -> List[str]:
+        """Validate (and normalise) the loss fields; the loss names are checked by ``deeplab.losses``."""
+        problems = []
+        if not isinstance(self.loss, str) or not self.loss.strip():
+            problems.append(f"loss must be a spec such as 'ce' or 'ce:1,dice:0.5', got {self.loss!r}")
+        if self.class_weights is not None:
+            weights = _float_tuple(tuple(self.class_weights) if isinstance(self.class_weights, list)
+                                   else self.class_weights)
+            if weights is None or not weights or not all(math.isfinite(w) and w >= 0 for w in weights):
+                problems.append(f"class_weights must be finite numbers >= 0, one per class, got {self.class_weights!r}")
+            else:
+                self._set("class_weights", weights)
+        if not 0.0 < float(self.ohem_thresh) <= 1.0:
+            problems.append(f"ohem_thresh must be in (0, 1], got {self.ohem_thresh}")
+        if int(self.ohem_min_kept) < 0:
+            problems.append(f"ohem_min_kept must be >= 0, got {self.ohem_min_kept}")
+        if not 0.0 < float(self.topk_percent) <= 1.0:
+            problems.append(f"topk_percent must be in (0, 1], got {self.topk_percent}")
+        if float(self.focal_gamma) < 0:
+            problems.append(f"focal_gamma must be >= 0, got {self.focal_gamma}")
+        if float(self.dice_smooth) < 0:
+            problems.append(f"dice_smooth must be >= 0, got {self.dice_smooth}")
+        return problems
 
 
 # ---------------------------------------------------------------------- inference

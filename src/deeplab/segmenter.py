@@ -24,7 +24,9 @@ from PIL import Image
 from torch import nn
 
 from deeplab.config import InferenceConfig, IntPair
+from deeplab.data.base import load_image_array
 from deeplab.data.palettes import RGB, colorize, default_palette
+from deeplab.data.transforms import is_multichannel, to_unit_float
 from deeplab.eval.inference import predict_probs
 from deeplab.viz import ImageInput, index_png, overlay_mask, to_rgb_array
 
@@ -97,8 +99,8 @@ class Segmenter:
         self.normalization = {k: [float(v) for v in normalization[k]] for k in ("mean", "std")}
         self.device = torch.device(device)
         self.backend = backend
-        self._mean = torch.tensor(self.normalization["mean"], device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(self.normalization["std"], device=self.device).view(1, 3, 1, 1) * 255.0
+        self._mean = torch.tensor(self.normalization["mean"], device=self.device).view(1, -1, 1, 1) * 255.0
+        self._std = torch.tensor(self.normalization["std"], device=self.device).view(1, -1, 1, 1) * 255.0
 
     # ------------------------------------------------------------------ construction
 
@@ -257,7 +259,19 @@ class Segmenter:
         return self.inference.pad_to
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """``(1, 3, H, W)`` float32 normalised input on the segmenter's device."""
+        """``(1, C, H, W)`` float32 normalised input on the segmenter's device.
+
+        ``C`` is 3 for RGB models; an N-channel model takes an ``(H, W, N)`` array or a path to
+        a ``.npy`` / N-channel TIFF (uint8 / uint16 / float in [0, 1], see ``to_unit_float``).
+        """
+        channels = int(self._mean.shape[1])
+        if channels != 3 or is_multichannel(image):
+            arr = load_image_array(Path(image)) if isinstance(image, (str, os.PathLike)) else image
+            units = to_unit_float(np.asarray(arr)) * 255.0  # _mean/_std are in 0-255 units
+            if units.shape[2] != channels:
+                raise ValueError(f"image has {units.shape[2]} channels but the model takes {channels}")
+            x = torch.from_numpy(np.ascontiguousarray(units)).to(self.device).permute(2, 0, 1).unsqueeze(0)
+            return x.sub_(self._mean).div_(self._std)
         rgb = to_rgb_array(image)
         x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1).unsqueeze(0).float()
         return x.sub_(self._mean).div_(self._std)

@@ -425,3 +425,126 @@ def render_triptych(
         draw.text((x + 16, h + top + 4), classes[c], fill="black", font=font)
         x += 28 + int(draw.textlength(classes[c], font=font))
     return canvas
+
+
+# ---------------------------------------------------------------------- Training and data charts
+# Curves of runs and class-frequency bars; matplotlib through _pyplot() (Agg, imported lazily).
+
+__all__ += ["plot_class_frequency", "plot_curves", "read_metrics"]
+
+
+def read_metrics(path: Union[str, "os.PathLike[str]"]) -> List[Dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a run directory or the file); unreadable lines skipped.
+
+    A resumed run appends to the same file; a later record for the same ``(kind, step)``
+    replaces the earlier one, so the curve has one point per step.
+    """
+    import json
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "metrics.jsonl"
+    if not file.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl at {file}: pass a run directory written by `deeplab train`")
+    latest: Dict[Tuple[str, Any], Dict[str, Any]] = {}
+    order: List[Tuple[str, Any]] = []
+    for line in file.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a killed run
+        if not isinstance(record, dict) or record.get("kind") not in ("train", "eval"):
+            continue
+        key = (str(record["kind"]), record.get("step"))
+        if key not in latest:
+            order.append(key)
+        latest[key] = record
+    return sorted((latest[k] for k in order), key=lambda r: (r.get("step") or 0))
+
+
+def plot_curves(runs: Dict[str, List[Dict[str, Any]]], path: Union[str, "os.PathLike[str]"], *,
+                metric: str = "mIoU", title: Optional[str] = None) -> Path:
+    """``curves.png``: training loss, learning rate and ``metric`` against step, one line per run.
+
+    Args:
+        runs: label -> records of :func:`read_metrics`.
+        path: the PNG to write.
+        metric: the evaluation metric of the third panel.
+        title: figure title.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for label, records in runs.items():
+        train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+        evals = [r for r in records if r.get("kind") == "eval" and isinstance(r.get(metric), (int, float))]
+        if train:
+            axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+            axes[1].plot([r["step"] for r in train], [r["lr"] for r in train], label=label)
+        if evals:
+            scale = 100.0 if metric.lower().endswith("iou") or metric.endswith("accuracy") else 1.0
+            axes[2].plot([r["step"] for r in evals], [scale * float(r[metric]) for r in evals], marker="o",
+                         label=label)
+    axes[0].set_title("training loss")
+    axes[1].set_title("learning rate")
+    axes[2].set_title(f"{metric} (%)" if metric.lower().endswith("iou") else metric)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes[2].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_class_frequency(classes: Sequence[str], pixels: Sequence[int], images: Sequence[int],
+                         path: Union[str, "os.PathLike[str]"], *, title: Optional[str] = None) -> Path:
+    """``class_frequency.png``: pixels and images per class, log scale, side by side.
+
+    Args:
+        classes: class names.
+        pixels: labelled pixels per class.
+        images: images containing each class.
+        path: the PNG to write.
+        title: figure title.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    plt = _pyplot()
+
+    n = len(classes)
+    height = max(2.5, 0.22 * n + 1.2)
+    fig, axes = plt.subplots(1, 2, figsize=(11, height), sharey=True)
+    y = np.arange(n)
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    for ax, values, what in ((axes[0], pixels, "pixels"), (axes[1], images, "images")):
+        # log axes cannot show 0: absent classes get no bar and a red 0 at the axis
+        shown = [v if v > 0 else np.nan for v in values]
+        ax.barh(y, shown, color="#3b6fb6")
+        ax.set_xscale("log")
+        positive = [v for v in values if v > 0]
+        if positive:
+            ax.set_xlim(max(min(positive) / 2, 0.5), max(positive) * 1.5)
+        if what == "images":
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{what} per class (log)")
+        ax.grid(axis="x", alpha=0.3)
+        for yi, v in zip(y, values):
+            if v == 0:
+                ax.text(0.01, yi, "0", va="center", fontsize=7, color="#b00", transform=ax.get_yaxis_transform())
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(list(classes), fontsize=7 if n > 30 else 9)
+    axes[0].invert_yaxis()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save_figure(fig, path)

@@ -5,8 +5,9 @@
 2. fine-tunes DeepLabv3+ MobileNetV2 (OS 16, separable ASPP + decoder) on them with the paper's
    recipe (random scale 0.5-2, crop, flip, poly LR), evaluating as it goes;
 3. evaluates the final model (whole image) and writes, into one folder: ``report.json``,
-   ``confusion.png``, ``overlays/*.png`` (image | ground truth | prediction), ``metrics.jsonl``
-   and the checkpoints.
+   ``confusion.png``, ``overlays/*.png`` (image | ground truth | prediction), ``metrics.jsonl``,
+   ``curves.png`` (loss, lr and mIoU against step, redrawn at every evaluation) and the
+   checkpoints.
 
 With four training images this shows that the pipeline learns, not that it generalises: the
 model is evaluated on the photos it was trained on.
@@ -33,6 +34,7 @@ from deeplab.data import EvalTransform, FolderSegmentation, colorize, fetch_demo
 from deeplab.eval.evaluate import write_report
 from deeplab.eval.inference import predict_mask
 from deeplab.eval.metrics import ConfusionMatrix
+from deeplab.viz import plot_curves, read_metrics
 from deeplab.weights import fetch_weights
 
 HONEST = (
@@ -127,7 +129,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if curve:
         print("mIoU during training: " + ", ".join(curve))
     print(HONEST.format(n=len(dataset)))
-    print(f"wall time {elapsed:.0f} s\nresults in {out.resolve()}: report.json, confusion.png, overlays/, metrics.jsonl, last.pt")
+    # training redraws curves.png at every evaluation; draw it once more so it is there whatever the eval steps
+    plot_curves({"demo": read_metrics(out)}, out / "curves.png", title="deeplab demo: DeepLabv3+ MobileNetV2")
+    print(f"wall time {elapsed:.0f} s\nresults in {out.resolve()}: report.json, confusion.png, curves.png, overlays/, "
+          "metrics.jsonl, last.pt")
     return 0
 
 

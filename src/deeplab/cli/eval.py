@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke tests)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--label-map", default=None,
+                        help="folder datasets: remap mask values first, e.g. 255:1 (default: the one training used)")
     return parser
 
 
@@ -282,7 +284,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     dataset_name = args.dataset or data_info.get("dataset") or "voc"
     norm = loaded["normalization"]
     transform = EvalTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
-    full_set = make_dataset(dataset_name, args.data_root, args.split, transform)
+    label_map = args.label_map or (data_info.get("label_map") if dataset_name == "folder" else None)
+    if label_map and dataset_name != "folder":
+        raise CLIError(f"--label-map applies to the folder dataset, not {dataset_name!r}")
+    full_set = make_dataset(dataset_name, args.data_root, args.split, transform,
+                            **({"label_map": label_map} if label_map else {}))
     if full_set.num_classes != config["num_classes"]:
         raise CLIError(
             f"{checkpoint} predicts {config['num_classes']} classes but the {dataset_name} dataset at "

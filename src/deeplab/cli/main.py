@@ -19,6 +19,8 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "convert": ("deeplab.cli.convert", "convert the paper's TensorFlow checkpoints"),
     "compare": ("deeplab.cli.compare", "compare evaluation reports: metrics, trimap, per-class IoU deltas"),
     "serve": ("deeplab.cli.serve", "web page + HTTP API for a model (pip install 'deeplab[serve]')"),
+    "data": ("deeplab.cli.data", "check a dataset's masks: class histogram, pitfalls, class weights"),
+    "plot": ("deeplab.cli.plot", "draw curves.png of one or more run directories"),
 }
 
 

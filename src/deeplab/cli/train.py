@@ -23,7 +23,9 @@ from deeplab.checkpoint import load_checkpoint, strip_state_dict_prefixes
 from deeplab.cli.common import CLIError, add_data_args, cli_command, make_dataset, parse_with_preset, print_config
 from deeplab.config import ModelConfig, TrainConfig
 from deeplab.data import EvalTransform, TrainTransform
+from deeplab.data.augment import AlbumentationsTransform
 from deeplab.data.base import SegmentationDataset
+from deeplab.data.check import check_dataset, read_class_weights
 from deeplab.eval.evaluate import ShardSampler, evaluate
 from deeplab.models import build_model_from_config
 from deeplab.train import TrainResult, train
@@ -68,7 +70,7 @@ def _add_dataclass_flags(group: argparse._ArgumentGroup, cls: type, skip: tuple 
         elif origin is typing.Union and type(None) in args:  # Optional[...]
             inner = [a for a in args if a is not type(None)][0]
             if typing.get_origin(inner) is tuple:
-                kwargs.update(nargs="*", type=int)
+                kwargs.update(nargs="*", type=typing.get_args(inner)[0])  # Tuple[int, ...] / Tuple[float, ...]
             else:
                 kwargs["type"] = inner
         elif origin is tuple:
@@ -95,8 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained-backbone", default="imagenet",
                        help="'imagenet' (the backbone's public file; `deeplab weights fetch NAME`), a .pth path, or 'none'")
     recipe = parser.add_argument_group("recipe (TrainConfig)")
-    _add_dataclass_flags(recipe, TrainConfig)
+    _add_dataclass_flags(recipe, TrainConfig, skip=("class_weights",))
+    recipe.add_argument("--class-weights", dest="class_weights", default=None,
+                        help="loss weight per class: 'auto' (median-frequency, from the training masks), a FILE "
+                             "(`deeplab data check` writes class_weights.txt) or w0,w1,...")
     recipe.set_defaults(resume_from="auto")
+    parser.add_argument("--label-map", default=None,
+                        help="folder datasets: remap mask values first, e.g. 255:1 for 0/255 binary masks")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -106,11 +113,36 @@ def _model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
     for key in ("aspp_rates", "multi_grid"):
         if values[key] is not None:
             values[key] = tuple(int(v) for v in values[key])
+    for key in ("input_mean", "input_std"):
+        if values[key] is not None:
+            values[key] = tuple(float(v) for v in values[key])
     return ModelConfig(num_classes=num_classes, **values)
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
+def resolve_class_weights(value: Any, train_set: Any, *, progress: bool = True) -> Optional[tuple]:
+    """``--class-weights``: ``None``, ``auto`` (median frequency of ``train_set``'s masks), a file or
+    ``w0,w1,...``; a preset may give a list."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1 and isinstance(value[0], str):
+            return resolve_class_weights(value[0], train_set, progress=progress)
+        return tuple(float(v) for v in value)
+    text = str(value).strip()
+    if text.lower() == "auto":
+        report = check_dataset(train_set, progress=progress, name="train")
+        return tuple(report["class_weights"])
+    if Path(text).is_file():
+        return read_class_weights(text)
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CLIError(f"--class-weights {text!r}: not 'auto', an existing file or numbers w0,w1,...") from None
+
+
+def _train_config(args: argparse.Namespace, class_weights: Optional[tuple] = None) -> TrainConfig:
     values = {name: getattr(args, name) for name in TRAIN_FLAGS}
+    values["class_weights"] = class_weights
     values["scale_range"] = tuple(float(v) for v in values["scale_range"])
     if values["resume_from"] in ("none", "", None):
         values["resume_from"] = None
@@ -147,12 +179,20 @@ def run(args: argparse.Namespace) -> TrainResult:
     """Build everything from parsed flags and train."""
     info = dist_utils.init_distributed(device=args.device)
     dataset_name = args.dataset or "voc"
-    train_set = make_dataset(dataset_name, args.data_root, args.train_split, None)
+    data_kwargs: Dict[str, Any] = {}
+    if args.label_map:
+        if dataset_name != "folder":
+            raise CLIError(f"--label-map applies to the folder dataset, not {dataset_name!r}")
+        data_kwargs["label_map"] = args.label_map
+    train_set = make_dataset(dataset_name, args.data_root, args.train_split, None, **data_kwargs)
     num_classes = args.num_classes or train_set.num_classes
     if num_classes != train_set.num_classes:
         raise CLIError(f"--num-classes {num_classes} but the {dataset_name} dataset has {train_set.num_classes} classes")
     model_config = _model_config(args, num_classes)
-    cfg = _train_config(args)
+    weights = resolve_class_weights(args.class_weights, train_set, progress=info.is_main and not args.no_progress)
+    if weights is not None and len(weights) != num_classes:
+        raise CLIError(f"--class-weights gives {len(weights)} weights for {num_classes} classes; give one per class")
+    cfg = _train_config(args, weights)
     pretrained = None if str(args.pretrained_backbone).lower() in ("none", "") else args.pretrained_backbone
     if pretrained is not None and info.is_main:
         resolve_pretrained(model_config.backbone, pretrained)  # fetch once, before the other ranks look
@@ -163,12 +203,14 @@ def run(args: argparse.Namespace) -> TrainResult:
     if args.init_from:
         init_from(model, args.init_from)
     norm = model.normalization
-    transform = TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, scale_step=cfg.scale_step,
-                               mean=norm.mean, std=norm.std, flip=cfg.hflip, ignore_index=cfg.ignore_index)
+    transform: Any = TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, scale_step=cfg.scale_step,
+                                    mean=norm.mean, std=norm.std, flip=cfg.hflip, ignore_index=cfg.ignore_index)
+    if cfg.augment:
+        transform = AlbumentationsTransform(cfg.augment, then=transform, ignore_index=cfg.ignore_index)
     eval_fn = None
     if str(args.val_split).lower() != "none":
         val_set: Union[SegmentationDataset, Subset[Any]] = make_dataset(dataset_name, args.data_root, args.val_split,
-                                        EvalTransform(mean=norm.mean, std=norm.std))
+                                        EvalTransform(mean=norm.mean, std=norm.std), **data_kwargs)
         if args.eval_limit is not None:
             val_set = Subset(val_set, range(min(args.eval_limit, len(val_set))))
         eval_fn = make_eval_fn(val_set, num_classes=num_classes, device=info.device, world_size=info.world_size,
@@ -184,7 +226,7 @@ def run(args: argparse.Namespace) -> TrainResult:
         model, train_set, cfg, transform=transform, eval_fn=eval_fn, model_config=model_config,
         classes=train_set.classes, palette=train_set.palette, normalization=norm.to_dict(),
         dataset_info={"dataset": dataset_name, "root": str(args.data_root), "train_split": args.train_split,
-                      "val_split": args.val_split},
+                      "val_split": args.val_split, **({"label_map": args.label_map} if args.label_map else {})},
         progress=info.is_main and not args.no_progress,
     )
     if info.is_main:

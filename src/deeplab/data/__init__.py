@@ -11,7 +11,9 @@ from typing import Any, Dict, Optional, Type
 
 from .ade20k import ADE20K
 from .base import DatasetError, DatasetNotFoundError, SegmentationDataset, Transform, load_image
+from .camvid import CamVid
 from .cityscapes import Cityscapes
+from .coco_stuff import COCOStuff
 from .demo_data import fetch_demo_data
 from .folder import FolderSegmentation
 from .palettes import (
@@ -27,6 +29,7 @@ from .palettes import (
     colorize,
     voc_colormap,
 )
+from .pascal_context import PascalContext
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -46,6 +49,9 @@ DATASETS: Dict[str, Type[SegmentationDataset]] = {
     "cityscapes": Cityscapes,
     "ade20k": ADE20K,
     "folder": FolderSegmentation,
+    "camvid": CamVid,
+    "coco_stuff": COCOStuff,
+    "pascal_context": PascalContext,
 }
 
 
@@ -54,7 +60,8 @@ def build_dataset(name: str, root: str, split: Optional[str] = None,
     """Build a dataset by name.
 
     Args:
-        name: one of :data:`DATASETS` ("voc", "cityscapes", "ade20k", "folder").
+        name: one of :data:`DATASETS` ("voc", "cityscapes", "ade20k", "folder", "camvid",
+            "coco_stuff", "pascal_context").
         root: the dataset's root directory (see each class for the layout).
         split: split name; ``None`` takes the class default ("train"; all images for
             "folder").
@@ -78,7 +85,7 @@ def build_dataset(name: str, root: str, split: Optional[str] = None,
 
 
 __all__ = [
-    "ADE20K", "ADE20K_CLASSES", "ADE20K_PALETTE", "CITYSCAPES_CLASSES",
+    "ADE20K", "ADE20K_CLASSES", "ADE20K_PALETTE", "COCOStuff", "CamVid", "PascalContext", "CITYSCAPES_CLASSES",
     "CITYSCAPES_ID_TO_TRAINID", "CITYSCAPES_PALETTE", "Cityscapes", "DATASETS",
     "DatasetError", "DatasetNotFoundError", "EvalTransform", "FolderSegmentation",
     "IGNORE_INDEX", "IMAGENET_MEAN", "IMAGENET_STD", "INCEPTION_MEAN", "INCEPTION_STD",

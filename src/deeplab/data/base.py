@@ -73,6 +73,59 @@ def load_image(path: Path) -> Image.Image:
         ) from e
 
 
+ARRAY_EXTENSIONS: Tuple[str, ...] = (".npy",)
+TIFF_EXTENSIONS: Tuple[str, ...] = (".tif", ".tiff")
+
+
+def load_image_array(path: Path) -> Union[Image.Image, np.ndarray]:
+    """An image for an N-channel model: ``.npy`` ``(H, W, C)`` (or ``(H, W)``) arrays, TIFFs
+    with other than 3 channels (read with ``tifffile`` when installed, else Pillow), and
+    every other file as :func:`load_image` (RGB ``PIL.Image``).
+
+    Returns:
+        A ``PIL.Image`` (RGB) or an ``(H, W, C)`` array (uint8, uint16 or float).
+
+    Raises:
+        DatasetNotFoundError: the file does not exist.
+        DatasetError: unreadable, or not 2-D/3-D.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in ARRAY_EXTENSIONS + TIFF_EXTENSIONS:
+        return load_image(path)
+    if not path.is_file():
+        raise DatasetNotFoundError(f"image file not found: {path}")
+    try:
+        if suffix in ARRAY_EXTENSIONS:
+            arr = np.load(path, allow_pickle=False)
+        else:
+            try:
+                import tifffile
+            except ImportError:
+                with Image.open(path) as img:  # Pillow reads 1-4 channel TIFFs
+                    img.load()
+                    arr = np.asarray(img)
+            else:
+                arr = tifffile.imread(path)
+    except (OSError, ValueError, UnidentifiedImageError) as e:
+        raise DatasetError(f"cannot read image {path}: {e}. Re-export it as a .npy array (H, W, C) or a TIFF.") from e
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise DatasetError(f"image {path} has shape {arr.shape}; N-channel images must be (H, W, C) arrays")
+    if arr.shape[0] <= 16 and arr.shape[2] > 16:
+        arr = np.moveaxis(arr, 0, -1)  # (C, H, W) as many tools write it
+    if arr.shape[2] == 3 and arr.dtype == np.uint8:
+        return Image.fromarray(arr)
+    return arr
+
+
+def image_size_of(image: Union[Image.Image, np.ndarray]) -> Tuple[int, int]:
+    """``(W, H)`` of a PIL image or an ``(H, W, C)`` array."""
+    if isinstance(image, Image.Image):
+        return image.size
+    return int(image.shape[1]), int(image.shape[0])
+
+
 def open_mask(path: Path) -> Image.Image:
     """Read a mask file fully (any mode); errors name the file like :func:`load_image`."""
     if not path.is_file():
@@ -261,6 +314,11 @@ class SegmentationDataset(Dataset):
             )
         return ids.astype(np.uint8)
 
+    def decode_mask_file(self, index: int) -> np.ndarray:
+        """Class ids of sample ``index``'s mask as decoded, before the range check (the label doctor's view)."""
+        path = self.samples[index][1]
+        return self._decode_mask(open_mask(path), path)
+
     def load_mask(self, index: int) -> np.ndarray:
         """The validated ``(H, W)`` ``np.uint8`` class-id mask of sample ``index``."""
         path = self.samples[index][1]
@@ -274,7 +332,7 @@ class SegmentationDataset(Dataset):
         """Raw ``(image, mask)`` of sample ``index``, checked to have the same size."""
         image = self.load_image(index)
         mask = self.load_mask(index)
-        self._check_size(image.size, mask, index)
+        self._check_size(image_size_of(image), mask, index)
         return image, mask
 
     def _check_size(self, image_size: Tuple[int, int], mask: np.ndarray, index: int) -> None:
@@ -354,7 +412,7 @@ class SegmentationDataset(Dataset):
         for i in indices:
             mask = self.load_mask(i)
             if decode_images:
-                size = self.load_image(i).size
+                size = image_size_of(self.load_image(i))
             else:
                 size = _image_size(self.samples[i][0])
             self._check_size(size, mask, i)
@@ -371,9 +429,20 @@ class SegmentationDataset(Dataset):
 
 
 def _image_size(path: Path) -> Tuple[int, int]:
-    """``(W, H)`` from the image header only."""
+    """``(W, H)`` from the image header only (``.npy``: the array header)."""
     if not path.is_file():
         raise DatasetNotFoundError(f"image file not found: {path}")
+    if path.suffix.lower() in ARRAY_EXTENSIONS + TIFF_EXTENSIONS:
+        if path.suffix.lower() in ARRAY_EXTENSIONS:
+            try:
+                return image_size_of(np.load(path, mmap_mode="r", allow_pickle=False))
+            except (OSError, ValueError) as e:
+                raise DatasetError(f"cannot read image {path}: {e}. Re-export it as a .npy array (H, W, C).") from e
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except (OSError, UnidentifiedImageError):
+            return image_size_of(load_image_array(path))
     try:
         with Image.open(path) as img:
             return img.size

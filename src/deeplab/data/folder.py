@@ -20,6 +20,15 @@ list can also be passed directly (``classes=[...]``).
 
 Masks are read as class ids when they are single-channel or palette PNGs (mode L/P/1/I;16)
 and as colours when they are RGB/RGBA; ``mask_format`` forces one reading.
+
+Label map: index masks whose values are not the class ids (the classic: binary masks saved
+as 0/255, where 255 would read as "ignore") are remapped by ``label_map={255: 1}``
+(``--label-map 255:1`` on the command line), or by a line ``label_map: 255:1`` in
+classes.txt (a ``label_map`` key in classes.yaml/json). Values not in the map stay as they are.
+
+N-channel images (RGB-D, multispectral): ``images/<name>.npy`` holding an ``(H, W, C)``
+array (uint8, uint16 or float in [0, 1]) or an N-channel TIFF (read with ``tifffile`` when
+installed); train them with ``ModelConfig(in_channels=C)``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from .base import (
+    ARRAY_EXTENSIONS,
     IMAGE_EXTENSIONS,
     DatasetError,
     DatasetNotFoundError,
@@ -42,13 +52,71 @@ from .base import (
     Transform,
     colour_mask_to_ids,
     index_mask_array,
+    load_image_array,
     read_split_list,
 )
 from .palettes import RGB, default_palette
 
 IGNORE_NAME = "__ignore__"
 MASK_FORMATS = ("auto", "index", "color")
-FOLDER_IMAGE_EXTENSIONS: Tuple[str, ...] = IMAGE_EXTENSIONS + (".webp",)
+FOLDER_IMAGE_EXTENSIONS: Tuple[str, ...] = IMAGE_EXTENSIONS + (".webp",) + ARRAY_EXTENSIONS
+LABEL_MAP_KEY = "label_map"
+
+
+def parse_label_map(value: Union[str, Dict[Any, Any], None], where: str = "label_map") -> Optional[Dict[int, int]]:
+    """``"255:1,128:2"`` (or a mapping) -> ``{255: 1, 128: 2}``; ``None``/``""`` -> ``None``.
+
+    Raises:
+        DatasetError: a malformed entry or a value outside 0..255.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    pairs: List[Tuple[Any, Any]]
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        pairs = []
+        for part in str(value).replace(";", ",").split(","):
+            if part.strip():
+                src, sep, dst = part.partition(":")
+                if not sep:
+                    raise DatasetError(f"bad label_map entry {part.strip()!r} in {where}: write 'from:to', "
+                                       f"e.g. '255:1' (binary 0/255 masks) or '255:1,128:2'.")
+                pairs.append((src, dst))
+    out: Dict[int, int] = {}
+    for src, dst in pairs:
+        try:
+            a, b = int(str(src).strip()), int(str(dst).strip())
+        except ValueError:
+            raise DatasetError(f"bad label_map entry {src}:{dst} in {where}: both sides must be integers.") from None
+        if not (0 <= a <= 255 and 0 <= b <= 255):
+            raise DatasetError(f"label_map entry {a}:{b} in {where}: values must be in 0..255 (255 = ignore).")
+        out[a] = b
+    return out
+
+
+def file_label_map(root: Path) -> Optional[Dict[int, int]]:
+    """The ``label_map`` of the folder dataset's class file, if it has one."""
+    for name in ("classes.txt", "classes.yaml", "classes.yml", "classes.json"):
+        path = root / name
+        if not path.is_file():
+            continue
+        if path.suffix == ".txt":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip().startswith(LABEL_MAP_KEY + ":"):
+                    return parse_label_map(line.strip()[len(LABEL_MAP_KEY) + 1:], str(path))
+            return None
+        try:
+            if path.suffix == ".json":
+                data = json.loads(path.read_text(encoding="utf-8"))
+            else:
+                import yaml
+
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except Exception:  # load_class_list reports parse errors with the file
+            return None
+        return parse_label_map(data.get(LABEL_MAP_KEY), str(path)) if isinstance(data, dict) else None
+    return None
 ClassSpec = Union[str, Dict[str, Any], Tuple[str, Sequence[int]]]
 
 _HEX = re.compile(r"^#?([0-9a-fA-F]{6})$")
@@ -76,7 +144,7 @@ def _parse_txt(path: Path) -> List[Tuple[str, Optional[RGB]]]:
     entries: List[Tuple[str, Optional[RGB]]] = []
     for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
+        if not line or line.startswith("#") or line.startswith(LABEL_MAP_KEY + ":"):
             continue
         tokens = line.split()
         where = f"{path} line {lineno}"
@@ -205,6 +273,8 @@ class FolderSegmentation(SegmentationDataset):
         ignore_color: colour meaning "ignore" in colour masks (overrides the class file).
         mask_format: "auto" (by PNG mode), "index" or "color".
         seed: base seed for reproducible per-sample augmentation.
+        label_map: remap index-mask values first, e.g. ``{255: 1}`` or ``"255:1"`` for 0/255
+            binary masks; default: the class file's ``label_map``, else none.
 
     Items are ``(image, mask)``: a ``PIL.Image`` RGB and an ``(H, W)`` uint8 mask of class
     ids in ``[0, num_classes)`` or 255, before ``transform``.
@@ -224,7 +294,7 @@ class FolderSegmentation(SegmentationDataset):
                  transform: Optional[Transform] = None, *,
                  classes: Optional[Sequence[ClassSpec]] = None,
                  ignore_color: Optional[Sequence[int]] = None, mask_format: str = "auto",
-                 seed: Optional[int] = None) -> None:
+                 seed: Optional[int] = None, label_map: Union[str, Dict[int, int], None] = None) -> None:
         root = Path(root).expanduser()
         if mask_format not in MASK_FORMATS:
             raise ValueError(f"unknown mask_format '{mask_format}'; choose from {list(MASK_FORMATS)}")
@@ -239,6 +309,13 @@ class FolderSegmentation(SegmentationDataset):
 
         names, palette, file_ignore, source = load_class_list(root, classes)
         self.class_source = source
+        self.label_map = parse_label_map(label_map, "the label_map argument") if label_map is not None \
+            else file_label_map(root)
+        self._lut: Optional[np.ndarray] = None
+        if self.label_map:
+            self._lut = np.arange(256, dtype=np.uint8)
+            for a, b in self.label_map.items():
+                self._lut[a] = b
         self.colors_given = palette is not None
         self.ignore_color: Optional[RGB] = (
             parse_color(ignore_color, "ignore_color") if ignore_color is not None else file_ignore)
@@ -320,7 +397,13 @@ class FolderSegmentation(SegmentationDataset):
                     f"mask {path} is a colour ({mask.mode}) image, but mask_format='index' "
                     f"reads class ids: use mask_format='auto' with class colours in the "
                     f"class list, or save the mask as an index PNG (pixel value = class id).")
-            return index_mask_array(mask, path)
+            ids = index_mask_array(mask, path)
+            if self._lut is not None:
+                if ids.dtype != np.uint8 and ids.size and ids.min() >= 0 and ids.max() <= 255:
+                    ids = ids.astype(np.uint8)  # 16-bit masks holding 8-bit values
+                if ids.dtype == np.uint8:
+                    ids = self._lut[ids]
+            return ids
         if not self.colors_given:
             raise DatasetError(
                 f"mask {path} is a colour image ({mask.mode}), but the class list "
@@ -330,6 +413,10 @@ class FolderSegmentation(SegmentationDataset):
         return colour_mask_to_ids(rgb, self.palette, path,
                                   ignore_colors=[self.ignore_color] if self.ignore_color else [],
                                   ignore_index=self.ignore_index, classes=self.classes)
+
+    def load_image(self, index: int) -> Any:
+        """RGB ``PIL.Image``, or an ``(H, W, C)`` array for ``.npy`` / N-channel TIFF images."""
+        return load_image_array(self.samples[index][0])
 
     def validate(self, limit: Optional[int] = None, decode_images: bool = False,
                  progress: bool = False) -> Dict[str, Any]:

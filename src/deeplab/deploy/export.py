@@ -111,7 +111,8 @@ def _example(model: nn.Module, example_input: Optional[torch.Tensor]) -> torch.T
         return example_input.float().cpu()
     # Not square and not OS*k+1, so no size coincidence can hide a constant baked by tracing.
     stride = int(getattr(model, "output_stride", 16) or 16)
-    return torch.randn(1, 3, stride * 4 + 1, stride * 5 + 1, generator=torch.Generator().manual_seed(0))
+    channels = int(getattr(model, "in_channels", 3) or 3)  # N-channel models (RGB-D, multispectral)
+    return torch.randn(1, channels, stride * 4 + 1, stride * 5 + 1, generator=torch.Generator().manual_seed(0))
 
 
 @contextlib.contextmanager

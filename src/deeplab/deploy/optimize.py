@@ -221,7 +221,8 @@ def _default_probe(model: nn.Module) -> torch.Tensor:
     except StopIteration:
         device, dtype = torch.device("cpu"), torch.float32
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(1, 3, side, side, generator=generator).to(device=device, dtype=dtype)
+    channels = int(getattr(model, "in_channels", 3) or 3)  # N-channel models
+    return torch.randn(1, channels, side, side, generator=generator).to(device=device, dtype=dtype)
 
 
 def fold_batchnorm(

@@ -13,7 +13,7 @@ from ..config import ARCHS, ModelConfig
 from ..nn.layers import ConvBNReLU, conv3x3_bn_relu, resize
 from .aspp import ASPP, default_aspp_rates
 from .backbones import Backbone, Normalization, build_backbone
-from .backbones.base import init_conv_bn
+from .backbones.base import inflate_stem, init_conv_bn
 
 
 class Decoder(nn.Module):
@@ -97,6 +97,7 @@ class DeepLabV3(nn.Module):
         self.classifier = nn.Conv2d(self._head_channels(), num_classes, 1)
         self.config: Optional[ModelConfig] = None
         self.normalization: Normalization = backbone.normalization
+        self.in_channels = 3
 
     def _head_channels(self) -> int:
         return self.aspp.out_channels
@@ -106,13 +107,15 @@ class DeepLabV3(nn.Module):
             if name != "backbone":
                 init_conv_bn(child)
 
-    @staticmethod
-    def check_input(x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
+    def check_input(self, x: torch.Tensor) -> None:
+        channels = getattr(self, "in_channels", 3)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(
-                f"expected a float image batch of shape (B, 3, H, W), got {shape}; "
-                "add a batch dimension with x[None] and convert grey images to RGB"
+                f"expected a float image batch of shape (B, {channels}, H, W), got {shape}; "
+                "add a batch dimension with x[None]"
+                + (" and convert grey images to RGB" if channels == 3 else
+                   f" (this model was built with in_channels={channels})")
             )
         if not x.is_floating_point():
             raise ValueError(
@@ -196,6 +199,9 @@ def build_model(
     decoder_channels: int = 256,
     dropout: float = 0.1,
     tf_compat: bool = False,
+    in_channels: int = 3,
+    input_mean: Optional[Sequence[float]] = None,
+    input_std: Optional[Sequence[float]] = None,
 ) -> DeepLabV3:
     """Build DeepLabv3 or DeepLabv3+ from keywords: ``build_model_from_config(ModelConfig(**kw))``.
 
@@ -209,8 +215,8 @@ def build_model(
             backbone from the torch hub cache, see :mod:`deeplab.weights`) or a file path.
         aspp_rates: ASPP 3x3 rates; ``None`` derives them from ``output_stride``.
         multi_grid: rate multipliers for the last backbone stage, e.g. ``(1, 2, 4)``.
-        image_pooling, aspp_channels, low_level_channels, decoder_channels, dropout, tf_compat:
-            see :class:`deeplab.config.ModelConfig`.
+        image_pooling, aspp_channels, low_level_channels, decoder_channels, dropout, tf_compat,
+        in_channels, input_mean, input_std: see :class:`deeplab.config.ModelConfig`.
 
     Returns:
         The model; ``model(images (B, 3, H, W)) -> logits (B, num_classes, H, W)``. It carries
@@ -235,6 +241,9 @@ def build_model(
         decoder_channels=decoder_channels,
         dropout=dropout,
         tf_compat=tf_compat,
+        in_channels=in_channels,
+        input_mean=None if input_mean is None else tuple(input_mean),
+        input_std=None if input_std is None else tuple(input_std),
     )
     return build_model_from_config(config, pretrained_backbone=pretrained_backbone)
 
@@ -283,4 +292,18 @@ def build_model_from_config(
         from ..weights import load_backbone_weights
 
         load_backbone_weights(body, config.backbone, pretrained_backbone)
+    if config.in_channels != 3:
+        # after the (3-channel) ImageNet weights are in, so they are what gets inflated
+        inflate_stem(body, config.in_channels)
+    model.in_channels = config.in_channels
+    model.normalization = input_normalization(config, body.normalization)
     return model
+
+
+def input_normalization(config: ModelConfig, rgb: Normalization) -> Normalization:
+    """The normalisation of ``config``'s ``in_channels`` inputs: its own statistics, else the backbone's
+    RGB ones extended with 0.5 / 0.5 for each extra channel (and cut for fewer channels)."""
+    extra = max(config.in_channels - 3, 0)
+    mean = config.input_mean or (tuple(rgb.mean) + (0.5,) * extra)[: config.in_channels]
+    std = config.input_std or (tuple(rgb.std) + (0.5,) * extra)[: config.in_channels]
+    return Normalization(tuple(mean), tuple(std))

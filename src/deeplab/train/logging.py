@@ -3,13 +3,16 @@
 ``run_dir/metrics.jsonl`` holds one JSON object per line, told apart by ``"kind"``:
 ``"start"``/``"resume"`` (world size, the resolved recipe), ``"train"`` (see
 :func:`train_record`) and ``"eval"`` (the step and ``eval_fn``'s metrics). The same
-scalars go to ``run_dir/tb`` when the ``tensorboard`` package is installed. Only rank 0
-writes; on the other ranks a :class:`RunLog` is inert.
+scalars go to ``run_dir/tb`` when the ``tensorboard`` package is installed. After every
+``"eval"`` line, ``run_dir/curves.png`` (loss, lr and mIoU against step) is redrawn from
+``metrics.jsonl``, so a person can look at a run while it trains. Only rank 0 writes; on
+the other ranks a :class:`RunLog` is inert.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import IO, Any, Dict, Mapping, Optional
 
@@ -17,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from deeplab._utils import jsonable
+from deeplab.viz import plot_curves, read_metrics
 
 __all__ = ["RunLog", "open_tensorboard", "progress_bar", "scalars", "show_on_bar", "train_record"]
 
@@ -55,6 +59,7 @@ class RunLog:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
         self.file: Optional[IO[str]] = None
         self.writer: Any = None
+        self.run_dir = run_dir
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -65,6 +70,19 @@ class RunLog:
         if self.file is not None:
             self.file.write(json.dumps(jsonable(dict(record))) + "\n")
             self.file.flush()
+            if record.get("kind") == "eval":
+                self.write_curves()
+
+    def write_curves(self) -> Optional[Path]:
+        """Redraw ``run_dir/curves.png`` from ``metrics.jsonl``; a failure warns, never stops the run."""
+        if self.file is None:
+            return None
+        try:
+            return plot_curves({self.run_dir.name: read_metrics(self.run_dir)}, self.run_dir / "curves.png",
+                               title=str(self.run_dir))
+        except Exception as exc:  # a picture must not cost a training run
+            warnings.warn(f"could not draw {self.run_dir / 'curves.png'}: {exc}", stacklevel=2)
+            return None
 
     def add_scalars(self, prefix: str, metrics: Mapping[str, Any], step: int) -> None:
         """TensorBoard ``prefix/key`` for every plain number in ``metrics``."""

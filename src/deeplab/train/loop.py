@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from deeplab.checkpoint import restore_rng_state, save_checkpoint
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.losses import segmentation_loss
+from deeplab.losses import Criterion, build_criterion
 from deeplab.train.distributed import (
     DeterministicBatchSampler,
     all_reduce_,
@@ -166,6 +166,7 @@ class Run:
     log: RunLog
     start_time: float
     bar: tqdm
+    criterion: Criterion
 
     @property
     def steps_per_epoch(self) -> int:
@@ -367,8 +368,20 @@ def build_run(
         last_path=last_path, best_path=best_path,
         log=RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=tensorboard), start_time=time.time(),
         bar=progress_bar(total=cfg.max_steps, initial=state.step, enabled=progress and rank == 0),
+        criterion=criterion_from_config(cfg, meta.config),
     )
     return run, state, restored, resume_path
+
+
+def criterion_from_config(cfg: TrainConfig, model_config: Optional[Mapping[str, Any]]) -> Criterion:
+    """The loss of ``cfg.loss`` with its options and class weights (see :mod:`deeplab.losses`)."""
+    num_classes = None if model_config is None else model_config.get("num_classes")
+    if cfg.class_weights is not None and num_classes is not None and len(cfg.class_weights) != num_classes:
+        raise ValueError(f"{len(cfg.class_weights)} class weights for {num_classes} classes; give one weight per class")
+    return build_criterion(cfg.loss, ignore_index=cfg.ignore_index, class_weights=cfg.class_weights,
+                           ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept, topk_percent=cfg.topk_percent,
+                           focal_gamma=cfg.focal_gamma, dice_smooth=cfg.dice_smooth,
+                           lovasz_per_image=cfg.lovasz_per_image)
 
 
 def check_arguments(
@@ -480,7 +493,7 @@ def forward_backward(run: Run, state: TrainState, images: torch.Tensor, masks: t
     if not state.checked_batch:
         check_batch(logits, masks, run.cfg.ignore_index)
         state.checked_batch = True
-    loss = segmentation_loss(logits, masks, ignore_index=run.cfg.ignore_index, normalizer=normalizer)
+    loss = run.criterion(logits, masks, normalizer=normalizer)
     run.scaler.scale(loss).backward()
     return loss
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,8 +31,8 @@ class Normalization:
     """Input normalisation a backbone's weights expect, in [0, 1] pixel units:
     ``x = (pixel / 255 - mean) / std``."""
 
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
 
     def to_dict(self) -> Dict[str, List[float]]:
         return {"mean": list(self.mean), "std": list(self.std)}
@@ -53,6 +54,54 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def inflate_stem(backbone: nn.Module, in_channels: int) -> nn.Conv2d:
+    """Replace the backbone's first convolution by one taking ``in_channels`` inputs.
+
+    The rule (for ``in_channels > 3``): the kernels of the three RGB inputs are kept as they
+    are; every extra input channel gets the mean of the RGB kernels scaled by ``3 / in_channels``.
+    So an input whose extra channels are 0 after normalisation (their mean value) gives
+    exactly the RGB model's output, and extra channels start with the colour-blind
+    ("grey") filter of the pretrained stem, scaled down so the extra inputs together do not
+    outweigh the RGB ones (their total weight is ``3 (N - 3) / N`` RGB-mean kernels, under 3)
+    For ``in_channels < 3`` (e.g. 1 = grey) the kernel of each channel is the RGB sum divided
+    by ``in_channels``, so a grey image replicated to RGB gives the same activations.
+
+    Args:
+        backbone: a built backbone (pretrained weights already loaded).
+        in_channels: the new number of input channels.
+
+    Returns:
+        The new first convolution (already in place).
+    """
+    parent: nn.Module = backbone
+    name = ""
+    for full_name, module in backbone.named_modules():
+        if isinstance(module, nn.Conv2d):
+            name = full_name
+            break
+    if not name:
+        raise ValueError(f"{type(backbone).__name__} has no Conv2d to inflate")
+    *path, leaf = name.split(".")
+    for part in path:
+        parent = getattr(parent, part)
+    old = getattr(parent, leaf)
+    if old.in_channels == in_channels:
+        return old
+    with torch.no_grad():
+        w = old.weight
+        if in_channels > old.in_channels:
+            extra = w.mean(dim=1, keepdim=True) * (old.in_channels / in_channels)
+            weight = torch.cat([w, extra.expand(-1, in_channels - old.in_channels, -1, -1)], dim=1)
+        else:
+            weight = w.sum(dim=1, keepdim=True).expand(-1, in_channels, -1, -1) / in_channels
+    # a copy keeps the conv's class (e.g. TF "SAME" padding), bias, stride and padding
+    new = copy.deepcopy(old)
+    new.in_channels = in_channels
+    new.weight = nn.Parameter(weight.contiguous().clone())
+    setattr(parent, leaf, new)
+    return new
 
 
 def init_conv_bn(module: nn.Module) -> None:
