@@ -17,7 +17,9 @@ from deeplab._utils import ConfigError
 ARCHS = ("deeplabv3plus", "deeplabv3")
 # The backbone names a ModelConfig accepts. config.py imports no model code, so the registry
 # (deeplab.models.backbones.BACKBONES) checks at import time that it holds exactly these.
-BACKBONE_NAMES = ("resnet50", "resnet101", "xception41", "xception65", "xception71", "mobilenet_v2")
+BACKBONE_NAMES = ("resnet50", "resnet101", "xception41", "xception65", "xception71", "mobilenet_v2",
+                  # the TF reference's layout (models/backbones/resnet_tf.py); _beta is the paper's ResNet
+                  "resnet_v1_50", "resnet_v1_101", "resnet_v1_50_beta", "resnet_v1_101_beta")
 OUTPUT_STRIDES = (8, 16, 32)
 _C = TypeVar("_C", bound="_PlainDict")
 
