@@ -204,6 +204,16 @@ def get_entry(name: str) -> ZooEntry:
     return ZOO[name]
 
 
+def imagenet_entry(backbone: str) -> Optional[str]:
+    """The zoo's ImageNet entry for a backbone that has no public PyTorch file, else ``None``.
+
+    Only the TF-layout ResNets qualify: the Xceptions have timm's TF-ported files already.
+    """
+    if not backbone.startswith("resnet_v1_"):
+        return None
+    return next((e.name for e in ZOO.values() if e.is_backbone and e.backbone == backbone), None)
+
+
 def cache_state(entry: ZooEntry, cache_dir: Optional[PathLike] = None) -> str:
     """``converted``, ``tarball`` (downloaded, not converted yet), ``partial`` (a ``.part`` file) or ``-``."""
     directory = Path(cache_dir) if cache_dir is not None else zoo_dir()
@@ -448,6 +458,7 @@ __all__ = [
     "download",
     "from_pretrained",
     "get_entry",
+    "imagenet_entry",
     "pretrained_path",
     "zoo_dir",
 ]

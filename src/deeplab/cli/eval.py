@@ -21,10 +21,13 @@ from deeplab.cli.common import (
     CLIError,
     add_data_args,
     add_inference_args,
+    add_model_source_args,
     cli_command,
     inference_config,
     make_dataset,
     print_config,
+    resolve_model_source,
+    zoo_comparison,
 )
 from deeplab.config import InferenceConfig
 from deeplab.data import EvalTransform
@@ -35,7 +38,7 @@ from deeplab.train import distributed as dist_utils
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplab eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="a deeplab checkpoint (best.pt / last.pt / converted)")
+    add_model_source_args(parser, what="a deeplab checkpoint (best.pt / last.pt / converted)")
     add_data_args(parser, split="val")
     add_inference_args(parser, deprecated_crop=True)  # --crop: the old name of --crop-size
     parser.add_argument("--out", default=None, help="report folder (default: next to the checkpoint)")
@@ -59,13 +62,16 @@ def default_out_dir(checkpoint: Path, split: str, inference: InferenceConfig, ou
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
+    source = resolve_model_source(args, eval_settings=True)  # a zoo name brings its eval setting
+    if source.entry is not None and args.out is None:
+        args.out = str(Path("runs") / "zoo" / f"{source.entry.name}_eval_{args.split}")
     inference = inference_config(args)
     info = dist_utils.init_distributed(device=args.device)
     checkpoint = Path(args.checkpoint)
     model, ckpt = load_model(checkpoint, map_location="cpu", output_stride=inference.output_stride)
     model.to(info.device)
     config = ckpt["config"]
-    data_info = dict(ckpt.get("dataset") or {})
+    data_info = dict(ckpt.get("dataset") or {})  # a zoo model's says voc / cityscapes / ade20k
     dataset_name = args.dataset or data_info.get("dataset") or "voc"
     norm = ckpt.get("normalization") or model.normalization.to_dict()
     transform = EvalTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
@@ -119,6 +125,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"mIoU {100 * cm.miou:.2f}  pixel accuracy {100 * cm.pixel_accuracy:.2f}  "
               f"({len(dataset)} images, OS {output_stride}, scales {list(inference.scales)}, flip {inference.flip}, "
               f"{inference.mode})")
+        comparison = zoo_comparison(source, cm.miou, args.split)
+        if comparison is not None:
+            print(comparison)
         print(f"report: {report}\nconfusion matrix: {report.parent / 'confusion.png'}")
     dist_utils.cleanup()
     return {"miou": cm.miou, "pixel_accuracy": cm.pixel_accuracy}

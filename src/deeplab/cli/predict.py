@@ -23,7 +23,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from deeplab.cli.common import CLIError, add_inference_args, cli_command, inference_config
+from deeplab.cli.common import (
+    CLIError,
+    add_inference_args,
+    add_model_source_args,
+    cli_command,
+    inference_config,
+    resolve_model_source,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -35,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    parser.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
-                        help="deeplab checkpoint (.pt) or exported model (.onnx / TorchScript)")
+    add_model_source_args(parser, what="deeplab checkpoint (.pt) or exported model (.onnx / TorchScript)")
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
                         help="torch: a checkpoint or TorchScript file; onnxruntime/openvino: an .onnx file")
@@ -136,6 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"deeplab predict: {problem}", file=sys.stderr)
     if not files:
         raise CLIError("no input files; pass image files, folders or quoted glob patterns")
+    resolve_model_source(args)
     try:
         inference = inference_config(args)
         if args.backend == "torch":
@@ -148,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(
-        f"deeplab predict: {len(files)} file(s) -> {out} | model {args.checkpoint} ({segmenter.backend}, "
+        f"deeplab predict: {len(files)} file(s) -> {out} | model {args.model or args.checkpoint} ({segmenter.backend}, "
         f"{segmenter.num_classes} classes) | mode={args.mode} scales={list(segmenter.scales)} flip={args.flip}"
         f"{' overlay' if args.overlay else ''}{' probs' if args.probs else ''}",
         flush=True,
