@@ -33,7 +33,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -97,7 +97,6 @@ class ZooEntry:
     miou_split: str = "val"
     size_mb: Optional[int] = None
     note: str = ""
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_backbone(self) -> bool:
@@ -354,7 +353,8 @@ def _convert(entry: ZooEntry, tarball: Path, dest: Path, *, url: str, sha256: st
                        f"run again to download it from {url}") from exc
     for warning in caught:
         if progress and issubclass(warning.category, ConversionWarning):
-            print(f"{entry.name}: {str(warning.message).splitlines()[0]}", file=sys.stderr)
+            head, *names = str(warning.message).splitlines()
+            print(f"{entry.name}: {head.rstrip(':')}: {', '.join(n.strip() for n in names)}", file=sys.stderr)
     if conv.recognised.backbone != entry.backbone:
         tarball.unlink(missing_ok=True)
         raise ZooError(f"{tarball} holds a {conv.recognised.backbone} model, but {entry.name} is {entry.backbone}; it "
