@@ -84,7 +84,8 @@ class ModelConfig(_PlainDict):
             TF checkpoint converter (``deeplab convert tf``). Bilinear resizes (decoder
             upsampling, final upsampling) use ``align_corners=True``; the MobileNetV2 backbone
             uses TF "SAME" padding for its strided convs, BatchNorm epsilon 1e-3 and [-1, 1]
-            inputs. Xception already matches TF and ResNet has no TF counterpart here.
+            inputs. Xception and the resnet_v1_* backbones already match TF; the
+            torchvision-layout ResNet has no TF counterpart.
     """
 
     arch: str = "deeplabv3plus"
