@@ -44,8 +44,8 @@ class ZooServer:
     Attributes:
         requests: ``(path, Range header or None)`` of every request, in order.
         ranges: honour ``Range`` (206) or ignore it (200 with the whole file).
-        drop_after: on the first request only, send this many body bytes of a full
-            ``Content-Length`` and close the connection.
+        drop_after: on the first request only (every request with ``drop_always``), send this
+            many body bytes of a full ``Content-Length`` and close the connection.
     """
 
     def __init__(self, files: Dict[str, bytes]) -> None:
@@ -53,6 +53,7 @@ class ZooServer:
         self.requests: List[tuple] = []
         self.ranges = True
         self.drop_after: Optional[int] = None
+        self.drop_always = False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -76,7 +77,7 @@ class ZooServer:
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                if server.drop_after is not None and len(server.requests) == 1:
+                if server.drop_after is not None and (server.drop_always or len(server.requests) == 1):
                     self.wfile.write(body[: server.drop_after])
                     self.wfile.flush()
                     self.close_connection = True
@@ -199,6 +200,13 @@ def test_dropped_connection_resumes_or_restarts(server: ZooServer, home: Path, r
     assert not dest.with_name(dest.name + ".part").exists()
     assert len(server.requests) == 2
     assert server.requests[1][1] == f"bytes={len(data) // 3}-"  # asked for the rest either way
+
+
+def test_a_connection_that_always_drops_gives_up_with_a_clear_error(server: ZooServer, home: Path) -> None:
+    server.ranges, server.drop_after, server.drop_always = False, 5000, True
+    with pytest.raises(zoo.ZooError, match=r"keeps stopping at 5000 of \d+ bytes; run again to resume"):
+        zoo.download(server.url + TARBALL, home / TARBALL, progress=False)
+    assert len(server.requests) == 1 + zoo.MAX_STALLED_ATTEMPTS and not (home / TARBALL).exists()
 
 
 def test_a_part_file_from_an_earlier_run_is_resumed(server: ZooServer, home: Path) -> None:

@@ -259,7 +259,9 @@ def download(url: str, dest: PathLike, *, progress: bool = True, timeout: float 
     target = Path(dest)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    stalled = 0
+    # Attempts in a row that got no further than the best so far (a server without Range that
+    # keeps dropping at the same byte restarts from 0 every time: that is no progress either).
+    stalled, best = 0, 0
     while True:
         have = part.stat().st_size if part.is_file() else 0
         request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -280,7 +282,6 @@ def download(url: str, dest: PathLike, *, progress: bool = True, timeout: float 
             if not resumed:
                 have = 0  # no Range support (or a fresh start): the body is the whole file
             total = _total_size(response, have)
-            before = have
             with open(part, "ab" if resumed else "wb") as out, tqdm(
                 total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                 desc=target.name[:40], file=sys.stderr, dynamic_ncols=True,
@@ -300,7 +301,8 @@ def download(url: str, dest: PathLike, *, progress: bool = True, timeout: float 
             break
         if have > total:  # the server changed the file under us: start again
             part.unlink()
-        stalled = 0 if have > before else stalled + 1
+        stalled = 0 if have > best else stalled + 1
+        best = max(best, have)
         if stalled >= MAX_STALLED_ATTEMPTS:
             raise ZooError(f"download of {url} keeps stopping at {have} of {total} bytes; run again to resume "
                            f"from {part}, or put {target.name} in {target.parent}/ by hand")
