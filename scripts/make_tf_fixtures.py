@@ -15,6 +15,12 @@ TensorFlow; the slow tests in tests/test_convert_tf.py write much larger ones at
   ``Saver`` as ``model.ckpt-30000`` with ``global_step`` and optimizer slots). Weights repeat a
   61-value tile per tensor so the archive compresses to a few hundred KB;
   ``deeplabv3_mnv2_tiny_logits.npz`` holds TensorFlow's logits for a 20x20 input.
+- ``zoo_mnv2_voc.tar.gz``: the same network for the model-zoo tests (tests/test_zoo.py), laid out
+  like the zoo's tarball (``frozen_inference_graph.pb`` + ``model.ckpt``, with ``global_step`` and
+  optimizer slots), but well conditioned: tiled weights, BatchNorm moving statistics drawn from what
+  each layer sees (``ReferenceNet``'s default), so activations stay O(1) and a float32 forward (BN
+  folding, fused kernels) agrees with TensorFlow to ~1e-6 relative instead of ~1e-3.
+  ``zoo_mnv2_voc_logits.npz``: TensorFlow's logits for a 20x20 input.
 """
 
 from __future__ import annotations
@@ -115,11 +121,41 @@ def mobilenet_tarball() -> None:
     np.savez_compressed(OUT / "deeplabv3_mnv2_tiny_logits.npz", image=image, logits=logits)
 
 
+def zoo_tarball() -> None:
+    def init(name: str, shape) -> "np.ndarray | None":
+        # None: ReferenceNet's default (moving statistics from the activations the layer sees).
+        if name.endswith(("moving_mean", "moving_variance")):
+            return None
+        if name.endswith("/beta"):
+            # Positive shifts keep most units on the linear side of ReLU/ReLU6: a random network
+            # then no longer amplifies float32 rounding layer after layer.
+            return np.resize(np.random.default_rng(zlib.crc32(name.encode())).uniform(1.0, 2.0, TILE),
+                             shape).astype(np.float32)
+        return tiled(name, shape)
+
+    net = ReferenceNet(tf, initializer=init)
+    image = np.random.default_rng(2).uniform(-1, 1, (1, 20, 20, 3)).astype(np.float32)
+    logits = net.deeplab(tf.constant(image), backbone="MobilenetV2", num_classes=21, output_stride=16,
+                         atrous_rates=(), decoder=False).numpy()
+    extra = {"global_step": np.int64(30000)}
+    for name in ("aspp0/weights", "logits/semantic/weights"):
+        extra[f"{name}/Momentum"] = np.zeros_like(net.values[name])
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_dir = Path(tmp) / "deeplabv3_mnv2_pascal_train_aug"
+        net.save(str(ckpt_dir / "model.ckpt-30000"), extra=extra)
+        (ckpt_dir / "frozen_inference_graph.pb").write_bytes(b"not needed by the converter")
+        with tarfile.open(OUT / "zoo_mnv2_voc.tar.gz", "w:gz", compresslevel=9) as archive:
+            for path in sorted(ckpt_dir.iterdir()):
+                archive.add(path, arcname=f"{ckpt_dir.name}/{path.name}")
+    np.savez_compressed(OUT / "zoo_mnv2_voc_logits.npz", image=image, logits=logits)
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
-    mixed()
-    sharded()
-    mobilenet_tarball()
+    only = sys.argv[1:]  # e.g. `python scripts/make_tf_fixtures.py zoo_tarball`: write just that one
+    for writer in (mixed, sharded, mobilenet_tarball, zoo_tarball):
+        if not only or writer.__name__ in only:
+            writer()
     for path in sorted(OUT.rglob("*")):
         if path.is_file():
             print(f"{path.relative_to(ROOT)}  {path.stat().st_size} bytes")

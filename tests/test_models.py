@@ -23,6 +23,10 @@ PAPER_CHANNELS = {
     "xception65": (256, 2048),
     "xception71": (256, 2048),
     "mobilenet_v2": (24, 320),
+    "resnet_v1_50": (256, 2048),
+    "resnet_v1_101": (256, 2048),
+    "resnet_v1_50_beta": (256, 2048),
+    "resnet_v1_101_beta": (256, 2048),
 }
 # Backbone parameters = torchvision/timm model minus its classifier (and MobileNetV2's final
 # 1x1 conv): torchvision resnet50 25,557,032 - fc 2,049,000; resnet101 44,549,160 - 2,049,000;
@@ -35,6 +39,13 @@ BACKBONE_PARAMS = {
     "xception41": 24_920_560,
     "xception65": 37_867_312,
     "xception71": 40_289_736,
+    # TF layout: the same convs as torchvision's (other places, same shapes); _beta adds the
+    # three-conv root (3x3x3x64 + 3x3x64x64 + 3x3x64x128 + 256 BN pairs - the 7x7 conv and its BN
+    # = +103,296) and a 128-channel input to block1/unit_1 (conv1 +4,096, shortcut +16,384).
+    "resnet_v1_50": 23_508_032,
+    "resnet_v1_101": 42_500_160,
+    "resnet_v1_50_beta": 23_508_032 + 123_776,
+    "resnet_v1_101_beta": 42_500_160 + 123_776,
 }
 
 

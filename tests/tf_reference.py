@@ -27,6 +27,13 @@ import numpy as np
 XCEPTION_EPS = 1e-3  # xception_arg_scope as feature_extractor calls it
 MOBILENET_EPS = 1e-3  # slim.batch_norm default; mobilenet's training_scope sets none
 HEAD_EPS = 1e-5  # model.py batch_norm_params
+RESNET_EPS = 1e-5  # resnet_utils.resnet_arg_scope(batch_norm_epsilon=1e-5), as feature_extractor calls it
+# resnet_v1_beta.py: (base_depth, num_units, stride) of block1..block4 (block4: unit_rate = multi_grid).
+RESNET_BLOCKS = {
+    "resnet_v1_50": [(64, 3, 2), (128, 4, 2), (256, 6, 2), (512, 3, 1)],
+    "resnet_v1_101": [(64, 3, 2), (128, 4, 2), (256, 23, 2), (512, 3, 1)],
+}
+RESNET_DECODER_END_POINT = "block1/unit_2/bottleneck_v1/conv3"  # feature_extractor, every resnet_v1*
 
 
 def scale_dimension(dim: int, scale: float) -> int:
@@ -273,6 +280,57 @@ class ReferenceNet:
                     x = self.expanded_conv(x, t, c, layer_stride, layer_rate)
         return x, None
 
+    def conv2d_same(self, x, cout: int, k: int, stride: int, rate: int, scope: str, act=None):
+        """``resnet_utils.conv2d_same`` (+ BatchNorm, + activation): SAME at stride 1, else explicit padding."""
+        if stride == 1:
+            return self.conv2d(x, cout, k, scope, rate=rate, bn_eps=RESNET_EPS, act=act)
+        return self.conv2d(self.fixed_padding(x, k, rate), cout, k, scope, stride=stride, rate=rate, padding="VALID",
+                           bn_eps=RESNET_EPS, act=act)
+
+    def bottleneck(self, x, depth: int, depth_bottleneck: int, stride: int, rate: int, end_points, name: str):
+        """``resnet_v1_beta.bottleneck`` (slim's ``bottleneck_v1`` with ``unit_rate`` folded into ``rate``)."""
+        tf = self.tf
+        with self.scope("bottleneck_v1"):
+            if depth == int(x.shape[-1]):
+                # resnet_utils.subsample: max_pool2d([1, 1], stride) - every stride-th pixel.
+                shortcut = x if stride == 1 else tf.nn.max_pool2d(x, 1, stride, "SAME")
+            else:
+                shortcut = self.conv2d(x, depth, 1, "shortcut", stride=stride, bn_eps=RESNET_EPS)
+            residual = self.conv2d(x, depth_bottleneck, 1, "conv1", bn_eps=RESNET_EPS, act=tf.nn.relu)
+            residual = self.conv2d_same(residual, depth_bottleneck, 3, stride, rate, "conv2", act=tf.nn.relu)
+            residual = self.conv2d(residual, depth, 1, "conv3", bn_eps=RESNET_EPS)
+            end_points[f"{name}/bottleneck_v1/conv3"] = residual
+            return tf.nn.relu(shortcut + residual)
+
+    def resnet_v1(self, images, variant: str, *, beta: bool, output_stride: int,
+                  multi_grid: Sequence[int] = (1, 1, 1)):
+        """``resnet_v1_beta.resnet_v1_beta`` (``beta``: ``root_block_fn_for_beta_variant``) with
+        ``resnet_utils.stack_blocks_dense``; returns ``(block4 output, the decoder's end point)``."""
+        tf = self.tf
+        end_points: Dict[str, object] = {}
+        with self.scope(variant):
+            if beta:
+                x = self.conv2d_same(images, 64, 3, 2, 1, "conv1_1", act=tf.nn.relu)
+                x = self.conv2d_same(x, 64, 3, 1, 1, "conv1_2", act=tf.nn.relu)
+                x = self.conv2d_same(x, 128, 3, 1, 1, "conv1_3", act=tf.nn.relu)
+            else:
+                x = self.conv2d_same(images, 64, 7, 2, 1, "conv1", act=tf.nn.relu)
+            x = tf.nn.max_pool2d(x, 3, 2, "SAME")  # pool1
+            target, current, rate = output_stride // 4, 1, 1
+            for b, (base, units, block_stride) in enumerate(RESNET_BLOCKS[variant]):
+                for i in range(units):
+                    name = f"block{b + 1}/unit_{i + 1}"
+                    stride = block_stride if i == units - 1 else 1
+                    unit_rate = multi_grid[i] if b == 3 else 1
+                    with self.scope(f"block{b + 1}"), self.scope(f"unit_{i + 1}"):
+                        if current == target:
+                            x = self.bottleneck(x, base * 4, base, 1, rate * unit_rate, end_points, name)
+                            rate *= stride
+                        else:
+                            x = self.bottleneck(x, base * 4, base, stride, unit_rate, end_points, name)
+                            current *= stride
+        return x, end_points[RESNET_DECODER_END_POINT]
+
     # ---------------------------------------------------------------- DeepLab
 
     def deeplab(self, images, *, backbone: str, num_classes: int, output_stride: int = 16,
@@ -508,7 +566,43 @@ def generate(out_dir: str) -> None:
     np.savez(out / "refs.npz", **refs)
 
 
+def generate_resnet(out_dir: str) -> None:
+    """Write a ``resnet_v1_101_beta`` and a ``resnet_v1_50`` ImageNet checkpoint (TF's Saver) with
+    training leftovers, and TF's float64 features, for tests/test_resnet_tf.py (its own process)."""
+    import tensorflow as tf
+
+    out = Path(out_dir)
+    refs: Dict[str, np.ndarray] = {}
+    for variant, beta, seed in (("resnet_v1_101", True, 21), ("resnet_v1_50", False, 22)):
+        key = variant + ("_beta" if beta else "")
+        net = ReferenceNet(tf, seed=seed)
+        net.resnet_v1(tf.constant(_image(seed, 33)), variant, beta=beta, output_stride=16)
+        with net.scope(variant), net.scope("logits"):  # the ImageNet classifier the tarballs carry
+            net.var("weights", [1, 1, 2048, 1000], net._he(2048))
+            net.var("biases", [1000], lambda s: np.zeros(s))
+        first = f"{variant}/{'conv1_1' if beta else 'conv1'}/weights"
+        extra = {"global_step": np.int64(1), "beta1_power": np.float32(0.9), "summaries/x": np.zeros(2, np.float32),
+                 f"{first}/ExponentialMovingAverage": net.values[first],
+                 f"{variant}/block1/unit_1/bottleneck_v1/conv1/weights/Momentum": np.zeros_like(
+                     net.values[f"{variant}/block1/unit_1/bottleneck_v1/conv1/weights"])}
+        net.save(str(out / key / "model.ckpt"), extra=extra)
+        f64 = _f64(tf, net)
+        # Odd and even sizes (TF's asymmetric SAME max pool), OS 16 and OS 8 with multi-grid.
+        for size, output_stride, grid in ((33, 16, (1, 1, 1)), (34, 8, (1, 2, 4)), (35, 32, (1, 1, 1))):
+            image = _image(size, size, np.float64)
+            features, low_level = f64.resnet_v1(tf.constant(image), variant, beta=beta, output_stride=output_stride,
+                                                multi_grid=grid)
+            tag = f"{key}/{size}_{output_stride}"
+            refs[f"{tag}/image"] = image
+            refs[f"{tag}/out"] = features.numpy()
+            refs[f"{tag}/low_level"] = low_level.numpy()
+    np.savez(out / "refs.npz", **refs)
+
+
 if __name__ == "__main__":
     import sys
 
-    generate(sys.argv[1])
+    if sys.argv[2:] == ["resnet"]:
+        generate_resnet(sys.argv[1])
+    else:
+        generate(sys.argv[1])

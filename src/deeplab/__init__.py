@@ -2,6 +2,7 @@
 
 >>> import deeplab
 >>> model = deeplab.build_model(arch="deeplabv3plus", backbone="xception65", num_classes=21)
+>>> model = deeplab.from_pretrained("xception65_coco_voc_trainaug")  # the paper's weights  # doctest: +SKIP
 """
 
 from ._version import __version__
@@ -9,6 +10,7 @@ from .checkpoint import load_model
 from .config import InferenceConfig, ModelConfig, TrainConfig
 from .models import BACKBONES, build_model, build_model_from_config
 from .segmenter import Segmenter
+from .zoo import from_pretrained
 
 __all__ = [
     "BACKBONES",
@@ -18,6 +20,7 @@ __all__ = [
     "TrainConfig",
     "build_model",
     "build_model_from_config",
+    "from_pretrained",
     "load_model",
     "__version__",
 ]

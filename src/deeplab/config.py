@@ -17,7 +17,9 @@ from deeplab._utils import ConfigError
 ARCHS = ("deeplabv3plus", "deeplabv3")
 # The backbone names a ModelConfig accepts. config.py imports no model code, so the registry
 # (deeplab.models.backbones.BACKBONES) checks at import time that it holds exactly these.
-BACKBONE_NAMES = ("resnet50", "resnet101", "xception41", "xception65", "xception71", "mobilenet_v2")
+BACKBONE_NAMES = ("resnet50", "resnet101", "xception41", "xception65", "xception71", "mobilenet_v2",
+                  # the TF reference's layout (models/backbones/resnet_tf.py); _beta is the paper's ResNet
+                  "resnet_v1_50", "resnet_v1_101", "resnet_v1_50_beta", "resnet_v1_101_beta")
 OUTPUT_STRIDES = (8, 16, 32)
 _C = TypeVar("_C", bound="_PlainDict")
 
@@ -82,7 +84,8 @@ class ModelConfig(_PlainDict):
             TF checkpoint converter (``deeplab convert tf``). Bilinear resizes (decoder
             upsampling, final upsampling) use ``align_corners=True``; the MobileNetV2 backbone
             uses TF "SAME" padding for its strided convs, BatchNorm epsilon 1e-3 and [-1, 1]
-            inputs. Xception already matches TF and ResNet has no TF counterpart here.
+            inputs. Xception and the resnet_v1_* backbones already match TF; the
+            torchvision-layout ResNet has no TF counterpart.
         in_channels: input channels (3 = RGB; 4 for RGB-D, N for multispectral). A
             pretrained 3-channel stem is inflated (see ``deeplab.models.inflate_stem``).
         input_mean: per-channel mean in [0, 1] pixel units, one per input channel;

@@ -40,6 +40,7 @@ class Segmenter:
     """Semantic segmentation of single images with a trained DeepLab model.
 
     Build it with :meth:`from_checkpoint` (PyTorch; BatchNorm folded for speed),
+    :meth:`from_pretrained` (a model of the paper's zoo, by name),
     :meth:`from_exported` (ONNX Runtime, OpenVINO or TorchScript) or :meth:`load` (either,
     by file type).
 
@@ -149,6 +150,41 @@ class Segmenter:
             inference=config,
             backend="torch",
         )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        device: Union[str, torch.device] = "cpu",
+        *,
+        mirror: Optional[str] = None,
+        progress: bool = True,
+        inference: Optional[InferenceConfig] = None,
+        **options: Any,
+    ) -> "Segmenter":
+        """A segmenter for a model of the paper's zoo (``deeplab weights list``), by name.
+
+        The first call downloads the authors' tarball from its official location (or
+        ``mirror`` / ``$DEEPLAB_ZOO_URL``), converts and caches it (see :mod:`deeplab.zoo`); later
+        calls read the cache. Unless ``inference`` or options say otherwise, images are padded to
+        the reference's eval crop (VOC 513x513, Cityscapes 1025x2049), one scale, output stride 16.
+
+        Args:
+            name: a zoo name, e.g. ``"xception65_coco_voc_trainaug"``.
+            device, inference, **options: as :meth:`from_checkpoint`.
+            mirror: base URL to download from instead of the official one.
+            progress: show the download's progress bar.
+        """
+        from deeplab import zoo
+
+        entry = zoo.get_entry(name)
+        if entry.is_backbone:
+            raise ValueError(f"{name} is an ImageNet backbone, not a segmentation model; build a model with "
+                             f"pretrained_backbone=deeplab.zoo.pretrained_path({name!r}) and train it")
+        path = zoo.pretrained_path(name, mirror=mirror, progress=progress)
+        if inference is None and "pad_to" not in options:
+            options["pad_to"] = entry.pad_to
+        return cls.from_checkpoint(path, device, inference=inference, **options)
 
     @classmethod
     def from_exported(

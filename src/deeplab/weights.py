@@ -251,7 +251,9 @@ def load_backbone_weights(module: nn.Module, backbone: str, spec: PathLike) -> P
         module,
         state,
         source=f"{path} does not fit backbone {backbone!r} (is it a file for another architecture?)",
-        fix=f"pass the {backbone} ImageNet file ({_pretrained_entries(backbone)[0].filename} layout)",
+        # Backbones with no public PyTorch file (the TF-layout ResNets) get theirs from deeplab.zoo.
+        fix=(f"pass the {backbone} ImageNet file ({PRETRAINED_FILES[backbone][0].filename} layout)"
+             if backbone in PRETRAINED_FILES else f"pass a {backbone} backbone state dict (e.g. from deeplab.zoo)"),
         error=WeightsError,
     )
     return path

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, cast
 
@@ -17,6 +18,7 @@ from deeplab._utils import DeeplabError, one_line
 from deeplab.config import INFERENCE_MODES, InferenceConfig
 from deeplab.data import DATASETS, build_dataset
 from deeplab.data.base import SegmentationDataset, Transform
+from deeplab.zoo import ZOO, ZOO_BASE_URL, ZOO_URL_ENV, ZooEntry, pretrained_path
 
 # Keys a preset may carry for people, not for the program.
 DOC_KEYS = ("notes", "expected_miou", "paper")
@@ -289,3 +291,83 @@ def inference_config(args: argparse.Namespace) -> InferenceConfig:
         output_stride=args.output_stride,
         pad_to=tuple(args.pad_to) if args.pad_to else None,
     )
+
+
+# ---------------------------------------------------------------------- model source: a file or a zoo name
+# One flag pair for every subcommand that loads a model (predict, eval, export): --checkpoint FILE
+# or --model NAME (the paper's zoo; downloaded, converted and cached on first use).
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What ``--checkpoint`` / ``--model`` resolved to.
+
+    Attributes:
+        path: the file to load (for a zoo name, its converted checkpoint in the cache).
+        entry: the zoo entry, or ``None`` for a file.
+    """
+
+    path: str
+    entry: Optional[ZooEntry] = None
+
+
+def add_model_source_args(parser: argparse.ArgumentParser, *, what: str = "deeplab checkpoint (.pt)") -> None:
+    """Add ``--checkpoint FILE | --model NAME`` (one of them required) and ``--mirror URL``."""
+    group = parser.add_argument_group("model (--checkpoint or --model)")
+    one = group.add_mutually_exclusive_group(required=True)
+    one.add_argument("--checkpoint", default=None, help=what)
+    one.add_argument("--model", default=None, metavar="NAME",
+                     help="a model of the paper's zoo (deeplab weights list), downloaded from its official location "
+                          "on first use and cached; a file path here works like --checkpoint")
+    group.add_argument("--mirror", default=None, metavar="URL",
+                       help=f"fetch zoo tarballs from this base URL or folder instead of {ZOO_BASE_URL} "
+                            f"(or set ${ZOO_URL_ENV})")
+
+
+def resolve_model_source(args: argparse.Namespace, *, eval_settings: bool = False) -> ModelSource:
+    """Turn ``--checkpoint`` / ``--model`` into a file; sets ``args.checkpoint`` to it.
+
+    A zoo name is fetched (download, convert, cache; a cache hit makes no request). Its eval
+    crop fills ``--pad-to`` when that flag was not given; with ``eval_settings`` the entry's
+    ``--output-stride``, ``--scales`` and ``--flip`` (the setting of the zoo's reported mIoU) fill
+    those flags too when they were left at their defaults.
+
+    Raises:
+        CLIError: ``--model`` is neither a zoo name nor an existing file, or names a backbone.
+    """
+    name = getattr(args, "model", None)
+    if name is None:
+        return ModelSource(str(args.checkpoint))
+    if name not in ZOO:
+        if Path(name).expanduser().exists():  # the old `--model FILE` spelling of predict
+            args.checkpoint = name
+            return ModelSource(name)
+        raise CLIError(f"--model {name}: not a model of the zoo nor a file; zoo names are {sorted(ZOO)} "
+                       "(deeplab weights list)")
+    entry = ZOO[name]
+    if entry.is_backbone:
+        raise CLIError(f"--model {name} is an ImageNet backbone, not a segmentation model; train with "
+                       f"--pretrained-backbone zoo:{name}")
+    path = pretrained_path(name, mirror=getattr(args, "mirror", None))
+    args.checkpoint = str(path)
+    if hasattr(args, "pad_to") and args.pad_to is None and entry.pad_to is not None:
+        args.pad_to = list(entry.pad_to)
+    if eval_settings:
+        if getattr(args, "output_stride", 0) is None:
+            args.output_stride = entry.eval_output_stride
+        if list(getattr(args, "scales", [])) == [1.0]:
+            args.scales = list(entry.eval_scales)
+        if getattr(args, "flip", True) is False:
+            args.flip = entry.eval_flip
+    return ModelSource(str(path), entry)
+
+
+def zoo_comparison(source: ModelSource, miou: float, split: Optional[str]) -> Optional[str]:
+    """``zoo: 82.20 (val, OS 16, scales 1.0) | ours: 82.21`` for a zoo model, else ``None``."""
+    entry = source.entry
+    if entry is None or entry.miou is None:
+        return None
+    line = f"zoo {entry.name}: mIoU {entry.miou:.2f} ({entry.miou_split}, {entry.eval_setting()}) | ours: {100 * miou:.2f}"
+    if split is not None and split != entry.miou_split:
+        line += f" on {split} (not comparable: the zoo's figure is on {entry.miou_split})"
+    return line

@@ -34,10 +34,13 @@ from deeplab.cli.common import (
     CLIError,
     add_data_args,
     add_inference_args,
+    add_model_source_args,
     cli_command,
     inference_config,
     make_dataset,
     print_config,
+    resolve_model_source,
+    zoo_comparison,
 )
 from deeplab.config import InferenceConfig
 from deeplab.data import EvalTransform
@@ -58,9 +61,8 @@ PAPER_TRIMAP = (0, 2, 4, 8, 12, 16, 20, 30, 40)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplab eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="a deeplab checkpoint (best.pt / last.pt / converted) or an exported model "
-                             "(.onnx, OpenVINO .xml, TorchScript .ts from `deeplab export`)")
+    add_model_source_args(parser, what="a deeplab checkpoint (best.pt / last.pt / converted) or an exported model "
+                                       "(.onnx, OpenVINO .xml, TorchScript .ts from `deeplab export`)")
     parser.add_argument("--backend", default="auto", choices=list(EVAL_BACKENDS),
                         help="exported models: runtime (auto: onnxruntime for .onnx, openvino for .xml, "
                              "torchscript for TorchScript)")
@@ -265,6 +267,9 @@ def write_worst(result: EvalResult, dataset: SegmentationDataset, palette: List[
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
+    source = resolve_model_source(args, eval_settings=True)  # a zoo name brings its eval setting
+    if source.entry is not None and args.out is None:
+        args.out = str(Path("runs") / "zoo" / f"{source.entry.name}_eval_{args.split}")
     inference = inference_config(args)
     if args.worst < 0:
         raise CLIError(f"--worst must be >= 0, got {args.worst}")
@@ -280,7 +285,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     info = dist_utils.init_distributed(device="cpu" if exported is not None else args.device)
     model.to(info.device)
     config = loaded["config"]
-    data_info = loaded["dataset"]
+    data_info = loaded["dataset"]  # a zoo model's says voc / cityscapes / ade20k
     dataset_name = args.dataset or data_info.get("dataset") or "voc"
     norm = loaded["normalization"]
     transform = EvalTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
@@ -380,6 +385,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             for entry, path in zip(result.worst, paths):
                 assert entry.score.iou is not None
                 print(f"  {100 * entry.score.iou:6.2f}  {full_set.names[entry.score.index]}  -> {path}")
+        comparison = zoo_comparison(source, cm.miou, args.split)
+        if comparison is not None:
+            print(comparison)
         print(f"report: {report}\nconfusion matrix: {report.parent / 'confusion.png'}")
     dist_utils.cleanup()
     return {"miou": cm.miou, "pixel_accuracy": cm.pixel_accuracy}

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from deeplab.cli.common import cli_command
+from deeplab.cli.common import add_model_source_args, cli_command, resolve_model_source
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a checkpoint to ONNX or TorchScript (BN folded, dynamic shapes, parity-checked).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, help="deeplab checkpoint (.pt)")
+    add_model_source_args(parser, what="deeplab checkpoint (.pt)")
     parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
     parser.add_argument("--out", required=True, help="output file, e.g. model.onnx / model.torchscript.pt")
     parser.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32],
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_command("export")
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    resolve_model_source(args)
     import torch
 
     from deeplab.checkpoint import load_model

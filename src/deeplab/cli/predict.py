@@ -34,7 +34,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from deeplab._utils import DeeplabError, one_line
-from deeplab.cli.common import CLIError, add_inference_args, cli_command, inference_config
+from deeplab.cli.common import (
+    CLIError,
+    add_inference_args,
+    add_model_source_args,
+    cli_command,
+    inference_config,
+    resolve_model_source,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -46,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    parser.add_argument("--checkpoint", "--model", dest="checkpoint", required=True,
-                        help="deeplab checkpoint (.pt) or exported model (.onnx / TorchScript)")
+    add_model_source_args(parser, what="deeplab checkpoint (.pt) or exported model (.onnx / TorchScript)")
     parser.add_argument("--out", required=True, help="output directory (created)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
                         help="torch: a checkpoint or TorchScript file; onnxruntime/openvino: an .onnx file")
@@ -226,6 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not files:
         raise CLIError("no input files; pass image files, folders or quoted glob patterns")
     check_video_out(files, Path(args.out))
+    resolve_model_source(args)  # a zoo name becomes its cached checkpoint (downloaded once, before sharding)
     names = output_names(files)  # on the whole list: the same names whichever rank writes a file
     all_files = len(files)
     files, dist_info = shard_inputs(files, args.device)
@@ -244,9 +251,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ranks = f" on {dist_info.world_size} ranks" if dist_info.world_size > 1 else ""
     if dist_info.is_main:
         print(
-            f"deeplab predict: {all_files} file(s){ranks} -> {out} | model {args.checkpoint} ({segmenter.backend}, "
-            f"{segmenter.num_classes} classes) | mode={args.mode} scales={list(segmenter.scales)} flip={args.flip}"
-            f"{' overlay' if args.overlay else ''}{' probs' if args.probs else ''}",
+            f"deeplab predict: {all_files} file(s){ranks} -> {out} | model {args.model or args.checkpoint} "
+            f"({segmenter.backend}, {segmenter.num_classes} classes) | mode={args.mode} scales={list(segmenter.scales)} "
+            f"flip={args.flip}{' overlay' if args.overlay else ''}{' probs' if args.probs else ''}",
             flush=True,
         )
     done, failed = 0, []

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from the weights of this deeplab checkpoint (e.g. the OS 16 run's best.pt "
                             "before OS 8 fine-tuning); optimizer and step start fresh")
     model.add_argument("--pretrained-backbone", default="imagenet",
-                       help="'imagenet' (the backbone's public file; `deeplab weights fetch NAME`), a .pth path, or 'none'")
+                       help="'imagenet' (the backbone's public file; `deeplab weights fetch NAME`; for resnet_v1_*_beta "
+                            "without a public PyTorch file, the TF zoo's), 'zoo:NAME', a .pth path, or 'none'")
     recipe = parser.add_argument_group("recipe (TrainConfig)")
     _add_dataclass_flags(recipe, TrainConfig, skip=("class_weights",))
     recipe.add_argument("--class-weights", dest="class_weights", default=None,
@@ -194,9 +195,23 @@ def run(args: argparse.Namespace) -> TrainResult:
         raise CLIError(f"--class-weights gives {len(weights)} weights for {num_classes} classes; give one per class")
     cfg = _train_config(args, weights)
     pretrained = None if str(args.pretrained_backbone).lower() in ("none", "") else args.pretrained_backbone
+    zoo_name = str(pretrained)[len("zoo:"):] if str(pretrained).startswith("zoo:") else None
+    if pretrained == "imagenet":  # backbones whose ImageNet weights only the TF zoo has (resnet_v1_*_beta)
+        from deeplab.zoo import imagenet_entry
+
+        zoo_name = imagenet_entry(model_config.backbone)
     if pretrained is not None and info.is_main:
-        resolve_pretrained(model_config.backbone, pretrained)  # fetch once, before the other ranks look
+        if zoo_name is not None:  # the TF zoo's ImageNet backbones (resnet_v1_101_beta_imagenet, ...)
+            from deeplab.zoo import pretrained_path
+
+            pretrained_path(zoo_name)
+        else:
+            resolve_pretrained(model_config.backbone, pretrained)  # fetch once, before the other ranks look
     dist_utils.barrier()
+    if zoo_name is not None:
+        from deeplab.zoo import pretrained_path
+
+        pretrained = str(pretrained_path(zoo_name))  # the cache now holds it: no request
     # The same seed gives the same initial head on every rank and in every rerun.
     torch.manual_seed(cfg.seed)
     model = build_model_from_config(model_config, pretrained_backbone=pretrained)

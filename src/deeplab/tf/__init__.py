@@ -9,6 +9,7 @@ from .bundle import BundleError, CheckpointReader, crc32c
 from .convert import (
     Conversion,
     ConversionError,
+    ConversionWarning,
     DictSource,
     Recognised,
     convert_checkpoint,
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointReader",
     "Conversion",
     "ConversionError",
+    "ConversionWarning",
     "DictSource",
     "Recognised",
     "convert_checkpoint",

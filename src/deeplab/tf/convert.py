@@ -16,6 +16,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,11 @@ from ..config import ModelConfig
 from .bundle import BundleError, CheckpointReader
 from .names import (
     BACKBONE_SCOPES,
+    WARNED_REASONS,
     backbone_rules,
     head_rules,
     ignore_reason,
+    resnet_backbone_for,
     tf_layout,
     to_torch,
 )
@@ -51,6 +54,10 @@ READERS = ("python", "tensorflow")
 
 class ConversionError(DeeplabError, ValueError):
     """The checkpoint cannot be converted; the message lists the offending variables."""
+
+
+class ConversionWarning(UserWarning):
+    """Variables outside the model (training state, optimizer slots, summaries) were skipped."""
 
 
 class TensorSource(Protocol):
@@ -211,11 +218,12 @@ def recognise(shapes: Mapping[str, Tuple[int, ...]]) -> Recognised:
         known = ", ".join(sorted(BACKBONE_SCOPES))
         raise ConversionError(
             f"cannot tell the backbone: the checkpoint's top-level scopes are {scopes or 'none'}; this converter "
-            f"knows {known} (the released DeepLab Xception and MobileNetV2 checkpoints). ResNet-101 "
-            "(resnet_v1_101_beta) checkpoints are another network than our torchvision-layout ResNet"
+            f"knows {known} (the released DeepLab Xception, MobileNetV2 and resnet_v1[_beta] checkpoints)"
         )
     tf_scope = found[0]
     backbone = BACKBONE_SCOPES[tf_scope]
+    if backbone.startswith("resnet_v1_"):
+        backbone = resnet_backbone_for(tf_scope, list(shapes))
     stem = shapes.get("MobilenetV2/Conv/weights")
     if backbone == "mobilenet_v2" and stem is not None and tuple(stem)[-1:] != (32,):
         raise ConversionError(
@@ -460,6 +468,14 @@ def convert_source(
         parts.append("Is it a checkpoint of another architecture (e.g. a NAS, ResNet or MobileNetV3 model), or an "
                      "incomplete download?")
         raise ConversionError("\n".join(parts))
+    skipped = sorted(name for name, reason in ignored.items() if reason in WARNED_REASONS)
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} checkpoint variable(s) outside the model skipped (training state, optimizer slots, "
+            f"moving averages, summaries):{_list(skipped, limit=12)}",
+            ConversionWarning,
+            stacklevel=2,
+        )
 
     bn_modules = _bn_modules(module)
     new_state: Dict[str, torch.Tensor] = {}
@@ -543,6 +559,7 @@ def convert_checkpoint(
 __all__ = [
     "Conversion",
     "ConversionError",
+    "ConversionWarning",
     "DictSource",
     "Recognised",
     "convert_checkpoint",

@@ -15,6 +15,10 @@ model-zoo checkpoints:
   BatchNorm epsilon 1e-3 (``xception_arg_scope`` as ``feature_extractor`` calls it).
 - MobileNetV2: ``MobilenetV2/Conv``, ``MobilenetV2/expanded_conv[_N]/{expand, depthwise,
   project}``; BatchNorm epsilon 1e-3 (slim's default; ``training_scope`` sets none).
+- ResNet (``core/resnet_v1_beta.py``, slim's ``resnet_v1``/``resnet_utils``): ``resnet_v1_{50,101}/
+  conv1`` (``_beta``: ``conv1_1``, ``conv1_2``, ``conv1_3``), ``blockB/unit_U/bottleneck_v1/
+  {conv1, conv2, conv3, shortcut}``; the ``_beta`` variants keep the plain scope name
+  (``resnet_v1_101``), told apart by their root convs; BatchNorm epsilon 1e-5.
 - Head (``model.py``): ``image_pooling``, ``aspp0``, ``aspp{i}_{depthwise,pointwise}``
   (``split_separable_conv2d``), ``concat_projection``, ``decoder/feature_projection0``,
   ``decoder/decoder_conv{0,1}_{depthwise,pointwise}``, ``logits/semantic/{weights,biases}``;
@@ -23,6 +27,7 @@ model-zoo checkpoints:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -39,7 +44,12 @@ BACKBONE_SCOPES: Dict[str, str] = {
     "xception_65": "xception65",
     "xception_71": "xception71",
     "MobilenetV2": "mobilenet_v2",
+    # resnet_v1_*_beta share the scope (feature_extractor's name_scope); see resnet_backbone_for.
+    "resnet_v1_50": "resnet_v1_50",
+    "resnet_v1_101": "resnet_v1_101",
 }
+# Top-level scopes of DeepLab's head (model.py); with the backbone's scope, "the model's scopes".
+HEAD_SCOPE_PATTERN = re.compile(r"(image_pooling|aspp\d+(_depthwise|_pointwise)?|concat_projection|decoder|logits)\Z")
 
 # Entry-flow blocks and middle-flow units of each Xception in the reference.
 XCEPTION_FLOWS: Dict[str, Tuple[int, int]] = {"xception41": (3, 8), "xception65": (3, 16), "xception71": (5, 16)}
@@ -191,10 +201,44 @@ def head_rules(*, atrous_branches: int, image_pooling: bool, decoder: bool, drop
     return rules
 
 
+def resnet_backbone_for(tf_scope: str, names: Sequence[str]) -> str:
+    """``resnet_v1_101`` or ``resnet_v1_101_beta``: the beta root (three 3x3 convs) is ``conv1_1..3``."""
+    return f"{tf_scope}_beta" if f"{tf_scope}/conv1_1/weights" in names else tf_scope
+
+
+def resnet_tf_rules(backbone: str, tf_scope: str, prefix: str = "backbone.") -> List[Rule]:
+    """Rules for a TF-layout ResNet (:mod:`deeplab.models.backbones.resnet_tf`): a direct rename."""
+    from ..models.backbones.resnet_tf import RESNET_TF_BN_EPS, RESNET_TF_UNITS
+
+    eps = RESNET_TF_BN_EPS
+    depth = 50 if backbone.startswith("resnet_v1_50") else 101
+    roots = ["conv1_1", "conv1_2", "conv1_3"] if backbone.endswith("_beta") else ["conv1"]
+    rules: List[Rule] = []
+    for root in roots:
+        rules += _conv_bn(f"{tf_scope}/{root}", f"{prefix}{root}.conv", f"{prefix}{root}.bn", eps)
+    for b, units in enumerate(RESNET_TF_UNITS[depth], 1):
+        for u in range(units):
+            scope = f"{tf_scope}/block{b}/unit_{u + 1}/bottleneck_v1"
+            # Only the first unit of a block changes the width: the only projection shortcut.
+            convs = ("shortcut", "conv1", "conv2", "conv3") if u == 0 else ("conv1", "conv2", "conv3")
+            for conv in convs:
+                key = f"{prefix}block{b}.{u}.{conv}"
+                rules += _conv_bn(f"{scope}/{conv}", f"{key}.conv", f"{key}.bn", eps)
+    return rules
+
+
 def backbone_rules(backbone: str, tf_scope: str, prefix: str = "backbone.") -> List[Rule]:
     if backbone == "mobilenet_v2":
         return mobilenet_v2_rules(tf_scope, prefix)
+    if backbone.startswith("resnet_v1_"):
+        return resnet_tf_rules(backbone, tf_scope, prefix)
     return xception_rules(backbone, tf_scope, prefix)
+
+
+def in_model_scopes(tf_name: str, backbone_scope: str) -> bool:
+    """Whether a variable lives under the backbone's scope or one of DeepLab's head scopes."""
+    top = tf_name.split("/", 1)[0]
+    return top == backbone_scope or HEAD_SCOPE_PATTERN.match(top) is not None
 
 
 # --------------------------------------------------------------------------- ignored variables
@@ -205,16 +249,23 @@ IGNORED_SUFFIXES: Tuple[str, ...] = (
     "/Adagrad", "/Ftrl", "/Ftrl_1", "/AdamW", "/AdamW_1", "/LARSOptimizer",
 )
 IGNORED_NAMES: Tuple[str, ...] = ("global_step", "beta1_power", "beta2_power", "_CHECKPOINTABLE_OBJECT_GRAPH")
+# Reasons a variable is skipped that the converter reports in its one warning (not part of the network).
+TRAINING_STATE = "training state"
+SLOT = "optimizer slot / moving-average shadow (the reference evaluates the raw variables)"
+OUTSIDE_MODEL = "outside the model's scopes (not under the backbone or head scopes: summaries, counters, ...)"
+WARNED_REASONS: Tuple[str, ...] = (TRAINING_STATE, SLOT, OUTSIDE_MODEL)
 
 
 def ignore_reason(tf_name: str, *, backbone_scope: str, backbone_only: bool) -> Optional[str]:
     """Why a variable is deliberately not used, or ``None`` when it must be used."""
     if tf_name in IGNORED_NAMES:
-        return "training state"
+        return TRAINING_STATE
     if tf_name.endswith(IGNORED_SUFFIXES):
-        return "optimizer slot / moving-average shadow (the reference evaluates the raw variables)"
+        return SLOT
     if tf_name.startswith(f"{backbone_scope}/logits/"):
         return "ImageNet classifier of the backbone (DeepLab uses the network up to its features)"
+    if not in_model_scopes(tf_name, backbone_scope):
+        return OUTSIDE_MODEL
     if backbone_only and not tf_name.startswith(f"{backbone_scope}/"):
         return "segmentation head (a backbone file keeps the backbone only)"
     return None

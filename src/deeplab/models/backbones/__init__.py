@@ -8,6 +8,7 @@ from ...config import BACKBONE_NAMES
 from .base import Backbone, FeatureSpec, Normalization, check_output_stride
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
 from .resnet import ResNet, resnet50, resnet101
+from .resnet_tf import ResNetTF, resnet_v1_50, resnet_v1_50_beta, resnet_v1_101, resnet_v1_101_beta
 from .xception import Xception, xception41, xception65, xception71
 
 BACKBONES: Dict[str, Callable[..., Backbone]] = {
@@ -17,6 +18,10 @@ BACKBONES: Dict[str, Callable[..., Backbone]] = {
     "xception65": xception65,
     "xception71": xception71,
     "mobilenet_v2": mobilenet_v2,
+    "resnet_v1_50": resnet_v1_50,
+    "resnet_v1_101": resnet_v1_101,
+    "resnet_v1_50_beta": resnet_v1_50_beta,
+    "resnet_v1_101_beta": resnet_v1_101_beta,
 }
 # ModelConfig validates ``backbone`` against config.BACKBONE_NAMES without importing model code;
 # keep the two lists one.
@@ -31,7 +36,7 @@ def build_backbone(
 
     ``tf_compat=True`` builds the variant that computes what the TF reference computes with the
     same weights (MobileNetV2: TF "SAME" padding, BN eps 1e-3, [-1, 1] inputs; Xception is
-    already TF's; ResNet is unchanged).
+    already TF's; ResNet is unchanged; the resnet_v1_* backbones are TF's layout already).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
@@ -46,6 +51,7 @@ __all__ = [
     "MobileNetV2",
     "Normalization",
     "ResNet",
+    "ResNetTF",
     "Xception",
     "build_backbone",
 ]

@@ -142,7 +142,8 @@ def resnet50(
     *, output_stride: int = 16, multi_grid: Optional[Sequence[int]] = None, tf_compat: bool = False
 ) -> ResNet:
     """ResNet-50 (torchvision layout). ``tf_compat`` changes nothing in the backbone: the TF
-    reference's ``resnet_v1_*_beta`` is another network (three-conv stem), not a variant of it."""
+    reference's ``resnet_v1_*_beta`` is another network (three-conv stem, stride on the last unit of a
+    block): :mod:`deeplab.models.backbones.resnet_tf`."""
     return ResNet((3, 4, 6, 3), output_stride=output_stride, multi_grid=multi_grid, name="resnet50")
 
 
