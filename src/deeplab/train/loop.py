@@ -38,6 +38,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deeplab._utils import fault_point
 from deeplab.checkpoint import restore_rng_state, save_checkpoint
 from deeplab.config import ModelConfig, TrainConfig
 from deeplab.losses import segmentation_loss
@@ -477,6 +478,7 @@ def forward_backward(run: Run, state: TrainState, images: torch.Tensor, masks: t
     masks = masks.to(run.device, non_blocking=True).long()
     with torch.autocast(run.device.type, dtype=run.amp.dtype, enabled=run.amp.enabled):
         logits = run.ddp_model(images)
+    fault_point("backward", state.step + 1)  # test-only: the peers then wait inside a collective
     if not state.checked_batch:
         check_batch(logits, masks, run.cfg.ignore_index)
         state.checked_batch = True
@@ -525,6 +527,7 @@ def evaluate_and_track_best(run: Run, state: TrainState, result: TrainResult) ->
     """Run ``eval_fn`` (RNG preserved), log it, and write ``best.pt`` when the metric improves."""
     bare = run.model
     bare.eval()
+    fault_point("eval", state.step)  # test-only
     try:
         with preserved_rng(), torch.no_grad():
             metrics = dict(run.eval_fn(bare))  # type: ignore[misc]
@@ -550,6 +553,7 @@ def save_last(run: Run, state: TrainState, result: TrainResult) -> None:
     if run.is_main:
         save_checkpoint(run.last_path, payload(run, state))
     result.last_checkpoint = run.last_path
+    fault_point("after_ckpt", state.step)  # test-only
 
 
 def payload(run: Run, state: TrainState) -> Dict[str, Any]:
