@@ -236,6 +236,9 @@ class TrainConfig(_PlainDict):
         run_dir: where ``last.pt``, ``best.pt`` and ``metrics.jsonl`` go.
         resume_from: checkpoint to resume from exactly; ``"auto"`` resumes from
             ``run_dir/last.pt`` when it exists and starts fresh otherwise.
+        dist_timeout: seconds a rank waits in a collective (or for the others to join)
+            before it fails with a one-line error instead of hanging; must exceed the
+            longest wait of one rank for another (downloads, checkpoint writes).
     """
 
     lr: float = 0.007
@@ -266,6 +269,7 @@ class TrainConfig(_PlainDict):
     device: str = "auto"
     run_dir: str = "runs/deeplab"
     resume_from: Optional[str] = None
+    dist_timeout: float = 600.0  # rationale: deeplab.train.distributed.DEFAULT_DIST_TIMEOUT_S
 
     _TUPLES: ClassVar[Dict[str, type]] = {"scale_range": float}
 
@@ -290,6 +294,8 @@ class TrainConfig(_PlainDict):
             problems.append(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
         if self.amp_dtype not in AMP_DTYPES:
             problems.append(f"unknown amp_dtype {self.amp_dtype!r}; choose from {list(AMP_DTYPES)}")
+        if not self.dist_timeout > 0:
+            problems.append(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 

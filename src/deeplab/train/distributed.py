@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from deeplab._utils import DeeplabError, one_line, unwrap_model
+from deeplab.config import TrainConfig
 from deeplab.nn.sync_batchnorm import (
     CPUSyncBatchNorm,
     convert_sync_batchnorm,
@@ -87,7 +88,7 @@ ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # an R101 checkpoint to a slow shared filesystem, uneven evaluation shards. 10 minutes covers
 # those with room and is a third of torch's gloo default (30 min), which let a wedged job burn
 # half an hour per hang.
-DEFAULT_DIST_TIMEOUT_S = 600.0
+DEFAULT_DIST_TIMEOUT_S = TrainConfig.dist_timeout  # 600 s, the --dist-timeout default
 # How long SIGTERM/SIGINT may take before the process exits hard (see HardExitOnSignal);
 # torchrun escalates to SIGKILL after 30 s, and every second here delays the restart.
 SIGNAL_GRACE_S = 5.0
@@ -362,7 +363,7 @@ def peer_failure_message(exc: BaseException, *, rank: int, step: Optional[int], 
         text = text[:240] + "..."
     what = ("a peer stopped answering (timed out after --dist-timeout "
             f"{timeout_s:g} s)") if "timed out" in text.lower() or "timeout" in text.lower() else "a peer process failed"
-    where = f" at step {step}" if step is not None else ""
+    where = f" after step {step}" if step is not None else ""
     after = (f"; torchrun restarts the job from {checkpoint} if --max-restarts allows"
              if checkpoint else "; torchrun restarts the job if --max-restarts allows")
     return f"rank {rank}: {what}{where} ({text}){after}"
