@@ -200,4 +200,9 @@ def fault_point(point: str, step: int) -> None:
         if len(parts) > 2 and parts[2] not in ("", "*", rank):
             continue
         action = parts[3] if len(parts) > 3 else "kill"
+        import sys
+        import time
+
+        # The tests time the restart from this line.
+        print(f"{FAULT_ENV}: rank {rank} {action} at {point}:{step} time={time.time():.3f}", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
