@@ -47,6 +47,8 @@ def open_tensorboard(log_dir: Path, enabled: bool, purge_step: Optional[int] = N
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # the tensorboard package is optional
         return None
+    if purge_step is None:
+        return SummaryWriter(log_dir=str(log_dir))
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
