@@ -321,3 +321,44 @@ def test_resume_truncates_the_records_past_the_checkpoint(tmp_path: Path) -> Non
     assert truncate_records(path, after_step=2) == 5
     assert [(r["kind"], r["step"]) for r in map(json.loads, path.read_text().splitlines())] == [
         ("start", 0), ("train", 1), ("train", 2)]
+
+
+def test_a_fresh_start_after_a_killed_generation_drops_its_records(tmp_path: Path) -> None:
+    """A generation killed before its first checkpoint leaves records the restart logs again."""
+    from deeplab.train.logging import RunLog
+
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "start", "step": 0}\n{"kind": "train", "step": 1}\n')
+    log = RunLog(tmp_path, enabled=True, tensorboard=False, resume_step=0)
+    log.write({"kind": "start", "step": 0})
+    log.close()
+    assert [r["kind"] for r in _records(tmp_path)] == ["start", "start"]
+
+
+def test_each_generation_gets_its_own_store_keys_despite_stale_ones() -> None:
+    """generation_store: one token per generation, agreed by all ranks, never an earlier one's."""
+    import threading
+
+    import torch.distributed as dist
+
+    from deeplab.train.distributed import generation_store
+
+    port = find_free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    for generation in range(3):
+        views: Dict[int, "dist.Store"] = {}
+
+        def join(rank: int) -> None:
+            views[rank] = generation_store("127.0.0.1", port, rank=rank, world_size=3, timeout_s=20)
+
+        threads = [threading.Thread(target=join, args=(r,)) for r in (2, 1, 0)]  # late rank 0: stale keys read first
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert sorted(views) == [0, 1, 2]
+        views[0].set("probe", "x")
+        assert views[1].get("probe") == views[2].get("probe") == b"x"
+        views[0].set(f"gen-{generation}", "1")
+        if generation:
+            assert not views[1].check([f"gen-{generation - 1}"])  # an earlier generation's key is invisible
+    del server

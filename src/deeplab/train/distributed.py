@@ -340,7 +340,7 @@ class PeerFailureError(DeeplabError, RuntimeError):
 # What Gloo, NCCL and the store say when a peer's process or node is gone or wedged.
 _PEER_FAILURE_MARKERS = (
     "connection reset by peer", "connection closed by peer", "connection refused", "broken pipe",
-    "timed out", "timeout", "socket", "gloo", "nccl", "unhandled system error", "peer", "read error",
+    "timed out waiting", "gloo", "nccl", "unhandled system error", "read error", "watchdog",
 )
 
 
@@ -411,7 +411,10 @@ class HardExitOnSignal:
             os.close(write_fd)
             return self
         self._fds = (read_fd, write_fd)
-        os.register_at_fork(after_in_child=_drop_wakeup_fd)
+        global _AT_FORK_REGISTERED
+        if not _AT_FORK_REGISTERED:  # hooks cannot be unregistered: once per process
+            os.register_at_fork(after_in_child=_drop_wakeup_fd)
+            _AT_FORK_REGISTERED = True
         threading.Thread(target=self._watch, args=(read_fd,), name="deeplab-signal-watchdog", daemon=True).start()
         return self
 
@@ -448,6 +451,9 @@ class HardExitOnSignal:
                 with contextlib.suppress(Exception):
                     os.close(fd)
             self._fds = None
+
+
+_AT_FORK_REGISTERED = False
 
 
 def _drop_wakeup_fd() -> None:

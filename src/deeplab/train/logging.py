@@ -93,8 +93,9 @@ class RunLog:
         run_dir: the run directory (created when ``enabled``).
         enabled: write at all; ``False`` on ranks other than 0.
         tensorboard: also write TensorBoard scalars if the package is installed.
-        resume_step: the step of the checkpoint a resumed run starts from; the records of
-            later steps (of the interrupted run) are removed from both logs, so every step
+        resume_step: the step this run starts from (its checkpoint's, 0 for a fresh run);
+            records of later steps, left by an interrupted run (or by a torchrun generation
+            killed before its first checkpoint), are removed from both logs, so every step
             appears once however many times the run was restarted.
     """
 
@@ -103,11 +104,13 @@ class RunLog:
         self.writer: Any = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            purge_step = None
             if resume_step is not None:
                 truncate_records(run_dir / "metrics.jsonl", after_step=resume_step)
+                if (run_dir / "tb").exists():  # events of an earlier attempt to hide
+                    purge_step = resume_step + 1
             self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-            self.writer = open_tensorboard(run_dir / "tb", tensorboard,
-                                           purge_step=None if resume_step is None else resume_step + 1)
+            self.writer = open_tensorboard(run_dir / "tb", tensorboard, purge_step=purge_step)
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line; flushed so a killed run keeps everything logged so far."""

@@ -382,7 +382,7 @@ def build_run(
         end_step=cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps), handle_signals=handle_signals,
         last_path=last_path, best_path=best_path,
         log=RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=tensorboard,
-                   resume_step=None if restored is None else state.step),
+                   resume_step=state.step),
         start_time=time.time(),
         bar=progress_bar(total=cfg.max_steps, initial=state.step, enabled=progress and rank == 0),
     )
