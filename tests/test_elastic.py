@@ -347,7 +347,7 @@ def test_each_generation_gets_its_own_store_keys_despite_stale_ones() -> None:
     for generation in range(3):
         views: Dict[int, "dist.Store"] = {}
 
-        def join(rank: int) -> None:
+        def join(rank: int, views: Dict[int, "dist.Store"] = views) -> None:
             views[rank] = generation_store("127.0.0.1", port, rank=rank, world_size=3, timeout_s=20)
 
         threads = [threading.Thread(target=join, args=(r,)) for r in (2, 1, 0)]  # late rank 0: stale keys read first
