@@ -5,6 +5,7 @@ Objects in, no config files: :func:`train` takes a model, a dataset, a
 ``cfg.run_dir``::
 
     last.pt        every ``ckpt_every`` steps, at the end and on SIGINT/SIGTERM
+    last.prev.pt   the ``last.pt`` before, used should ``last.pt`` be unreadable
     best.pt        whenever ``eval_fn``'s ``"mIoU"`` improves
     metrics.jsonl  one JSON object per line: train logs, evaluations, starts/resumes
     tb/            TensorBoard scalars, when the ``tensorboard`` package is installed
