@@ -37,7 +37,7 @@ def test_ade20k_classes() -> None:
     assert ADE20K_CLASSES[-1] == "flag" and ADE20K_CLASSES[12] == "person"
     assert ADE20K_PALETTE[0] == (120, 120, 120) and ADE20K_PALETTE[-1] == (92, 0, 255)
     assert all(len(c) == 3 and all(0 <= v <= 255 for v in c) for c in ADE20K_PALETTE)
-    assert set(PALETTES) == {"voc", "cityscapes", "ade20k"}
+    assert set(PALETTES) == {"voc", "cityscapes", "ade20k", "camvid", "coco_stuff", "pascal_context"}
 
 
 def test_colorize() -> None:

@@ -27,6 +27,8 @@ from torch import nn
 __all__ = [
     "ConfigError",
     "DeeplabError",
+    "FAULT_ENV",
+    "fault_point",
     "jsonable",
     "optional_import",
     "load_state_dict_strict",
@@ -167,3 +169,40 @@ def load_state_dict_strict(
         # Keys and shapes agree but torch still refuses (e.g. a non-tensor value, or a
         # num_batches_tracked missing from a file that says it is recent): its own words.
         raise error("; ".join([source, one_line(exc), fix])) from exc
+
+
+# --------------------------------------------------------------------------- test-only fault injection
+
+FAULT_ENV = "DEEPLAB_TEST_KILL_AT"
+
+
+def fault_point(point: str, step: int) -> None:
+    """Test-only: die here when ``DEEPLAB_TEST_KILL_AT`` names this point (never set it in real runs).
+
+    The variable is ``POINT:STEP[:RANK[:ACTION]]`` (several joined by commas), e.g.
+    ``after_ckpt:6:1`` kills rank 1 right after ``last.pt`` of step 6 is written. It fires
+    only in the first generation of a torchrun job (``TORCHELASTIC_RESTART_COUNT`` unset or
+    0), so the restarted workers run through. ``ACTION`` is ``kill`` (SIGKILL, the default:
+    nothing is flushed, as when a node is lost) or ``stop`` (SIGSTOP: the process hangs,
+    as a wedged worker or a network partition does). This is the one place the variable
+    is read; the fault-tolerance tests use it to kill workers at exact points.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    import signal  # only when the hook is armed
+
+    rank = os.environ.get("RANK", "0")
+    for entry in spec.split(","):
+        parts = entry.strip().split(":")
+        if len(parts) < 2 or parts[0] != point or parts[1] != str(step):
+            continue
+        if len(parts) > 2 and parts[2] not in ("", "*", rank):
+            continue
+        action = parts[3] if len(parts) > 3 else "kill"
+        import sys
+        import time
+
+        # The tests time the restart from this line.
+        print(f"{FAULT_ENV}: rank {rank} {action} at {point}:{step} time={time.time():.3f}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Sequen
 
 import torch
 
-from deeplab._utils import DeeplabError, load_state_dict_strict, optional_import
+from deeplab._utils import DeeplabError, fault_point, load_state_dict_strict, optional_import
 from deeplab.config import ModelConfig
 
 if TYPE_CHECKING:  # the model code is imported lazily, where a model is built
@@ -211,6 +211,8 @@ def save_checkpoint(path: PathLike, payload: Mapping[str, Any]) -> Path:
         os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             torch.save(data, handle)
+            # Test-only: dies with the file half-flushed (the fault-tolerance tests).
+            fault_point(f"write_{path.stem}", int(data["step"]) if isinstance(data.get("step"), int) else -1)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

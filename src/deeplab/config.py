@@ -277,6 +277,9 @@ class TrainConfig(_PlainDict):
         lovasz_per_image: Lovász-softmax averaged per image instead of flat over the batch.
         augment: albumentations pipeline (YAML, ``A.save`` format) applied to image and mask
             before the paper's scale/crop/flip; ``None``: the paper's recipe only.
+        dist_timeout: seconds a rank waits in a collective (or for the others to join)
+            before it fails with a one-line error instead of hanging; must exceed the
+            longest wait of one rank for another (downloads, checkpoint writes).
     """
 
     lr: float = 0.007
@@ -316,6 +319,7 @@ class TrainConfig(_PlainDict):
     dice_smooth: float = 1.0
     lovasz_per_image: bool = False
     augment: Optional[str] = None
+    dist_timeout: float = 600.0  # rationale: deeplab.train.distributed.DEFAULT_DIST_TIMEOUT_S
 
     _TUPLES: ClassVar[Dict[str, type]] = {"scale_range": float, "class_weights": float}
 
@@ -341,6 +345,8 @@ class TrainConfig(_PlainDict):
         if self.amp_dtype not in AMP_DTYPES:
             problems.append(f"unknown amp_dtype {self.amp_dtype!r}; choose from {list(AMP_DTYPES)}")
         problems += self._loss_problems()
+        if not self.dist_timeout > 0:
+            problems.append(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -178,7 +179,7 @@ def make_eval_fn(val_set: Any, *, num_classes: int, device: torch.device, world_
 
 def run(args: argparse.Namespace) -> TrainResult:
     """Build everything from parsed flags and train."""
-    info = dist_utils.init_distributed(device=args.device)
+    info = dist_utils.init_distributed(device=args.device, timeout_s=args.dist_timeout)
     dataset_name = args.dataset or "voc"
     data_kwargs: Dict[str, Any] = {}
     if args.label_map:
@@ -247,7 +248,8 @@ def run(args: argparse.Namespace) -> TrainResult:
     if info.is_main:
         best = f"{100 * result.best_metric:.2f}" if result.best_metric is not None else "n/a"
         print(f"{result.reason} at step {result.step}; best mIoU {best}; last: {result.last_checkpoint}; "
-              f"best: {result.best_checkpoint}; metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}")
+              f"best: {result.best_checkpoint}; metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}; "
+              f"survived {result.restarts} restart(s)")
     dist_utils.cleanup()
     return result
 
@@ -257,7 +259,17 @@ def run(args: argparse.Namespace) -> TrainResult:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parse_with_preset(parser, argv)
-    run(args)
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    # Under torchrun: SIGTERM from the agent ends this rank within seconds even when it is
+    # blocked in a collective whose peer is gone, so the restart is not held up.
+    with dist_utils.HardExitOnSignal(enabled=world_size > 1, label=f"deeplab train: rank {os.environ.get('RANK', 0)}: "):
+        try:
+            run(args)
+        except RuntimeError as exc:
+            if world_size > 1 and not isinstance(exc, dist_utils.PeerFailureError) and dist_utils.is_peer_failure(exc):
+                raise dist_utils.PeerFailureError(dist_utils.peer_failure_message(
+                    exc, rank=dist_utils.get_rank(), step=None, timeout_s=args.dist_timeout, checkpoint=None)) from exc
+            raise
     return 0
 
 

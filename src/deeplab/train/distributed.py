@@ -16,11 +16,18 @@ SyncBatchNorm (including the CPU/Gloo one torch lacks) lives in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
+import select
+import signal
 import socket
 import struct
+import sys
+import threading
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -30,7 +37,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
-from deeplab._utils import unwrap_model
+from deeplab._utils import DeeplabError, one_line, unwrap_model
+from deeplab.config import TrainConfig
 from deeplab.nn.sync_batchnorm import (
     CPUSyncBatchNorm,
     convert_sync_batchnorm,
@@ -38,7 +46,11 @@ from deeplab.nn.sync_batchnorm import (
 )
 
 __all__ = [
+    "DEFAULT_DIST_TIMEOUT_S",
     "ENV_VARS",
+    "SIGNAL_GRACE_S",
+    "HardExitOnSignal",
+    "PeerFailureError",
     "CPUSyncBatchNorm",
     "DeterministicBatchSampler",
     "DistInfo",
@@ -51,19 +63,35 @@ __all__ = [
     "derive_seed",
     "epoch_permutation",
     "find_free_port",
+    "generation_store",
     "get_rank",
     "get_world_size",
     "init_distributed",
     "is_distributed",
     "is_main_process",
+    "is_peer_failure",
     "native_sync_batchnorm_supported",
     "reduce_metrics",
     "resolve_device",
+    "restart_count",
     "unwrap_model",
     "wrap_ddp",
 ]
 
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+# Collective timeout. A peer that dies (process killed, node lost) is noticed at once: its
+# sockets close and the next collective fails with "Connection reset/closed by peer". The
+# timeout only bounds the other failure, a peer that stops answering (wedged, SIGSTOPped,
+# network partition). It must stay above the longest legitimate wait of one rank for the
+# others: rank 0 fetching pretrained weights while the rest wait at a barrier, rank 0 writing
+# an R101 checkpoint to a slow shared filesystem, uneven evaluation shards. 10 minutes covers
+# those with room and is a third of torch's gloo default (30 min), which let a wedged job burn
+# half an hour per hang.
+DEFAULT_DIST_TIMEOUT_S = TrainConfig.dist_timeout  # 600 s, the --dist-timeout default
+# How long SIGTERM/SIGINT may take before the process exits hard (see HardExitOnSignal);
+# torchrun escalates to SIGKILL after 30 s, and every second here delays the restart.
+SIGNAL_GRACE_S = 5.0
 
 
 # --------------------------------------------------------------------------- process group
@@ -145,7 +173,7 @@ def init_distributed(
     *,
     device: Union[str, torch.device, None] = "auto",
     backend: Optional[str] = None,
-    timeout_s: float = 1800.0,
+    timeout_s: float = DEFAULT_DIST_TIMEOUT_S,
 ) -> DistInfo:
     """Initialise the default process group from torchrun's environment variables.
 
@@ -155,8 +183,9 @@ def init_distributed(
     Args:
         device: see :func:`resolve_device`; CUDA processes get ``cuda:LOCAL_RANK``.
         backend: override the default (``nccl`` on CUDA, ``gloo`` otherwise).
-        timeout_s: collective timeout; evaluation runs on every rank between steps, so
-            keep it above the evaluation time.
+        timeout_s: collective timeout (see :data:`DEFAULT_DIST_TIMEOUT_S`); a rank whose
+            peer stops answering fails after this long instead of hanging. Keep it above
+            the longest wait of one rank for another (downloads, checkpoint writes).
 
     Returns:
         This process's :class:`DistInfo`.
@@ -187,12 +216,20 @@ def init_distributed(
         # Before init so NCCL binds this process to its own GPU, not all to cuda:0.
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        store = None
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # Under torchrun every generation of workers shares the agent's TCPStore (see
+            # generation_store): give this generation keys of its own.
+            store = generation_store(env["MASTER_ADDR"], int(env["MASTER_PORT"]), rank=rank,
+                                     world_size=world_size, timeout_s=timeout_s)
+        kwargs: Dict[str, Any] = {"store": store} if store is not None else {"init_method": "env://"}
         dist.init_process_group(
             backend=backend or default_backend(dev.type),
-            init_method="env://",
             rank=rank,
             world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timeout,
+            **kwargs,
         )
     return DistInfo(
         rank=dist.get_rank(),
@@ -220,6 +257,208 @@ def find_free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def restart_count() -> int:
+    """How many times torchrun's agent has restarted this job's workers (0 outside torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
+# --------------------------------------------------------------------------- elastic restarts
+
+_GEN_PREFIX = "deeplab/generation/"
+
+
+def generation_store(host: str, port: int, *, rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """A view of torchrun's agent store that no earlier generation of workers has written to.
+
+    Why: with the c10d rendezvous (``--standalone`` and ``--rdzv-backend c10d``) torchrun
+    hands every generation of workers the *same* TCPStore (``MASTER_PORT`` is the agent's,
+    ``TORCHELASTIC_USE_AGENT_STORE=True``), and ``init_process_group`` uses the same keys
+    in it every time (``default_pg/0//cpu/...``). After a restart the new ranks find the
+    dead generation's keys: Gloo reads a dead peer's address and fails with
+    ``connectFullMesh failed ... Connection refused`` when it connects first, or the store
+    barrier counts the old generation's arrivals and the group hangs until its timeout -
+    which rank starts first decides, so a restart failed or hung at random. (torch's
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, set for torchrun itself, avoids it too: rank
+    0 then hosts a fresh store per generation.)
+
+    Fix: rank 0 draws a fresh token and every rank prefixes its keys with it. The token
+    reaches the others race-free although stale keys are around: rank ``r`` posts a fresh
+    nonce under ``ask/r``, rank 0 answers every nonce it sees under ``ans/r/<nonce>`` (a key
+    only this generation can wait for) until rank ``r`` acknowledges under ``ack/<token>/r``.
+    Restart counts cannot serve as the token: they differ between nodes once one agent is
+    restarted.
+
+    Raises:
+        PeerFailureError: not every rank showed up within ``timeout_s``.
+    """
+    base = dist.TCPStore(host, port, world_size=world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+    store = dist.PrefixStore(_GEN_PREFIX, base)
+    deadline = time.monotonic() + timeout_s
+    if rank == 0:
+        token = uuid.uuid4().hex
+        pending = set(range(1, world_size))
+        answered: Dict[int, set] = {r: set() for r in pending}
+        while pending:
+            for r in sorted(pending):
+                if store.check([f"ack/{token}/{r}"]):
+                    pending.discard(r)
+                elif store.check([f"ask/{r}"]):
+                    nonce = store.get(f"ask/{r}").decode()
+                    if nonce not in answered[r]:
+                        store.set(f"ans/{r}/{nonce}", token)
+                        answered[r].add(nonce)
+            if pending:
+                if time.monotonic() > deadline:
+                    raise PeerFailureError(
+                        f"rank 0: ranks {sorted(pending)} did not join the process group within "
+                        f"--dist-timeout {timeout_s:g} s; check that every node was started, or raise --dist-timeout"
+                    )
+                time.sleep(0.01)
+    else:
+        nonce = uuid.uuid4().hex
+        store.set(f"ask/{rank}", nonce)
+        try:
+            token = store.get(f"ans/{rank}/{nonce}").decode()  # waits up to the store timeout
+        except (RuntimeError, dist.DistError) as exc:
+            raise PeerFailureError(
+                f"rank {rank}: rank 0 did not start the process group within --dist-timeout {timeout_s:g} s "
+                f"({one_line(exc)}); check that every node was started, or raise --dist-timeout"
+            ) from exc
+        store.set(f"ack/{token}/{rank}", "1")
+    return dist.PrefixStore(f"{token}/", base)
+
+
+class PeerFailureError(DeeplabError, RuntimeError):
+    """Another rank died or stopped answering; the message is one line for the launcher's log."""
+
+
+# What Gloo, NCCL and the store say when a peer's process or node is gone or wedged.
+_PEER_FAILURE_MARKERS = (
+    "connection reset by peer", "connection closed by peer", "connection refused", "broken pipe",
+    "timed out waiting", "gloo", "nccl", "unhandled system error", "read error", "watchdog",
+)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised inside a collective or the store) means a peer failed."""
+    if isinstance(exc, PeerFailureError):
+        return True
+    dist_error = getattr(dist, "DistError", ())
+    if dist_error and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(marker in text for marker in _PEER_FAILURE_MARKERS)
+
+
+def peer_failure_message(exc: BaseException, *, rank: int, step: Optional[int], timeout_s: float,
+                         checkpoint: Optional[str]) -> str:
+    """The one line a rank prints when a peer failed: what, where, and what happens next."""
+    text = one_line(exc)
+    if len(text) > 240:
+        text = text[:240] + "..."
+    what = ("a peer stopped answering (timed out after --dist-timeout "
+            f"{timeout_s:g} s)") if "timed out" in text.lower() or "timeout" in text.lower() else "a peer process failed"
+    where = f" after step {step}" if step is not None else ""
+    after = (f"; torchrun restarts the job from {checkpoint} if --max-restarts allows"
+             if checkpoint else "; torchrun restarts the job if --max-restarts allows")
+    return f"rank {rank}: {what}{where} ({text}){after}"
+
+
+class HardExitOnSignal:
+    """Exit within ``grace_s`` of SIGTERM/SIGINT even while blocked in a collective.
+
+    A Python signal handler only runs when the main thread executes Python code, and a rank
+    blocked in a Gloo/NCCL collective whose peer is gone never does until the collective
+    times out (:data:`DEFAULT_DIST_TIMEOUT_S`); torchrun's agent would wait for it and then
+    SIGKILL it 30 s later, delaying every restart. Python's C-level handler, however, still
+    writes the signal number to the ``signal.set_wakeup_fd`` descriptor; a daemon thread
+    waiting on it gives the normal handler (the training loop's stop-at-step-boundary, which
+    writes ``last.pt``) ``grace_s`` seconds, then flushes stdout/stderr, prints one line and
+    calls ``os._exit(128 + signum)``. Checkpoints are written atomically, so exiting
+    mid-write leaves the previous one intact.
+
+    Enabled only in the main thread of the main interpreter, and only if nobody else owns the
+    wakeup fd (e.g. an asyncio loop); forked children (DataLoader workers) drop it.
+    """
+
+    def __init__(self, *, grace_s: float = SIGNAL_GRACE_S, enabled: bool = True, label: str = "") -> None:
+        self.grace_s = float(grace_s)
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.label = label
+        self._fds: Optional[Tuple[int, int]] = None
+        self._previous_fd = -1
+        self._closed = threading.Event()
+
+    def __enter__(self) -> "HardExitOnSignal":
+        if not self.enabled:
+            return self
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        try:
+            self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(read_fd)
+            os.close(write_fd)
+            return self
+        if self._previous_fd != -1:  # someone else's; leave theirs in place
+            signal.set_wakeup_fd(self._previous_fd)
+            os.close(read_fd)
+            os.close(write_fd)
+            return self
+        self._fds = (read_fd, write_fd)
+        global _AT_FORK_REGISTERED
+        if not _AT_FORK_REGISTERED:  # hooks cannot be unregistered: once per process
+            os.register_at_fork(after_in_child=_drop_wakeup_fd)
+            _AT_FORK_REGISTERED = True
+        threading.Thread(target=self._watch, args=(read_fd,), name="deeplab-signal-watchdog", daemon=True).start()
+        return self
+
+    def _watch(self, read_fd: int) -> None:
+        while not self._closed.is_set():
+            ready, _, _ = select.select([read_fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                return
+            hits = [b for b in data if b in (signal.SIGTERM, signal.SIGINT)]
+            if not hits:
+                continue
+            if self._closed.wait(self.grace_s):
+                return  # the process finished on its own
+            signum = hits[0]
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            line = (f"{self.label}got {signal.Signals(signum).name} and did not stop within {self.grace_s:g} s "
+                    "(blocked in a collective with a lost peer?); exiting now\n")
+            with contextlib.suppress(Exception):
+                os.write(2, line.encode())
+            os._exit(128 + signum)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._closed.set()
+        if self._fds is not None:
+            with contextlib.suppress(Exception):
+                signal.set_wakeup_fd(-1)
+            for fd in self._fds:
+                with contextlib.suppress(Exception):
+                    os.close(fd)
+            self._fds = None
+
+
+_AT_FORK_REGISTERED = False
+
+
+def _drop_wakeup_fd() -> None:
+    with contextlib.suppress(Exception):
+        signal.set_wakeup_fd(-1)
 
 
 # --------------------------------------------------------------------------- collectives

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import os
 from pathlib import Path
 from typing import IO, Any, Dict, Mapping, Optional
 
@@ -22,7 +23,8 @@ from tqdm import tqdm
 from deeplab._utils import jsonable
 from deeplab.viz import plot_curves, read_metrics
 
-__all__ = ["RunLog", "open_tensorboard", "progress_bar", "scalars", "show_on_bar", "train_record"]
+__all__ = ["STEP_KINDS", "RunLog", "open_tensorboard", "progress_bar", "scalars", "show_on_bar", "train_record",
+           "truncate_records"]
 
 
 def scalars(metrics: Mapping[str, Any]) -> Dict[str, float]:
@@ -36,15 +38,56 @@ def scalars(metrics: Mapping[str, Any]) -> Dict[str, float]:
     return out
 
 
-def open_tensorboard(log_dir: Path, enabled: bool) -> Any:
-    """A ``SummaryWriter`` on ``log_dir``, or ``None`` if disabled or not installed."""
+def open_tensorboard(log_dir: Path, enabled: bool, purge_step: Optional[int] = None) -> Any:
+    """A ``SummaryWriter`` on ``log_dir``, or ``None`` if disabled or not installed.
+
+    ``purge_step``: on resume, the first step the resumed run will log; TensorBoard hides
+    the events of the interrupted run from that step on (logged after the checkpoint and
+    about to be logged again).
+    """
     if not enabled:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # the tensorboard package is optional
         return None
-    return SummaryWriter(log_dir=str(log_dir))
+    if purge_step is None:
+        return SummaryWriter(log_dir=str(log_dir))
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+STEP_KINDS = ("train", "eval")
+
+
+def truncate_records(path: Path, *, after_step: int) -> int:
+    """Drop the ``"train"``/``"eval"`` lines of ``path`` past ``after_step`` (atomically).
+
+    A run resumed from the checkpoint of ``after_step`` trains and logs the later steps
+    again, so without this a restart would leave those steps twice in ``metrics.jsonl``.
+    ``"start"``/``"resume"`` lines are kept; an unparsable line (the torn last line of a
+    killed run) is dropped.
+
+    Returns:
+        How many lines were dropped.
+    """
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if record.get("kind") in STEP_KINDS and int(record.get("step", 0)) > after_step:
+            dropped += 1
+            continue
+        kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 class RunLog:
@@ -54,16 +97,25 @@ class RunLog:
         run_dir: the run directory (created when ``enabled``).
         enabled: write at all; ``False`` on ranks other than 0.
         tensorboard: also write TensorBoard scalars if the package is installed.
+        resume_step: the step this run starts from (its checkpoint's, 0 for a fresh run);
+            records of later steps, left by an interrupted run (or by a torchrun generation
+            killed before its first checkpoint), are removed from both logs, so every step
+            appears once however many times the run was restarted.
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, resume_step: Optional[int] = None) -> None:
         self.file: Optional[IO[str]] = None
         self.writer: Any = None
         self.run_dir = run_dir
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            purge_step = None
+            if resume_step is not None:
+                truncate_records(run_dir / "metrics.jsonl", after_step=resume_step)
+                if (run_dir / "tb").exists():  # events of an earlier attempt to hide
+                    purge_step = resume_step + 1
             self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-            self.writer = open_tensorboard(run_dir / "tb", tensorboard)
+            self.writer = open_tensorboard(run_dir / "tb", tensorboard, purge_step=purge_step)
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line; flushed so a killed run keeps everything logged so far."""

@@ -5,6 +5,7 @@ Objects in, no config files: :func:`train` takes a model, a dataset, a
 ``cfg.run_dir``::
 
     last.pt        every ``ckpt_every`` steps, at the end and on SIGINT/SIGTERM
+    last.prev.pt   the ``last.pt`` before, used should ``last.pt`` be unreadable
     best.pt        whenever ``eval_fn``'s ``"mIoU"`` improves
     metrics.jsonl  one JSON object per line: train logs, evaluations, starts/resumes
     tb/            TensorBoard scalars, when the ``tensorboard`` package is installed
@@ -38,17 +39,22 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deeplab._utils import fault_point
 from deeplab.checkpoint import restore_rng_state, save_checkpoint
 from deeplab.config import ModelConfig, TrainConfig
 from deeplab.losses import Criterion, build_criterion
 from deeplab.train.distributed import (
     DeterministicBatchSampler,
+    PeerFailureError,
     all_reduce_,
     barrier,
     convert_sync_batchnorm,
     get_rank,
     get_world_size,
+    is_peer_failure,
+    peer_failure_message,
     resolve_device,
+    restart_count,
     wrap_ddp,
 )
 from deeplab.train.loader import SeededDataset, build_train_loader, close_loader
@@ -65,6 +71,7 @@ from deeplab.train.resume import (
     CheckpointMeta,
     Restored,
     checkpoint_payload,
+    keep_previous,
     model_config_dict,
     preserved_rng,
     resolve_resume,
@@ -91,6 +98,8 @@ class TrainResult:
         best_metric: best value of the tracked metric, if evaluated.
         last_eval: metrics of the most recent evaluation.
         train_loss: the most recent logged training loss.
+        restarts: how many times torchrun restarted the job before this run finished
+            (``TORCHELASTIC_RESTART_COUNT``; 0 outside torchrun).
     """
 
     step: int
@@ -100,6 +109,7 @@ class TrainResult:
     best_metric: Optional[float] = None
     last_eval: Dict[str, Any] = field(default_factory=dict)
     train_loss: Optional[float] = None
+    restarts: int = 0
 
 
 @dataclass
@@ -244,10 +254,10 @@ def train(
     )
     run.log.write({"kind": "resume" if resume_path else "start", "step": state.step, "time": run.start_time,
                    "world_size": run.world_size, "from": str(resume_path) if resume_path else None,
-                   "train_config": cfg.to_dict()})
+                   "restarts": restart_count(), "train_config": cfg.to_dict()})
     result = TrainResult(step=state.step, reason="finished",
                          best_checkpoint=run.best_path if run.best_path.exists() else None,
-                         best_metric=state.best.get("value"), last_eval=state.last_eval)
+                         best_metric=state.best.get("value"), last_eval=state.last_eval, restarts=restart_count())
     set_train_mode(run.ddp_model, freeze_bn=cfg.freeze_bn)
     state.last_log_time = time.time()
 
@@ -259,6 +269,13 @@ def train(
     try:
         with _StopOnSignal(handle_signals) as stopper:
             train_loop(run, state, result, stopper)
+    except RuntimeError as exc:
+        if run.world_size > 1 and not isinstance(exc, PeerFailureError) and is_peer_failure(exc):
+            # One line for the launcher's log instead of a C++ traceback per rank.
+            raise PeerFailureError(peer_failure_message(
+                exc, rank=get_rank(), step=state.step, timeout_s=cfg.dist_timeout,
+                checkpoint=str(run.last_path) if run.last_path.exists() else None)) from exc
+        raise
     finally:
         run.bar.close()
         run.log.close()
@@ -366,7 +383,9 @@ def build_run(
         dataset=dataset, sampler=sampler, loader=loader, meta=meta, eval_fn=eval_fn, best_metric=best_metric,
         end_step=cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps), handle_signals=handle_signals,
         last_path=last_path, best_path=best_path,
-        log=RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=tensorboard), start_time=time.time(),
+        log=RunLog(Path(cfg.run_dir), enabled=rank == 0, tensorboard=tensorboard,
+                   resume_step=state.step),
+        start_time=time.time(),
         bar=progress_bar(total=cfg.max_steps, initial=state.step, enabled=progress and rank == 0),
         criterion=criterion_from_config(cfg, meta.config),
     )
@@ -490,6 +509,7 @@ def forward_backward(run: Run, state: TrainState, images: torch.Tensor, masks: t
     masks = masks.to(run.device, non_blocking=True).long()
     with torch.autocast(run.device.type, dtype=run.amp.dtype, enabled=run.amp.enabled):
         logits = run.ddp_model(images)
+    fault_point("backward", state.step + 1)  # test-only: the peers then wait inside a collective
     if not state.checked_batch:
         check_batch(logits, masks, run.cfg.ignore_index)
         state.checked_batch = True
@@ -538,6 +558,7 @@ def evaluate_and_track_best(run: Run, state: TrainState, result: TrainResult) ->
     """Run ``eval_fn`` (RNG preserved), log it, and write ``best.pt`` when the metric improves."""
     bare = run.model
     bare.eval()
+    fault_point("eval", state.step)  # test-only
     try:
         with preserved_rng(), torch.no_grad():
             metrics = dict(run.eval_fn(bare))  # type: ignore[misc]
@@ -561,8 +582,10 @@ def evaluate_and_track_best(run: Run, state: TrainState, result: TrainResult) ->
 def save_last(run: Run, state: TrainState, result: TrainResult) -> None:
     """Write ``last.pt`` (rank 0) and record it in ``result``."""
     if run.is_main:
+        keep_previous(run.last_path)  # the fallback, should last.pt ever be unreadable
         save_checkpoint(run.last_path, payload(run, state))
     result.last_checkpoint = run.last_path
+    fault_point("after_ckpt", state.step)  # test-only
 
 
 def payload(run: Run, state: TrainState) -> Dict[str, Any]:

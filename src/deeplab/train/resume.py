@@ -12,7 +12,9 @@ make the continuation differ silently.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +47,11 @@ __all__ = [
     "Restored",
     "check_resume",
     "checkpoint_payload",
+    "complete_checkpoint",
+    "keep_previous",
     "model_config_dict",
     "preserved_rng",
+    "previous_path",
     "resolve_resume",
     "restore",
     "seed_everything",
@@ -56,7 +61,8 @@ __all__ = [
 # size, the poly schedule on max_steps.
 RESUME_MUST_MATCH = ("seed", "batch_size", "max_steps")
 # Settings that change nothing about the optimisation trajectory.
-RESUME_FREE = ("run_dir", "resume_from", "num_workers", "device", "eval_every", "ckpt_every", "log_every")
+RESUME_FREE = ("run_dir", "resume_from", "num_workers", "device", "eval_every", "ckpt_every", "log_every",
+               "dist_timeout")
 
 
 # --------------------------------------------------------------------------- what a checkpoint describes
@@ -153,27 +159,91 @@ def checkpoint_payload(
 # --------------------------------------------------------------------------- may we resume?
 
 
+def previous_path(last_path: Path) -> Path:
+    """Where the checkpoint before ``last_path`` is kept: ``last.prev.pt`` beside ``last.pt``."""
+    return last_path.with_name(f"{last_path.stem}.prev{last_path.suffix}")
+
+
+def keep_previous(last_path: Path) -> None:
+    """Before ``last_path`` is overwritten, keep the complete file it holds as :func:`previous_path`.
+
+    A hard link, so no bytes are copied (a copy where the filesystem has no links), swapped
+    in with ``os.replace``: ``last.pt`` itself is never missing. Costs the disk space of one
+    more checkpoint; it is what :func:`resolve_resume` falls back to should ``last.pt`` ever
+    be unreadable (a torn copy, a filesystem that lost the last write).
+    """
+    if not last_path.exists():
+        return
+    prev = previous_path(last_path)
+    tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(last_path, tmp)
+    except OSError:
+        shutil.copy2(last_path, tmp)
+    os.replace(tmp, prev)
+
+
+def complete_checkpoint(last_path: Path) -> Optional[Path]:
+    """The newest checkpoint of the run that reads completely: ``last.pt``, else ``last.prev.pt``.
+
+    Returns ``None`` when neither exists (a fresh run). Warns when ``last.pt`` is unreadable
+    and the previous one is used: the steps since it are trained again, identically.
+
+    Raises:
+        CheckpointError: ``last.pt`` exists but is unreadable and no previous one is.
+    """
+    candidates = [p for p in (last_path, previous_path(last_path)) if p.exists()]
+    errors = []
+    for path in candidates:
+        try:
+            load_checkpoint(path, map_location="cpu", required_keys=RESUME_KEYS)
+        except CheckpointError as exc:
+            errors.append(exc)
+            continue
+        if errors:
+            warnings.warn(f"{errors[0]}; resuming from the previous complete checkpoint {path} instead",
+                          stacklevel=2)
+        return path
+    if errors:
+        raise errors[0]
+    return None
+
+
 def resolve_resume(cfg: TrainConfig, last_path: Path) -> Optional[Path]:
     """Decide (on rank 0, shared with all ranks) what to resume from, or raise.
 
+    ``resume_from="auto"`` takes the newest complete checkpoint (:func:`complete_checkpoint`).
+
     Raises:
         FileExistsError: ``last_path`` exists and ``cfg.resume_from`` is unset.
+        CheckpointError: with ``"auto"``, ``last_path`` and its previous one are unreadable.
     """
-    decision: Tuple[Optional[str], Optional[str]] = (None, None)
+    # (path, error class, message): exceptions do not cross ranks, their names do.
+    decision: Tuple[Optional[str], Optional[str], str] = (None, None, "")
     if get_rank() == 0:
         if cfg.resume_from == "auto":
-            decision = (str(last_path) if last_path.exists() else None, None)
+            try:
+                found = complete_checkpoint(last_path)
+            except CheckpointError as exc:
+                decision = (None, "checkpoint", str(exc))
+            else:
+                decision = (str(found) if found else None, None, "")
         elif cfg.resume_from:
-            decision = (str(cfg.resume_from), None)
+            decision = (str(cfg.resume_from), None, "")
         elif last_path.exists():
             decision = (
                 None,
+                "exists",
                 f"{last_path} already exists; refusing to start a new run over it. Resume with "
                 f"resume_from='{last_path}' (or 'auto'), or choose another run_dir",
             )
-    path, error = broadcast_object(decision)
-    if error:
-        raise FileExistsError(error)
+    path, kind, message = broadcast_object(decision)
+    if kind == "checkpoint":
+        raise CheckpointError(message)
+    if kind == "exists":
+        raise FileExistsError(message)
     return Path(path) if path else None
 
 
