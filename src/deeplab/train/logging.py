@@ -12,8 +12,8 @@ the other ranks a :class:`RunLog` is inert.
 from __future__ import annotations
 
 import json
-import warnings
 import os
+import warnings
 from pathlib import Path
 from typing import IO, Any, Dict, Mapping, Optional
 
