@@ -26,7 +26,7 @@ from torch import nn
 from deeplab.config import InferenceConfig, IntPair
 from deeplab.data.base import load_image_array
 from deeplab.data.palettes import RGB, colorize, default_palette
-from deeplab.data.transforms import is_multichannel, to_unit_float
+from deeplab.data.transforms import to_unit_float
 from deeplab.eval.inference import predict_probs
 from deeplab.viz import ImageInput, index_png, overlay_mask, to_rgb_array
 
@@ -301,7 +301,9 @@ class Segmenter:
         a ``.npy`` / N-channel TIFF (uint8 / uint16 / float in [0, 1], see ``to_unit_float``).
         """
         channels = int(self._mean.shape[1])
-        if channels != 3 or is_multichannel(image):
+        # An RGB model keeps to_rgb_array's input forms and checks (RGBA -> alpha dropped, grey,
+        # float in [0, 1]); only N-channel models read arrays / .npy / TIFF on the N-channel path.
+        if channels != 3:
             arr = load_image_array(Path(image)) if isinstance(image, (str, os.PathLike)) else image
             units = to_unit_float(np.asarray(arr)) * 255.0  # _mean/_std are in 0-255 units
             if units.shape[2] != channels:
