@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from deeplab import cpu
 from deeplab.cli.common import cli_command
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -84,40 +85,18 @@ PROBE_SIZE = 256  # the quick first GEMM that decides whether a precision is wor
 
 
 def parse_cpuinfo(text: str) -> Dict[str, Any]:
-    """The CPU model name and the :data:`ISA_FLAGS` from the text of ``/proc/cpuinfo``.
-
-    Args:
-        text: the file's contents (the first processor's entries are used).
+    """The CPU model name and the :data:`ISA_FLAGS` from the text of ``/proc/cpuinfo``
+    (:func:`deeplab.cpu.parse_cpuinfo` restricted to the flags this table shows).
 
     Returns:
         ``{"cpu": name or None, "flags": {flag: bool for flag in ISA_FLAGS}}``.
     """
-    name: Optional[str] = None
-    flags: Optional[set] = None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key = key.strip()
-        if key == "model name" and name is None:
-            name = value.strip()
-        elif key in ("flags", "Features") and flags is None:  # "Features" on ARM
-            flags = set(value.split())
-    return {"cpu": name, "flags": {flag: flag in (flags or set()) for flag in ISA_FLAGS}}
+    return cpu.parse_cpuinfo(text, ISA_FLAGS)
 
 
 def machine_isa(cpuinfo: str = "/proc/cpuinfo") -> Dict[str, Any]:
     """:func:`parse_cpuinfo` of this machine plus torch's own CPU capability (``AVX2``, ``AVX512``, ...)."""
-    try:
-        info = parse_cpuinfo(Path(cpuinfo).read_text())
-    except OSError:  # not Linux: no flags to show, the capability below still tells the kernel set
-        info = parse_cpuinfo("")
-    info["cpu"] = info["cpu"] or platform.processor() or platform.machine()
-    try:
-        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # an old or unusual build; the figure is informative only
-        info["torch_cpu_capability"] = None
-    return info
+    return cpu.machine_isa(cpuinfo, ISA_FLAGS)
 
 
 @dataclass(frozen=True)
