@@ -15,6 +15,7 @@ ends with a summary, and exits 1 if any file failed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import sys
 import time
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-legend", action="store_true", help="overlay without the class legend")
     parser.add_argument("--probs", action="store_true", help="also write <name>_probs.npy, (C, H, W) float32")
     add_inference_args(parser)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                        help="auto: the fastest this CPU accelerates whose stored export parity is in bound (fp32 for a checkpoint)")
     parser.add_argument("--device", default="cpu", help="torch backend: cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     parser.add_argument("--recursive", action="store_true", help="folders: include sub-folders")
@@ -137,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not files:
         raise CLIError("no input files; pass image files, folders or quoted glob patterns")
     try:
-        inference = inference_config(args)
+        inference = dataclasses.replace(inference_config(args), precision=args.precision)
         if args.backend == "torch":
             segmenter = Segmenter.load(args.checkpoint, backend="torch", device=args.device, inference=inference)
         else:
@@ -149,7 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"deeplab predict: {len(files)} file(s) -> {out} | model {args.checkpoint} ({segmenter.backend}, "
-        f"{segmenter.num_classes} classes) | mode={args.mode} scales={list(segmenter.scales)} flip={args.flip}"
+        f"{segmenter.num_classes} classes) | precision {segmenter.precision} ({args.precision}: "
+        f"{segmenter.precision_reason or 'asked for'}) | mode={args.mode} scales={list(segmenter.scales)} flip={args.flip}"
         f"{' overlay' if args.overlay else ''}{' probs' if args.probs else ''}",
         flush=True,
     )
