@@ -131,7 +131,7 @@ def prepare_image(
     if max_side and max(h, w) > max_side:
         scale = max_side / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
         h, w = rgb.shape[:2]
     mean = np.asarray(normalization["mean"], dtype=np.float32) * 255.0
     std = np.asarray(normalization["std"], dtype=np.float32) * 255.0
@@ -395,6 +395,11 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="deeplab-quant-") as tmp:
         # the calibrator writes an augmented copy of the model; keep it out of the user's folder
         cwd = os.getcwd()
+        root = logging.getLogger()
+        level = root.level
+        # onnxruntime.quantization warns on the root logger ("consider pre-processing", biases
+        # that are not initializers after BN folding): nothing a user of `deeplab export` acts on
+        root.setLevel(logging.ERROR)
         try:
             os.chdir(tmp)
             quantize_static(
@@ -413,6 +418,7 @@ def quantize_onnx(
             raise ExportError(f"int8 quantization of {src} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
         finally:
             os.chdir(cwd)
+            root.setLevel(level)
     return {
         "tool": "onnxruntime",
         "format": "QDQ",
