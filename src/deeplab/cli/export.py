@@ -10,7 +10,7 @@ second, non-square batch of 2 (to show the shapes really are dynamic). It must b
 ``--precision bf16|int8``: bf16 marks the float graph for bf16 inference (OpenVINO's
 ``INFERENCE_PRECISION_HINT``, torch autocast for TorchScript); int8 quantizes the ONNX graph
 (static QDQ, per-channel weights) calibrated on ``--calib-images`` images from ``--calib-data
-DIR`` or ``--dataset D --data-root R`` (``--calib-method``, default NNCF where installed). The
+DIR`` or ``--dataset D --data-root R`` (``--calib-method``, default ONNX Runtime percentile). The
 parity against fp32 on the held-out calibration images (mean pixel agreement, max logit diff)
 is printed and stored in the file; below the bound ``Segmenter``'s ``precision="auto"``
 accepts, the command exits 1. Needs the calibration flags for int8; for bf16 they are optional
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--calib-images", type=int, default=8,
                        help="images to read; a quarter (at least 1) are held out to measure parity")
     group.add_argument("--calib-method", default=None, choices=["nncf", "percentile", "minmax", "entropy"],
-                       help="int8 calibration (default: nncf where installed, else percentile; measured on the demo model)")
+                       help="int8 calibration (default: percentile, chosen by measurement; nncf's files run fast in OpenVINO only)")
     return parser
 
 
