@@ -240,20 +240,23 @@ def test_segmenter_checkpoint_precisions(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # exports / quantizes a model (~10-40 s on 2 shared cores)
-def test_cli_export_int8_prints_and_stores_parity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_int8_prints_and_stores_parity(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from deeplab.cli.export import main
+
+    monkeypatch.chdir(tmp_path)  # a relative --out: the quantizer works in a temporary folder
 
     model = tiny_model()
     ckpt = save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": model.config.to_dict(),
                                                "classes": ["a", "b", "c"], "normalization": NORM})
     write_images(tmp_path / "imgs", n=4, size=(48, 64))
-    out = tmp_path / "m.int8.onnx"
-    code = main(["--checkpoint", str(ckpt), "--out", str(out), "--precision", "int8", "--calib-data",
-                 str(tmp_path / "imgs"), "--calib-method", "minmax"])
+    out = Path("m.int8.onnx")
+    code = main(["--checkpoint", str(ckpt), "--out", str(out), "--precision", "int8", "--calib-data", "imgs"])
     text = capsys.readouterr().out
     assert code == 0, text
     assert "calibration: 3 image(s)" in text and "pixel agreement" in text and "parity OK" in text
-    assert read_metadata(out)["precision"] == "int8"
+    meta = read_metadata(tmp_path / out)
+    assert meta["precision"] == "int8" and meta["quantization"]["method"] == "percentile"  # the default
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -450,6 +450,8 @@ def quantize_onnx(
     if method != "minmax":
         # the histogram calibrators stack every image's activations: one shape for all
         calibration = pad_to_common(calibration)
+    # resolved before the chdir below: relative paths name the caller's folder
+    src_path, dst_path = str(Path(src).resolve()), str(Path(dst).resolve())
     with tempfile.TemporaryDirectory(prefix="deeplab-quant-") as tmp:
         # the calibrator writes an augmented copy of the model; keep it out of the user's folder
         cwd = os.getcwd()
@@ -461,8 +463,8 @@ def quantize_onnx(
         try:
             os.chdir(tmp)
             quantize_static(
-                str(Path(src).resolve()),
-                str(Path(dst).resolve()),
+                src_path,
+                dst_path,
                 _ArrayReader(input_name, calibration),
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
