@@ -227,7 +227,7 @@ def test_segmenter_checkpoint_precisions(tmp_path: Path) -> None:
                                                "classes": ["a", "b", "c"], "normalization": NORM})
     auto = Segmenter.from_checkpoint(ckpt)
     assert auto.precision == "fp32" and "checkpoint" in auto.precision_reason
-    bf16 = Segmenter.from_checkpoint(ckpt, inference=InferenceConfig(precision="bf16"))
+    bf16 = Segmenter.from_checkpoint(ckpt, precision="bf16")  # shorthand of inference=InferenceConfig(precision=...)
     assert bf16.precision == "bf16" and isinstance(bf16.model, AutocastBF16)
     image = (torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
     agree = (auto.predict(image) == bf16.predict(image)).mean()

@@ -194,8 +194,8 @@ class Segmenter:
             output_stride: rebuild at another output stride (e.g. 8 for the paper's eval);
                 ``inference.output_stride`` does the same.
             inference: how to predict; see :class:`Segmenter`.
-            **options: ``mode``, ``scales``, ``flip``, ``crop_size``, ``stride``, ``pad_to``
-                (shorthands for fields of ``inference``).
+            **options: ``mode``, ``scales``, ``flip``, ``crop_size``, ``stride``, ``pad_to``,
+                ``precision`` (shorthands for fields of ``inference``).
         """
         from deeplab.checkpoint import load_model
 
@@ -408,6 +408,7 @@ def inference_with(
     stride: Optional[IntPair] = None,
     output_stride: Optional[int] = None,
     pad_to: Optional[IntPair] = None,
+    precision: Optional[str] = None,
 ) -> InferenceConfig:
     """``inference`` (default ``InferenceConfig()``) with each keyword that is not ``None``
     replacing its field: the one place :class:`Segmenter`'s shorthand keywords are read.
@@ -419,7 +420,7 @@ def inference_with(
     if inference is not None and not isinstance(inference, InferenceConfig):
         raise TypeError(f"inference must be a deeplab.InferenceConfig, got {type(inference).__name__}")
     given = dict(mode=mode, scales=scales, flip=flip, crop_size=crop_size, stride=stride,
-                 output_stride=output_stride, pad_to=pad_to)
+                 output_stride=output_stride, pad_to=pad_to, precision=precision)
     changes: Dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     return dataclasses.replace(inference or InferenceConfig(), **changes)
 
