@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                        # R101 OS16 crop 513 batch 2 (the figure)
     python benchmarks/train_step.py --backbone mobilenet_v2 --steps 5
+    python benchmarks/train_step.py --amp                  # bf16 autocast (what `deeplab train --amp` runs on CPU)
 
 Measures, in one run:
   * the time of one SGD step (forward + backward + update) of DeepLabv3+ on random data at
@@ -38,7 +39,10 @@ def time_train_steps(args: argparse.Namespace) -> dict:
     times = []
     for i in range(args.steps + 1):
         start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
+        # as train/loop.py: forward under autocast, the loss in float32
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y, ignore_index=255)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -74,6 +78,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--loader-seconds", type=float, default=10.0)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast forward (peak RSS is per process: run fp32 and amp separately)")
     parser.add_argument("--json", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
     result = {"config": vars(args), "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -81,7 +86,7 @@ def main() -> None:
     result.update(time_loader(args))
     result["loader_workers_to_keep_up"] = result["model_images_per_s"] / result["loader_images_per_s_per_worker"]
     print(f"DeepLabv3+ {args.backbone} OS{args.output_stride} {'separable' if args.separable else 'regular'} "
-          f"crop {args.crop} batch {args.batch_size}, {result['threads']} threads")
+          f"crop {args.crop} batch {args.batch_size}, {result['threads']} threads, {'bf16 amp' if args.amp else 'fp32'}")
     print(f"  train step: min {result['step_s_min']:.2f} s, median {result['step_s_median']:.2f} s "
           f"({result['model_images_per_s']:.2f} images/s)")
     print(f"  peak RSS: {result['peak_rss_mib']:.0f} MiB")

@@ -377,6 +377,8 @@ class TrainConfig(_PlainDict):
 
 # ---------------------------------------------------------------------- inference
 INFERENCE_MODES = ("whole", "slide")
+# "auto": the fastest this CPU accelerates whose stored export parity is within bound.
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
 IntPair = Union[int, Tuple[int, int]]
 
 
@@ -403,6 +405,10 @@ class InferenceConfig(_PlainDict):
         pad_to: pad every image (before rescaling) at the bottom/right to at least
             ``(h, w)``, as the TF reference evaluates (VOC 513x513, Cityscapes 1025x2049);
             ``None``: no fixed padding.
+        precision: numeric precision of the model where it is loaded (``Segmenter``,
+            ``deeplab predict``): ``"auto"`` (the fastest precision this CPU accelerates whose
+            parity, measured at export, is within bound; fp32 for a checkpoint), ``"fp32"``,
+            ``"bf16"`` or ``"int8"`` (an int8 export). See :mod:`deeplab.deploy.quantize`.
     """
 
     mode: str = "whole"
@@ -412,6 +418,7 @@ class InferenceConfig(_PlainDict):
     stride: IntPair = 341
     output_stride: Optional[int] = None
     pad_to: Optional[Tuple[int, int]] = None
+    precision: str = "auto"
 
     _TUPLES: ClassVar[Dict[str, type]] = {"scales": float}
 
@@ -452,6 +459,8 @@ class InferenceConfig(_PlainDict):
             else:
                 self._set("pad_to", pad)
         self._set("flip", bool(self.flip))
+        if self.precision not in INFERENCE_PRECISIONS:
+            problems.append(f"unknown precision {self.precision!r}; choose from {list(INFERENCE_PRECISIONS)}")
         if problems:
             raise ConfigError("invalid InferenceConfig: " + "; ".join(problems))
 

@@ -9,11 +9,20 @@ metadata embedded in an exported ONNX / TorchScript file), so a model file is al
 Inference itself is :func:`deeplab.eval.inference.predict_probs` (whole image padded to
 ``OS*k+1``, or sliding windows; optional multi-scale and flip averaging), whatever the backend,
 with one :class:`deeplab.config.InferenceConfig`; the pictures come from :mod:`deeplab.viz`.
+
+Precision (``InferenceConfig.precision``, default ``"auto"``; :func:`choose_precision`): ``auto``
+takes the fastest precision that this CPU accelerates (int8 with AMX-INT8 / AVX-512 VNNI /
+AVX-VNNI, bf16 with AMX-BF16 / AVX-512 BF16, see :mod:`deeplab.cpu`) and that the file was
+exported at with a stored parity within :data:`PARITY_BOUNDS`; otherwise fp32. A checkpoint
+carries no measured parity, so ``auto`` runs it in fp32 (``precision="bf16"`` asks for bf16
+autocast). The choice and its reason are logged and kept as :attr:`Segmenter.precision` /
+:attr:`Segmenter.precision_reason`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -30,10 +39,66 @@ from deeplab.data.transforms import to_unit_float
 from deeplab.eval.inference import predict_probs
 from deeplab.viz import ImageInput, index_png, overlay_mask, to_rgb_array
 
-__all__ = ["BACKENDS", "Segmenter"]
+__all__ = ["BACKENDS", "PARITY_BOUNDS", "Segmenter", "choose_precision"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 BACKENDS = ("torch", "onnxruntime", "openvino")
+log = logging.getLogger(__name__)
+
+# The least mean pixel agreement with fp32 (on the export's held-out images) that ``auto``
+# accepts per precision. int8 is looser: on the demo model (MobileNetV2 after 100 steps on 4
+# photos, many near-tied logits) int8 agrees with fp32 on 91-94% of a held-out photo's pixels
+# (within 0.5 mIoU on it; benchmarks/deploy_precision.py), bf16 on 98.8%.
+PARITY_BOUNDS: Dict[str, float] = {"bf16": 0.98, "int8": 0.90}
+# fastest first, by measurement on AVX-512 BF16/VNNI and AMX CPUs (README, Speed)
+PRECISION_ORDER = ("int8", "bf16", "fp32")
+
+
+def choose_precision(
+    metadata: Optional[Mapping[str, Any]],
+    backend: str,
+    *,
+    flags: Optional[Mapping[str, bool]] = None,
+) -> Tuple[str, str]:
+    """The precision ``"auto"`` runs a model at, and why (one sentence).
+
+    Args:
+        metadata: an exported file's metadata (``precision``, ``parity``); ``None`` for a checkpoint.
+        backend: ``"torch"``, ``"onnxruntime"``, ``"openvino"`` or ``"torchscript"``.
+        flags: ISA flags (default this CPU's, :func:`deeplab.cpu.cpu_flags`; tests pass their own).
+
+    Returns:
+        ``(precision, reason)``.
+    """
+    from deeplab.cpu import precision_support
+
+    if metadata is None:
+        return "fp32", "a checkpoint carries no measured bf16/int8 parity (export with --precision to measure one)"
+    stored = str(metadata.get("precision") or "fp32")
+    parity = metadata.get("parity") or {}
+    if stored == "fp32":
+        return "fp32", "the file was exported at fp32"
+    accelerated, why = precision_support(stored, flags)
+    agreement = parity.get("pixel_agreement")
+    bound = PARITY_BOUNDS[stored]
+    within = agreement is not None and agreement >= bound
+    parity_text = (f"stored parity {100 * agreement:.1f}% pixel agreement (bound {100 * bound:.0f}%)"
+                   if agreement is not None else "no stored parity")
+    if stored == "int8":
+        # an int8 file has no float weights to fall back to: say when it is not the fast choice
+        if not accelerated:
+            return "int8", f"the file holds int8 weights; this CPU does not accelerate int8 ({why}): expect fp32 to be faster"
+        if not within:
+            return "int8", f"the file holds int8 weights but its {parity_text} is out of bound: re-export or use fp32"
+        return "int8", f"int8 accelerated by {why}, {parity_text}"
+    # bf16: fp32 weights, bf16 at run time where it is fast, safe and the backend has it
+    if backend == "onnxruntime":
+        return "fp32", "ONNX Runtime's CPU provider has no bf16 path (use backend openvino)"
+    if not accelerated:
+        return "fp32", f"this CPU does not accelerate bf16 ({why})"
+    if not within:
+        return "fp32", f"bf16 {parity_text} is out of bound"
+    return "bf16", f"bf16 accelerated by {why}, {parity_text}"
 
 
 class Segmenter:
@@ -61,6 +126,8 @@ class Segmenter:
             model's own).
         pad_to: pad each image to at least this size first (the TF reference's VOC eval uses 513).
         backend: a label for messages (``"torch"``, ``"onnxruntime"``, ...).
+        precision, precision_reason: what the model runs at and why (labels; the loaders
+            :meth:`from_checkpoint` / :meth:`from_exported` set them from ``inference.precision``).
 
     ``mode`` .. ``pad_to`` are shorthands for the fields of ``inference``: each one given
     (not ``None``) replaces that field, so ``scales=(0.75, 1.0), flip=True`` and
@@ -85,6 +152,8 @@ class Segmenter:
         output_stride: Optional[int] = None,
         pad_to: Optional[IntPair] = None,
         backend: str = "torch",
+        precision: Optional[str] = None,
+        precision_reason: str = "",
     ) -> None:
         self.inference = inference_with(
             inference, mode=mode, scales=scales, flip=flip, crop_size=crop_size, stride=stride,
@@ -100,6 +169,8 @@ class Segmenter:
         self.normalization = {k: [float(v) for v in normalization[k]] for k in ("mean", "std")}
         self.device = torch.device(device)
         self.backend = backend
+        self.precision = precision or str(getattr(model, "precision", "fp32"))
+        self.precision_reason = precision_reason
         self._mean = torch.tensor(self.normalization["mean"], device=self.device).view(1, -1, 1, 1) * 255.0
         self._std = torch.tensor(self.normalization["std"], device=self.device).view(1, -1, 1, 1) * 255.0
 
@@ -126,8 +197,8 @@ class Segmenter:
             output_stride: rebuild at another output stride (e.g. 8 for the paper's eval);
                 ``inference.output_stride`` does the same.
             inference: how to predict; see :class:`Segmenter`.
-            **options: ``mode``, ``scales``, ``flip``, ``crop_size``, ``stride``, ``pad_to``
-                (shorthands for fields of ``inference``).
+            **options: ``mode``, ``scales``, ``flip``, ``crop_size``, ``stride``, ``pad_to``,
+                ``precision`` (shorthands for fields of ``inference``).
         """
         from deeplab.checkpoint import load_model
 
@@ -135,11 +206,18 @@ class Segmenter:
         model, ckpt = load_model(path, map_location="cpu", output_stride=config.output_stride)
         classes = ckpt.get("classes") or [f"class_{i}" for i in range(model.num_classes)]
         normalization = ckpt.get("normalization") or model.normalization.to_dict()
+        precision, reason = _checkpoint_precision(config.precision, device)
+        log.info("deeplab: %s runs at %s: %s", path, precision, reason)
         net: nn.Module = model
         if optimize:
             from deeplab.deploy.optimize import optimize_for_inference
 
-            net = optimize_for_inference(model, device=device)
+            # oneDNN's fused conv calls take no autocast: bf16 runs the unfused (folded, NHWC) form
+            net = optimize_for_inference(model, device=device, fuse=False if precision == "bf16" else None)
+        if precision == "bf16":
+            from deeplab.deploy.runtime import AutocastBF16
+
+            net = AutocastBF16(net)
         net = net.to(device)
         return cls(
             net,
@@ -149,6 +227,8 @@ class Segmenter:
             device=device,
             inference=config,
             backend="torch",
+            precision=precision,
+            precision_reason=reason,
         )
 
     @classmethod
@@ -211,10 +291,21 @@ class Segmenter:
         Raises:
             ValueError: an ``output_stride`` other than the exported model's.
         """
+        from deeplab.deploy.format import read_metadata
         from deeplab.deploy.runtime import load_exported
 
         config = inference_with(inference, **options)
-        runner = load_exported(path, backend=backend, threads=threads, static_shapes=static_shapes)
+        meta = read_metadata(path)
+        if config.precision == "auto":
+            chosen = backend
+            if chosen == "auto" and meta.get("precision") == "bf16":
+                chosen = "openvino" if _has("openvino") else "onnxruntime"
+            precision, reason = choose_precision(meta, "torchscript" if chosen == "torch" else chosen)
+        else:
+            precision, reason = config.precision, "asked for"
+        log.info("deeplab: %s runs at %s: %s", path, precision, reason)
+        runner = load_exported(path, backend=backend, threads=threads, static_shapes=static_shapes,
+                               precision=precision, metadata=meta)
         exported_os = getattr(runner, "output_stride", None)
         if config.output_stride is not None and config.output_stride != exported_os:
             raise ValueError(
@@ -222,7 +313,6 @@ class Segmenter:
                 f"change it - export the checkpoint again with --output-stride {config.output_stride}, "
                 "or run the checkpoint itself"
             )
-        meta = runner.metadata
         return cls(
             runner,
             classes=meta["classes"],
@@ -231,6 +321,8 @@ class Segmenter:
             device="cpu",
             inference=config,
             backend=runner.backend,
+            precision=runner.precision,
+            precision_reason=reason,
         )
 
     @classmethod
@@ -353,7 +445,7 @@ class Segmenter:
 
     def __repr__(self) -> str:
         return (
-            f"Segmenter(backend={self.backend}, classes={self.num_classes}, mode={self.mode}, "
+            f"Segmenter(backend={self.backend}, precision={self.precision}, classes={self.num_classes}, mode={self.mode}, "
             f"scales={self.scales}, flip={self.flip}, device={self.device})"
         )
 
@@ -368,6 +460,7 @@ def inference_with(
     stride: Optional[IntPair] = None,
     output_stride: Optional[int] = None,
     pad_to: Optional[IntPair] = None,
+    precision: Optional[str] = None,
 ) -> InferenceConfig:
     """``inference`` (default ``InferenceConfig()``) with each keyword that is not ``None``
     replacing its field: the one place :class:`Segmenter`'s shorthand keywords are read.
@@ -379,9 +472,31 @@ def inference_with(
     if inference is not None and not isinstance(inference, InferenceConfig):
         raise TypeError(f"inference must be a deeplab.InferenceConfig, got {type(inference).__name__}")
     given = dict(mode=mode, scales=scales, flip=flip, crop_size=crop_size, stride=stride,
-                 output_stride=output_stride, pad_to=pad_to)
+                 output_stride=output_stride, pad_to=pad_to, precision=precision)
     changes: Dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     return dataclasses.replace(inference or InferenceConfig(), **changes)
+
+
+def _has(module: str) -> bool:
+    from deeplab._utils import optional_import
+
+    return optional_import(module) is not None
+
+
+def _checkpoint_precision(requested: str, device: Union[str, torch.device]) -> Tuple[str, str]:
+    """What a checkpoint runs at for ``InferenceConfig.precision`` = ``requested``."""
+    if requested == "int8":
+        raise ValueError(
+            "int8 runs an int8 export, not a checkpoint: deeplab export --checkpoint CKPT --precision int8 "
+            "--calib-data DIR --out model.onnx"
+        )
+    if requested == "bf16":
+        if torch.device(device).type != "cpu":
+            raise ValueError("precision bf16 runs CPU autocast; on a GPU leave precision at fp32 or auto")
+        return "bf16", "asked for (torch.autocast bfloat16)"
+    if requested == "fp32":
+        return "fp32", "asked for"
+    return choose_precision(None, "torch")
 
 
 def _is_checkpoint(path: Path) -> bool:

@@ -12,6 +12,13 @@ separable ASPP/decoder, ``1 x 3 x 513 x 513``, fp32), it measures the latency of
 * ``onnxruntime``- the exported ONNX file (BN folded), ``ORT_ENABLE_ALL``, intra-op threads;
 * ``openvino``   - the same ONNX file, OpenVINO CPU, ``PERFORMANCE_HINT=LATENCY``, f32, the
   input shape fixed at compile time (a deployment knows its input size);
+* ``eager_bf16`` - ``eager_cl`` under ``torch.autocast`` bfloat16 (what ``Segmenter`` runs for
+  ``precision="bf16"``);
+* ``openvino_bf16`` - the ``openvino`` path with ``INFERENCE_PRECISION_HINT=bf16``;
+* ``onnxruntime_int8`` / ``openvino_int8`` - the ONNX file quantized to int8 (static QDQ,
+  per-channel weights, ONNX Runtime MinMax calibration on 2 random images: speed does not
+  depend on the calibration, and the weights are random anyway; accuracy is measured by
+  ``benchmarks/deploy_precision.py`` on a trained model);
 
 each timed ``--repeat`` times after ``--warmup`` runs, *interleaved* (one run of each path in
 turn), so a neighbour's load hits all paths alike; min and median are reported. It also
@@ -49,6 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from deeplab import cpu
 from deeplab.cli.common import cli_command
 
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -69,6 +77,10 @@ PATH_SPECS: Dict[str, PathSpec] = {
     "compile": PathSpec("torch.compile (inductor, frozen)", "fp32"),
     "onnxruntime": PathSpec("ONNX Runtime", "fp32"),
     "openvino": PathSpec("OpenVINO", "fp32"),
+    "eager_bf16": PathSpec("eager bf16 autocast, BN folded + channels_last", "bf16"),
+    "openvino_bf16": PathSpec("OpenVINO bf16 (`INFERENCE_PRECISION_HINT`)", "bf16"),
+    "onnxruntime_int8": PathSpec("ONNX Runtime int8 (QDQ, per-channel)", "int8"),
+    "openvino_int8": PathSpec("OpenVINO int8 (same QDQ file)", "int8"),
 }
 PATHS = tuple(PATH_SPECS)
 DEFAULT_BACKBONES = ("resnet101", "xception65", "mobilenet_v2")
@@ -84,40 +96,18 @@ PROBE_SIZE = 256  # the quick first GEMM that decides whether a precision is wor
 
 
 def parse_cpuinfo(text: str) -> Dict[str, Any]:
-    """The CPU model name and the :data:`ISA_FLAGS` from the text of ``/proc/cpuinfo``.
-
-    Args:
-        text: the file's contents (the first processor's entries are used).
+    """The CPU model name and the :data:`ISA_FLAGS` from the text of ``/proc/cpuinfo``
+    (:func:`deeplab.cpu.parse_cpuinfo` restricted to the flags this table shows).
 
     Returns:
         ``{"cpu": name or None, "flags": {flag: bool for flag in ISA_FLAGS}}``.
     """
-    name: Optional[str] = None
-    flags: Optional[set] = None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key = key.strip()
-        if key == "model name" and name is None:
-            name = value.strip()
-        elif key in ("flags", "Features") and flags is None:  # "Features" on ARM
-            flags = set(value.split())
-    return {"cpu": name, "flags": {flag: flag in (flags or set()) for flag in ISA_FLAGS}}
+    return cpu.parse_cpuinfo(text, ISA_FLAGS)
 
 
 def machine_isa(cpuinfo: str = "/proc/cpuinfo") -> Dict[str, Any]:
     """:func:`parse_cpuinfo` of this machine plus torch's own CPU capability (``AVX2``, ``AVX512``, ...)."""
-    try:
-        info = parse_cpuinfo(Path(cpuinfo).read_text())
-    except OSError:  # not Linux: no flags to show, the capability below still tells the kernel set
-        info = parse_cpuinfo("")
-    info["cpu"] = info["cpu"] or platform.processor() or platform.machine()
-    try:
-        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # an old or unusual build; the figure is informative only
-        info["torch_cpu_capability"] = None
-    return info
+    return cpu.machine_isa(cpuinfo, ISA_FLAGS)
 
 
 @dataclass(frozen=True)
@@ -290,6 +280,8 @@ def build_paths(
     runners: Dict[str, Any] = {}
     folded: Optional[nn.Module] = None
     onnx_path: Optional[Path] = None
+    int8_path: Optional[Path] = None
+    stem = getattr(getattr(model, "config", None), "backbone", "model")
     for path in paths:
         start = time.perf_counter()
         try:
@@ -308,17 +300,25 @@ def build_paths(
                 with torch.no_grad():
                     compiled(x)  # compile now, not inside the timed loop
                 runners[path] = _sync_runner(compiled, x)
-            elif path in ("onnxruntime", "openvino"):
+            elif path == "eager_bf16":
+                from deeplab.deploy.runtime import AutocastBF16
+
+                runners[path] = _sync_runner(AutocastBF16(optimize_for_inference(model, layout="channels_last", fuse=False)), x)
+            elif path in ("onnxruntime", "openvino", "openvino_bf16", "onnxruntime_int8", "openvino_int8"):
                 if onnx_path is None:
-                    stem = getattr(getattr(model, "config", None), "backbone", "model")
                     onnx_path = export_onnx(model, workdir / f"{stem}.onnx")
                 from deeplab.deploy.runtime import OnnxRuntimeModel, OpenVINOModel
 
+                file, precision = onnx_path, PATH_SPECS[path].precision
+                if precision == "int8":
+                    if int8_path is None:
+                        int8_path = _quantized(onnx_path, workdir / f"{stem}.int8.onnx", x)
+                    file = int8_path
                 runner: nn.Module
-                if path == "onnxruntime":
-                    runner = OnnxRuntimeModel(onnx_path, threads=threads)
+                if path.startswith("onnxruntime"):
+                    runner = OnnxRuntimeModel(file, threads=threads)
                 else:
-                    runner = OpenVINOModel(onnx_path, threads=threads, static_shapes=True)
+                    runner = OpenVINOModel(file, threads=threads, static_shapes=True, precision=precision)
                 runner(x)  # first run: session / compiled-model setup, not inside the timed loop
                 runners[path] = _sync_runner(runner, x)
             else:
@@ -328,6 +328,19 @@ def build_paths(
         log(f"  prepared {path:<12} in {time.perf_counter() - start:5.1f} s"
             + (f"  ({runners[path]})" if isinstance(runners[path], str) else ""))
     return runners
+
+
+def _quantized(src: Path, dst: Path, x: torch.Tensor) -> Path:
+    """``src`` quantized to int8 (MinMax on 2 random images of ``x``'s shape), metadata kept."""
+    from deeplab.deploy.export import write_onnx_metadata
+    from deeplab.deploy.format import read_metadata
+    from deeplab.deploy.quantize import quantize_onnx
+
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(x.shape, generator=g).numpy() for _ in range(2)]
+    info = quantize_onnx(src, dst, images, method="minmax")
+    write_onnx_metadata(dst, {**read_metadata(src), "precision": "int8", "quantization": info})
+    return dst
 
 
 def time_interleaved(runners: Dict[str, Any], *, warmup: int, repeat: int) -> Dict[str, List[float]]:
@@ -501,12 +514,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--regular", action="store_true", help="regular 3x3 convs in ASPP/decoder (default: separable)")
     parser.add_argument("--num-classes", type=int, default=21)
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS),
+                        help="only the paths of these precisions (each measured against its own GEMM limit)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="default: torch's (the machine's cores)")
     parser.add_argument("--gemm-size", type=int, default=4096, help="N of the N x N GEMMs that measure the limits")
     parser.add_argument("--json", default="bench.json", help="where to write the full report")
     args = parser.parse_args(argv)
+    args.paths = [p for p in args.paths if PATH_SPECS[p].precision in args.precision]
+    if not args.paths:
+        parser.error(f"no path of --paths runs at --precision {' '.join(args.precision)}")
     print(f"deeplab bench: {vars(args)}", flush=True)
     report = run_bench(
         backbones=args.backbones, arch=args.arch, size=args.size, batch=args.batch, output_stride=args.output_stride,

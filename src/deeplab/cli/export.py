@@ -6,6 +6,15 @@ palette and normalisation are embedded in the file, and a parity check runs on e
 ``1 x 3 x S x S`` input (``--parity-size``, default 513, the paper's eval size) and on a
 second, non-square batch of 2 (to show the shapes really are dynamic). It must be below
 ``--tolerance`` (1e-3); otherwise the command exits 1.
+
+``--precision bf16|int8``: bf16 marks the float graph for bf16 inference (OpenVINO's
+``INFERENCE_PRECISION_HINT``, torch autocast for TorchScript); int8 quantizes the ONNX graph
+(static QDQ, per-channel weights) calibrated on ``--calib-images`` images from ``--calib-data
+DIR`` or ``--dataset D --data-root R`` (``--calib-method``, default ONNX Runtime percentile). The
+parity against fp32 on the held-out calibration images (mean pixel agreement, max logit diff)
+is printed and stored in the file; below the bound ``Segmenter``'s ``precision="auto"``
+accepts, the command exits 1. Needs the calibration flags for int8; for bf16 they are optional
+(parity on a random input otherwise).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from deeplab.cli.common import add_model_source_args, cli_command, resolve_model_source
 
@@ -35,6 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parity-size", type=int, default=513, help="side of the parity-check input")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="parity: largest allowed max |diff| of logits")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity check")
+    group = parser.add_argument_group("precision")
+    group.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                       help="bf16: float graph run at bf16 by OpenVINO / torch autocast; int8: ONNX QDQ, calibrated")
+    group.add_argument("--calib-data", default=None, metavar="DIR", help="folder of calibration images (int8; bf16 parity)")
+    group.add_argument("--dataset", default=None, help="calibrate on this dataset instead (voc, cityscapes, ade20k, folder)")
+    group.add_argument("--data-root", default=None, help="root of --dataset")
+    group.add_argument("--split", default=None, help="split of --dataset (default: the dataset's)")
+    group.add_argument("--calib-images", type=int, default=8,
+                       help="images to read; a quarter (at least 1) are held out to measure parity")
+    group.add_argument("--calib-method", default=None, choices=["nncf", "percentile", "minmax", "entropy"],
+                       help="int8 calibration (default: percentile, chosen by measurement; nncf's files run fast in OpenVINO only)")
     return parser
 
 
@@ -60,12 +80,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     meta = model_metadata(model, classes=ckpt.get("classes"), palette=ckpt.get("palette"),
                           normalization=ckpt.get("normalization"))
+    calibration = _calibration(args, meta, model.output_stride)
     start = time.perf_counter()
     path = export_model(model, args.out, format=args.format, metadata=meta, fold_bn=not args.no_fold_bn,
-                        opset=args.opset)
+                        opset=args.opset, precision=args.precision, calibration=calibration,
+                        calib_method=args.calib_method)
     size_mb = Path(path).stat().st_size / 2**20
-    print(f"wrote {path} ({size_mb:.1f} MiB) in {time.perf_counter() - start:.1f} s; "
+    print(f"wrote {path} ({size_mb:.1f} MiB, {args.precision}) in {time.perf_counter() - start:.1f} s; "
           f"inputs 'image' (batch, 3, height, width) -> 'logits' (batch, {model.num_classes}, height, width)")
+    if args.precision != "fp32":
+        return _report_precision(path)
     if args.no_parity:
         return 0
     generator = torch.Generator().manual_seed(0)
@@ -86,6 +110,52 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"deeplab export: parity FAILED: {worst:.3g} >= {args.tolerance:g}; do not deploy {path}", file=sys.stderr)
         return 1
     print(f"parity OK (< {args.tolerance:g})")
+    return 0
+
+
+def _calibration(args: argparse.Namespace, meta: Dict[str, Any], output_stride: int) -> Any:
+    """The calibration set the flags name (``None`` when none is named and none is needed)."""
+    from deeplab.cli.common import CLIError
+    from deeplab.deploy.quantize import calibration_set
+
+    named = args.calib_data is not None or args.dataset is not None
+    if args.precision == "fp32":
+        if named:
+            raise CLIError("--calib-data / --dataset calibrate bf16 and int8 exports; add --precision int8 (or bf16)")
+        return None
+    if args.precision == "int8" and not named:
+        raise CLIError("--precision int8 needs calibration images: --calib-data DIR or --dataset NAME --data-root ROOT")
+    if args.calib_method is not None and args.precision != "int8":
+        raise CLIError("--calib-method applies to --precision int8 only")
+    if not named:
+        return None
+    calib = calibration_set(folder=args.calib_data, dataset=args.dataset, data_root=args.data_root, split=args.split,
+                            count=args.calib_images, normalization=meta["normalization"], output_stride=output_stride)
+    print(f"calibration: {len(calib.calibration)} image(s) from {calib.source}, {calib.held_out} held out for parity",
+          flush=True)
+    return calib
+
+
+def _report_precision(path: Path) -> int:
+    """Print the stored parity of a bf16/int8 export; 1 if it is outside what ``auto`` accepts."""
+    from deeplab.deploy.format import read_metadata
+    from deeplab.segmenter import PARITY_BOUNDS
+
+    meta = read_metadata(path)
+    parity, precision = meta["parity"], meta["precision"]
+    quant = meta.get("quantization") or {}
+    if quant:
+        print(f"quantized by {quant['tool']} ({quant['method']}, {quant['weights']} weights); float layers: "
+              f"{', '.join(quant['keep_float']) or 'none'}")
+    agreement, bound = parity["pixel_agreement"], PARITY_BOUNDS[precision]
+    print(f"parity ({precision} {parity['backend']} vs fp32 PyTorch, {parity['images']} {parity['inputs']}): "
+          f"pixel agreement {100 * agreement:.2f}% (min {100 * parity['min_pixel_agreement']:.2f}%), "
+          f"max |diff| of logits {parity['max_logit_diff']:.3g}, mean {parity['mean_abs_logit_diff']:.3g}")
+    if agreement < bound:
+        print(f"deeplab export: parity below the {100 * bound:.0f}% bound of {precision}: precision auto will not "
+              f"pick {path} as a fast path; calibrate on more images like the deployment's", file=sys.stderr)
+        return 1
+    print(f"parity OK (>= {100 * bound:.0f}% pixel agreement, the bound of {precision}); stored in the file")
     return 0
 
 

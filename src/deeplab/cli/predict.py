@@ -25,6 +25,7 @@ never clash); each rank writes its own outputs and rank 0 prints the one summary
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import sys
 import time
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-legend", action="store_true", help="overlay without the class legend")
     parser.add_argument("--probs", action="store_true", help="also write <name>_probs.npy, (C, H, W) float32")
     add_inference_args(parser)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                        help="auto: the fastest this CPU accelerates whose stored export parity is in bound (fp32 for a checkpoint)")
     parser.add_argument("--device", default="cpu", help="torch backend: cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     parser.add_argument("--recursive", action="store_true", help="folders: include sub-folders")
@@ -237,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     all_files = len(files)
     files, dist_info = shard_inputs(files, args.device)
     try:
-        inference = inference_config(args)
+        inference = dataclasses.replace(inference_config(args), precision=args.precision)
         if args.backend == "torch":
             device = dist_info.device if dist_info.world_size > 1 else args.device
             segmenter = Segmenter.load(args.checkpoint, backend="torch", device=device, inference=inference)
@@ -252,8 +255,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if dist_info.is_main:
         print(
             f"deeplab predict: {all_files} file(s){ranks} -> {out} | model {args.model or args.checkpoint} "
-            f"({segmenter.backend}, {segmenter.num_classes} classes) | mode={args.mode} scales={list(segmenter.scales)} "
-            f"flip={args.flip}{' overlay' if args.overlay else ''}{' probs' if args.probs else ''}",
+            f"({segmenter.backend}, {segmenter.num_classes} classes) | precision {segmenter.precision} "
+            f"({args.precision}: {segmenter.precision_reason or 'asked for'}) | mode={args.mode} "
+            f"scales={list(segmenter.scales)} flip={args.flip}{' overlay' if args.overlay else ''}"
+            f"{' probs' if args.probs else ''}",
             flush=True,
         )
     done, failed = 0, []

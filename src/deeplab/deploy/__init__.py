@@ -7,10 +7,13 @@ Modules, in the direction imports flow:
 * :mod:`~deeplab.deploy.optimize` - :func:`fold_batchnorm`, :func:`optimize_for_inference`
   (oneDNN conv + activation fusion, channels_last, shifted depthwise convs).
 * :mod:`~deeplab.deploy.export` - :func:`export_onnx`, :func:`export_torchscript`,
-  :func:`export_model` with embedded metadata.
+  :func:`export_model` with embedded metadata, at fp32 / bf16 / int8 (parity stored).
+* :mod:`~deeplab.deploy.quantize` - calibration images, int8 QDQ by ONNX Runtime or NNCF,
+  :func:`~deeplab.deploy.quantize.measure_parity` (pixel agreement, max logit diff).
 * :mod:`~deeplab.deploy.runtime` - ONNX Runtime / OpenVINO / TorchScript backends behind the
-  ``model(x) -> logits`` contract (:func:`load_exported`) and :func:`check_parity`. It reads
-  files through ``format`` only and imports neither ``export`` nor ``optimize``.
+  ``model(x) -> logits`` contract (:func:`load_exported`, with the precision it runs at) and
+  :func:`check_parity`. It reads files through ``format`` only and imports neither ``export``
+  nor ``optimize``.
 """
 
 from deeplab.deploy.export import export_model, export_onnx, export_torchscript

@@ -10,6 +10,20 @@ PyTorch model, run :func:`deeplab.deploy.runtime.check_parity`.
 
 Exports have a dynamic batch, height and width: the model's resizes take their target sizes
 from tensor shapes without converting them to ``int``, so tracing keeps them symbolic.
+
+Precision (:data:`EXPORT_PRECISIONS`, ``export_model(precision=...)``):
+
+* ``fp32`` - the float graph as traced.
+* ``bf16`` - the same float graph, marked ``"precision": "bf16"``: OpenVINO runs it with
+  ``INFERENCE_PRECISION_HINT=bf16``, TorchScript under ``torch.autocast`` (bfloat16). Weights
+  stay fp32 in the file, so one file also runs in fp32 anywhere.
+* ``int8`` - ONNX only: static QDQ quantization of the float graph calibrated on real images
+  (:mod:`deeplab.deploy.quantize`).
+
+For bf16 and int8 the parity against the fp32 PyTorch model on the held-out calibration
+images (mean pixel agreement, max logit diff) is measured after writing and stored in the
+metadata (``"parity"``), with the calibration set and method; ``Segmenter``'s
+``precision="auto"`` reads it.
 """
 
 from __future__ import annotations
@@ -18,8 +32,9 @@ import contextlib
 import copy
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,18 +49,24 @@ from deeplab.deploy.format import (
 )
 from deeplab.deploy.optimize import fold_batchnorm
 
+if TYPE_CHECKING:
+    from deeplab.deploy.quantize import CalibrationSet
+
 __all__ = [
     "DEFAULT_OPSET",
     "EXPORT_FORMATS",
+    "EXPORT_PRECISIONS",
     "export_model",
     "export_onnx",
     "export_torchscript",
     "model_metadata",
+    "write_onnx_metadata",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_PRECISIONS = ("fp32", "bf16", "int8")
 DEFAULT_OPSET = 17
 
 
@@ -217,6 +238,19 @@ def export_torchscript(
     return path
 
 
+def write_onnx_metadata(path: PathLike, metadata: Mapping[str, Any]) -> None:
+    """Replace the deeplab metadata of an ONNX file in place (atomically)."""
+    import onnx
+
+    path = Path(path)
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    with _atomic_target(path) as tmp:
+        onnx.save(proto, str(tmp))
+
+
 def export_model(
     model: nn.Module,
     path: PathLike,
@@ -226,11 +260,95 @@ def export_model(
     example_input: Optional[torch.Tensor] = None,
     fold_bn: bool = True,
     opset: int = DEFAULT_OPSET,
+    precision: str = "fp32",
+    calibration: Optional["CalibrationSet"] = None,
+    calib_method: Optional[str] = None,
 ) -> Path:
-    """:func:`export_onnx` or :func:`export_torchscript` by ``format`` (``"onnx"``/``"torchscript"``)."""
-    if format == "onnx":
-        return export_onnx(model, path, metadata=metadata, example_input=example_input, fold_bn=fold_bn, opset=opset)
-    if format == "torchscript":
-        return export_torchscript(model, path, metadata=metadata, example_input=example_input, fold_bn=fold_bn)
-    raise ValueError(f"unknown export format {format!r}; choose from {list(EXPORT_FORMATS)}")
+    """:func:`export_onnx` or :func:`export_torchscript` by ``format`` (``"onnx"``/``"torchscript"``),
+    at ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``; see the module docstring).
 
+    Args:
+        calibration: images (:func:`deeplab.deploy.quantize.calibration_set`): int8 calibrates
+            on them; bf16 and int8 measure parity on the held-out ones. Required for int8.
+        calib_method: int8 only, a key of :data:`deeplab.deploy.quantize.CALIBRATION_METHODS`
+            (default :func:`deeplab.deploy.quantize.default_calibration_method`).
+
+    Returns:
+        ``path``; :func:`~deeplab.deploy.format.read_metadata` gives ``precision``,
+        ``calibration``, ``quantization`` and ``parity``.
+
+    Raises:
+        ValueError: unknown format or precision.
+        ExportError: int8 to TorchScript, int8 without calibration images, quantization failed.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose from {list(EXPORT_FORMATS)}")
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"unknown export precision {precision!r}; choose from {list(EXPORT_PRECISIONS)}")
+    meta = dict(metadata) if metadata is not None else model_metadata(model)
+    meta["precision"] = precision
+    if precision == "fp32":
+        if format == "onnx":
+            return export_onnx(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn, opset=opset)
+        return export_torchscript(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn)
+    from deeplab.deploy import quantize
+
+    if precision == "int8":
+        if format != "onnx":
+            raise ExportError("int8 export writes ONNX (QDQ) files only; pass --format onnx")
+        if calibration is None or not calibration.calibration:
+            raise ExportError("int8 export needs calibration images: pass --calib-data DIR or --dataset NAME --data-root ROOT")
+        method = calib_method or quantize.default_calibration_method()
+        path = Path(path)
+        with tempfile.TemporaryDirectory(prefix="deeplab-int8-") as tmp:
+            float_path = export_onnx(model, Path(tmp) / "fp32.onnx", metadata=meta, example_input=example_input,
+                                     fold_bn=fold_bn, opset=opset)
+            with _atomic_target(path) as target:
+                meta["quantization"] = quantize.quantize(float_path, target, calibration.calibration, method=method)
+        meta["calibration"] = calibration.describe()
+        backend = "onnxruntime"
+    else:  # bf16: the float graph, run at bf16 by the runtime
+        if format == "onnx":
+            path = export_onnx(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn, opset=opset)
+        else:
+            path = export_torchscript(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn)
+        if calibration is not None:
+            meta["calibration"] = calibration.describe()
+        backend = "openvino" if format == "onnx" else "torchscript"
+    meta["parity"] = _measure_parity(model, path, meta, calibration, backend, precision, fold_bn)
+    if format == "onnx":
+        write_onnx_metadata(path, meta)
+    else:
+        _rewrite_torchscript_metadata(path, meta)
+    return Path(path)
+
+
+def _parity_inputs(model: nn.Module, calibration: Optional["CalibrationSet"]) -> Tuple[List[Any], str]:
+    if calibration is not None and calibration.parity:
+        which = "held-out calibration images" if calibration.held_out else "calibration images (none held out)"
+        return list(calibration.parity), which
+    # No images given (bf16): a random input still bounds the logit error, but its pixel
+    # agreement says little about photos.
+    stride = int(getattr(model, "output_stride", 16) or 16)
+    x = torch.randn(1, 3, stride * 20 + 1, stride * 20 + 1, generator=torch.Generator().manual_seed(0))
+    return [x.numpy()], "a random input (no calibration images given)"
+
+
+def _measure_parity(model: nn.Module, path: PathLike, meta: Dict[str, Any], calibration: Optional["CalibrationSet"],
+                    backend: str, precision: str, fold_bn: bool) -> Dict[str, Any]:
+    from deeplab.deploy.quantize import measure_parity
+    from deeplab.deploy.runtime import load_exported
+
+    arrays, which = _parity_inputs(model, calibration)
+    runner = load_exported(path, backend=backend, precision=precision, metadata=meta)
+    reference = _prepare(model, fold_bn)
+    result = measure_parity(reference, runner, arrays)
+    result.update(backend=backend, precision=precision, inputs=which, reference="fp32 PyTorch")
+    return result
+
+
+def _rewrite_torchscript_metadata(path: PathLike, meta: Mapping[str, Any]) -> None:
+    with quiet_tracing():
+        module = torch.jit.load(str(path), map_location="cpu")
+    with _atomic_target(Path(path)) as tmp, quiet_tracing():
+        torch.jit.save(module, str(tmp), _extra_files={TORCHSCRIPT_METADATA_FILE: json.dumps(meta)})

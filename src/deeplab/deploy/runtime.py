@@ -14,6 +14,13 @@ model.
   compiles once per input shape (cached) - faster per call when sizes repeat.
 * ``torchscript``: ``torch.jit.load`` of a file written by ``deeplab export --format torchscript``.
 
+Precision (``load_exported(precision=...)``, default the file's own ``metadata["precision"]``,
+fp32 for files exported before precisions existed) is recorded on the loaded model
+(``model.precision``): OpenVINO runs ``bf16`` with ``INFERENCE_PRECISION_HINT=bf16``;
+TorchScript runs it under ``torch.autocast("cpu", torch.bfloat16)``
+(:class:`AutocastBF16`, also what ``Segmenter`` wraps an eager model in); ONNX Runtime's CPU
+provider has no bf16 path (ask OpenVINO). An int8 file runs as int8 in either ONNX runtime.
+
 :func:`check_parity` runs an exported file with one of these backends next to the PyTorch
 model and returns ``max |diff|`` of the logits. The file contract (metadata, sniffing) comes
 from :mod:`deeplab.deploy.format`; this module never imports the writer.
@@ -30,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deeplab._utils import optional_import
 from deeplab.deploy.format import (
     TORCHSCRIPT_METADATA_FILE,
     ExportError,
@@ -39,6 +47,7 @@ from deeplab.deploy.format import (
 )
 
 __all__ = [
+    "AutocastBF16",
     "EXPORTED_BACKENDS",
     "ExportedModel",
     "OnnxRuntimeModel",
@@ -51,6 +60,60 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 EXPORTED_BACKENDS = ("onnxruntime", "openvino", "torchscript")
+RUNTIME_PRECISIONS = ("fp32", "bf16", "int8")
+# which precisions each backend can run a file at
+BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8"),
+                      "torchscript": ("fp32", "bf16")}
+
+
+def file_precision(metadata: Dict[str, Any]) -> str:
+    """The precision a file was exported at (``"fp32"`` for files from before precisions)."""
+    return str(metadata.get("precision") or "fp32")
+
+
+def resolve_precision(path: PathLike, metadata: Dict[str, Any], backend: str, precision: Optional[str]) -> str:
+    """The precision ``backend`` runs the file at: ``precision``, or the file's own.
+
+    Raises:
+        ExportError: the file or the backend cannot run at that precision (the message says what to do).
+    """
+    stored = file_precision(metadata)
+    wanted = precision or stored
+    if wanted not in RUNTIME_PRECISIONS:
+        raise ValueError(f"unknown precision {wanted!r}; choose from {list(RUNTIME_PRECISIONS)}")
+    if stored == "int8" and wanted != "int8":
+        raise ExportError(
+            f"{path} holds int8 weights and cannot run at {wanted}; export the checkpoint again with --precision {wanted}"
+        )
+    if wanted == "int8" and stored != "int8":
+        raise ExportError(f"{path} is a {stored} export; for int8 export it with --precision int8 and calibration images")
+    if wanted not in BACKEND_PRECISIONS[backend]:
+        hint = "run it with backend 'openvino'" if backend == "onnxruntime" else "export it as ONNX"
+        raise ExportError(f"backend {backend!r} cannot run {path} at {wanted} (it runs {list(BACKEND_PRECISIONS[backend])}); {hint}")
+    return wanted
+
+
+class AutocastBF16(nn.Module):
+    """Runs ``module`` under ``torch.autocast("cpu", dtype=torch.bfloat16)``; returns float32 logits.
+
+    Autocast runs convs and matmuls in bfloat16 (oneDNN's AVX-512 BF16 / AMX kernels) and keeps
+    reductions and softmax-like ops in float32. The attributes the inference code reads
+    (``output_stride``, ``align_corners``, ``num_classes``, ``config``, ``normalization``) are
+    passed through.
+    """
+
+    precision = "bf16"
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        for name in ("output_stride", "align_corners", "num_classes", "config", "normalization"):
+            if hasattr(module, name):
+                setattr(self, name, getattr(module, name))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.module(x).float()
 
 
 def _threads(threads: Optional[int]) -> int:
@@ -76,6 +139,7 @@ class ExportedModel(nn.Module):
         self.output_stride = int(metadata.get("output_stride", 16))
         self.align_corners = bool(metadata.get("align_corners", False))
         self.num_classes = int(metadata.get("num_classes", 0))
+        self.precision = file_precision(metadata)
         self.eval()
 
     def _run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
@@ -89,7 +153,7 @@ class ExportedModel(nn.Module):
         return torch.from_numpy(np.asarray(self._run(array)))
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}, path={str(self.path)!r}"
+        return f"backend={self.backend}, precision={self.precision}, path={str(self.path)!r}"
 
 
 class OnnxRuntimeModel(ExportedModel):
@@ -97,12 +161,14 @@ class OnnxRuntimeModel(ExportedModel):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: PathLike, metadata: Optional[Dict[str, Any]] = None, *, threads: Optional[int] = None) -> None:
+    def __init__(self, path: PathLike, metadata: Optional[Dict[str, Any]] = None, *, threads: Optional[int] = None,
+                 precision: Optional[str] = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise ExportError("the onnxruntime backend needs onnxruntime: pip install 'deeplab[onnx]'") from exc
         super().__init__(path, read_metadata(path) if metadata is None else metadata)
+        self.precision = resolve_precision(path, self.metadata, self.backend, precision)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -117,7 +183,8 @@ class OnnxRuntimeModel(ExportedModel):
 
 
 class OpenVINOModel(ExportedModel):
-    """An ONNX file compiled by OpenVINO for the CPU (fp32, latency hint)."""
+    """An ONNX file compiled by OpenVINO for the CPU (latency hint; fp32, or bf16 by
+    ``INFERENCE_PRECISION_HINT``; an int8 file's QDQ nodes run as int8 kernels)."""
 
     backend = "openvino"
 
@@ -129,18 +196,21 @@ class OpenVINOModel(ExportedModel):
         threads: Optional[int] = None,
         static_shapes: bool = False,
         cache_size: int = 4,
+        precision: Optional[str] = None,
     ) -> None:
         try:
             import openvino as ov
         except ImportError as exc:
             raise ExportError("the openvino backend needs OpenVINO: pip install 'deeplab[openvino]'") from exc
         super().__init__(path, read_metadata(path) if metadata is None else metadata)
+        self.precision = resolve_precision(path, self.metadata, self.backend, precision)
         self._ov = ov
         self.core = ov.Core()
         self.config = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": _threads(threads),
-            "INFERENCE_PRECISION_HINT": "f32",
+            # int8 files: the layers left in float stay fp32 (bf16 would add its own error)
+            "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
         }
         self.static_shapes = static_shapes
         self.cache_size = cache_size
@@ -174,7 +244,8 @@ class TorchScriptModel(ExportedModel):
 
     backend = "torchscript"
 
-    def __init__(self, path: PathLike, metadata: Optional[Dict[str, Any]] = None, *, threads: Optional[int] = None) -> None:
+    def __init__(self, path: PathLike, metadata: Optional[Dict[str, Any]] = None, *, threads: Optional[int] = None,
+                 precision: Optional[str] = None) -> None:
         extra = {TORCHSCRIPT_METADATA_FILE: ""}
         try:
             with quiet_tracing():  # torch 2.9+ flags torch.jit as deprecated on every load
@@ -184,11 +255,12 @@ class TorchScriptModel(ExportedModel):
         if metadata is None:
             metadata = read_metadata(path)
         super().__init__(path, metadata)
+        self.precision = resolve_precision(path, self.metadata, self.backend, precision)
         self.module = module.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.module(x.float())
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.module(x.float()).float()
 
 
 def load_exported(
@@ -197,16 +269,22 @@ def load_exported(
     backend: str = "auto",
     threads: Optional[int] = None,
     static_shapes: bool = False,
+    precision: Optional[str] = None,
+    metadata: Optional[Dict[str, Any]] = None,
 ) -> ExportedModel:
     """Open an exported file with a runtime backend.
 
     Args:
         path: an ``.onnx`` or TorchScript file written by :mod:`deeplab.deploy.export`.
         backend: ``"onnxruntime"``, ``"openvino"``, ``"torchscript"`` or ``"auto"`` (ONNX
-            Runtime for ONNX files, TorchScript otherwise). ``"torch"`` is accepted as
-            ``"torchscript"`` for TorchScript files.
+            Runtime for ONNX files, TorchScript otherwise; OpenVINO for a bf16 ONNX file
+            where it is installed). ``"torch"`` is accepted as ``"torchscript"`` for
+            TorchScript files.
         threads: intra-op threads (default: torch's thread count).
         static_shapes: OpenVINO only - compile per input shape.
+        precision: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``None`` (the file's own); recorded
+            as ``model.precision``.
+        metadata: the file's metadata when the caller already has it (else read from the file).
 
     Raises:
         FileNotFoundError: no such file.
@@ -218,6 +296,9 @@ def load_exported(
     onnx_file = is_onnx(path)
     if backend == "auto":
         backend = "onnxruntime" if onnx_file else "torchscript"
+        if onnx_file and (precision or file_precision(metadata or read_metadata(path))) == "bf16" \
+                and optional_import("openvino") is not None:
+            backend = "openvino"  # ONNX Runtime's CPU provider has no bf16 path
     if backend == "torch" and not onnx_file:
         backend = "torchscript"
     if backend not in EXPORTED_BACKENDS:
@@ -230,10 +311,10 @@ def load_exported(
             "`deeplab export --format onnx` or use backend 'torch'"
         )
     if backend == "onnxruntime":
-        return OnnxRuntimeModel(path, threads=threads)
+        return OnnxRuntimeModel(path, metadata, threads=threads, precision=precision)
     if backend == "openvino":
-        return OpenVINOModel(path, threads=threads, static_shapes=static_shapes)
-    return TorchScriptModel(path, threads=threads)
+        return OpenVINOModel(path, metadata, threads=threads, static_shapes=static_shapes, precision=precision)
+    return TorchScriptModel(path, metadata, threads=threads, precision=precision)
 
 
 def check_parity(

@@ -1,0 +1,590 @@
+"""int8 quantization of exported ONNX files, calibration data, and parity against fp32.
+
+* :func:`calibration_set` - images for calibration (and held out for parity) from a folder of
+  images or from a dataset, preprocessed exactly as inference sees them: normalised with the
+  model's mean/std, at most ``max_side`` on the longer side, padded with 0 (the mean pixel) at
+  the bottom/right to ``OS*k+1``.
+* :func:`quantize_onnx` - ONNX Runtime static quantization: QDQ format, per-channel int8
+  weights (symmetric), uint8 activations (asymmetric, the u8 x s8 pairing VNNI and AMX
+  multiply natively), calibration by :data:`CALIBRATION_METHODS`.
+* :func:`quantize_openvino` - the same with OpenVINO NNCF (``pip install 'deeplab[openvino]'``),
+  written as an ONNX file with QDQ nodes both runtimes read.
+* :func:`measure_parity` - an exported file against the fp32 PyTorch model on held-out images:
+  mean pixel agreement of the argmax and the largest logit difference.
+
+Which layers stay float (:data:`KEEP_FLOAT`), decided by measurement on the demo model
+(MobileNetV2 after ``deeplab demo``, mIoU on its 4 photos, fp32 51.32):
+
+* the final 1x1 logits conv (``classifier``), ASPP's image-pooling branch and the resizes stay
+  float: with them float NNCF int8 gives 51.40 mIoU and 97.7% pixel agreement, with them
+  quantized 51.11 / 97.6% (ONNX Runtime MinMax 50.32 vs 50.03). They are ~0.1% of the MACs (the
+  image pool is a 1x1 conv on a 1x1 map, the resizes are memory-bound), so float costs nothing.
+* everything else is int8: keeping the stem conv float (MinMax 46.2), the depthwise convs
+  (39.1; a float island between int8 layers adds requantization error) or the decoder (50.38,
+  +0.06 for ~10% of the MACs) did not pay.
+
+Calibration methods (:data:`CALIBRATION_METHODS`), calibrated and evaluated on all 4 photos
+with ONNX Runtime: NNCF 51.40, percentile 50.58, MinMax 50.32, entropy 45.62; per-tensor
+instead of per-channel weights 36.89. Held out (calibrated on 3, see
+``benchmarks/deploy_precision.py``) the default became percentile: see
+:data:`DEFAULT_CALIBRATION_METHOD`. Four photos are a tiny sample: on them the *same* int8 file
+scores 45.4 mIoU in ONNX Runtime and 50.6 in OpenVINO (their requantization rounds
+differently and small classes flip), so differences under ~5 mIoU on all 4 are noise; the
+held-out photo moves by tenths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from deeplab._utils import DeeplabError, optional_import
+from deeplab.deploy.format import ExportError
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "DEFAULT_CALIBRATION_METHOD",
+    "FALLBACK_CALIBRATION_METHOD",
+    "IMAGE_SUFFIXES",
+    "KEEP_FLOAT",
+    "CalibrationError",
+    "CalibrationSet",
+    "calibration_set",
+    "default_calibration_method",
+    "float_node_names",
+    "measure_parity",
+    "pad_to_common",
+    "prepare_image",
+    "quantize",
+    "quantize_onnx",
+    "quantize_openvino",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
+
+# name -> onnxruntime.quantization.CalibrationMethod member name ("nncf": OpenVINO NNCF's own)
+CALIBRATION_METHODS: Dict[str, str] = {
+    "nncf": "NNCF", "percentile": "Percentile", "minmax": "MinMax", "entropy": "Entropy",
+}
+# Measured on the demo model (MobileNetV2, benchmarks/deploy_precision.py, calibrated on 3 VOC
+# photos, the 4th held out): percentile is within 0.5 mIoU of fp32 on the held-out photo in
+# both runtimes and its QDQ graph runs 2.8-2.9x ORT fp32 in both. NNCF's file is as accurate
+# but ONNX Runtime does not fuse its QDQ pattern (0.66x fp32 there; OpenVINO 2.3x): pick
+# "nncf" for OpenVINO deployments.
+DEFAULT_CALIBRATION_METHOD = "percentile"
+FALLBACK_CALIBRATION_METHOD = "percentile"
+
+# Layer groups that may stay float -> how to find their nodes in an exported graph.
+LAYER_GROUPS = ("logits", "image_pool", "resize", "stem", "depthwise", "decoder")
+KEEP_FLOAT: Tuple[str, ...] = ("logits", "image_pool", "resize")
+
+
+class CalibrationError(DeeplabError, ValueError):
+    """The calibration data cannot be used; the message names the source, the cause and the fix."""
+
+
+@dataclass
+class CalibrationSet:
+    """Preprocessed images for calibration and for the parity check.
+
+    Attributes:
+        arrays: ``(1, 3, H, W)`` float32 normalised inputs, one per image (sizes may differ).
+        names: the image file of each array.
+        source: where they came from (a folder, or ``dataset:root``), for the metadata.
+        held_out: how many of the last arrays are kept out of calibration for parity.
+    """
+
+    arrays: List[np.ndarray]
+    names: List[str]
+    source: str
+    held_out: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def calibration(self) -> List[np.ndarray]:
+        """The arrays used for calibration (all but the held-out ones)."""
+        return self.arrays[: len(self.arrays) - self.held_out]
+
+    @property
+    def parity(self) -> List[np.ndarray]:
+        """The held-out arrays (all arrays when nothing is held out: the parity is then not held-out)."""
+        return self.arrays[len(self.arrays) - self.held_out:] if self.held_out else list(self.arrays)
+
+    def describe(self) -> Dict[str, Any]:
+        """JSON for the export metadata: source, image names, which were held out."""
+        split = len(self.arrays) - self.held_out
+        return {"source": self.source, "images": len(self.arrays) - self.held_out, "names": self.names[:split],
+                "held_out": self.names[split:], **self.extra}
+
+
+def prepare_image(
+    rgb: np.ndarray,
+    normalization: Mapping[str, Sequence[float]],
+    *,
+    output_stride: int = 16,
+    max_side: Optional[int] = 513,
+) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 image as a ``(1, 3, H', W')`` float32 model input.
+
+    Resized (bilinear, aspect kept) so the longer side is at most ``max_side``, normalised,
+    padded with 0 at the bottom/right to ``OS*k+1`` in each dimension as whole-image
+    inference does.
+    """
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    if max_side and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(size, getattr(Image, "Resampling", Image).BILINEAR))
+        h, w = rgb.shape[:2]
+    mean = np.asarray(normalization["mean"], dtype=np.float32) * 255.0
+    std = np.asarray(normalization["std"], dtype=np.float32) * 255.0
+    x = (rgb.astype(np.float32) - mean) / std
+    ph = output_stride * -(-(h - 1) // output_stride) + 1
+    pw = output_stride * -(-(w - 1) // output_stride) + 1
+    out = np.zeros((1, 3, ph, pw), dtype=np.float32)
+    out[0, :, :h, :w] = x.transpose(2, 0, 1)
+    return out
+
+
+def _folder_images(folder: Path) -> List[Path]:
+    if not folder.exists():
+        raise CalibrationError(f"calibration folder {folder} does not exist; pass --calib-data DIR with images in it")
+    if not folder.is_dir():
+        raise CalibrationError(f"--calib-data {folder} is a file, not a folder; pass the folder that holds the images")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CalibrationError(
+            f"calibration folder {folder} has no image files ({', '.join(IMAGE_SUFFIXES)}); "
+            "point --calib-data at a folder of photos like the ones the model will see"
+        )
+    return files
+
+
+def calibration_set(
+    *,
+    folder: Optional[PathLike] = None,
+    dataset: Optional[str] = None,
+    data_root: Optional[PathLike] = None,
+    split: Optional[str] = None,
+    count: int = 8,
+    held_out: Optional[int] = None,
+    normalization: Mapping[str, Sequence[float]],
+    output_stride: int = 16,
+    max_side: Optional[int] = 513,
+) -> CalibrationSet:
+    """Calibration images from a folder (``folder``) or a dataset (``dataset`` + ``data_root``).
+
+    The first ``count`` images (sorted by name; the dataset's order) are read; the last
+    ``held_out`` of them are kept out of calibration for the parity check.
+
+    Args:
+        folder: a folder of images (searched recursively).
+        dataset, data_root, split: a dataset by name (``"folder"``, ``"voc"``, ...), as ``deeplab eval``.
+        count: images to read in all (calibration + held out).
+        held_out: of those, how many only check parity (0: parity on the calibration images);
+            default a quarter of ``count`` (at least 1 when ``count >= 2``).
+        normalization: the model's ``{"mean", "std"}``.
+        output_stride: for the ``OS*k+1`` padding.
+        max_side: longest side after resizing (``None``: native size).
+
+    Raises:
+        CalibrationError: neither or both sources given, no images, too few for ``held_out``,
+            an unreadable image.
+    """
+    if (folder is None) == (dataset is None):
+        raise CalibrationError("int8 needs calibration images: pass --calib-data DIR or --dataset NAME --data-root ROOT (one of them)")
+    if count < 1:
+        raise CalibrationError(f"--calib-images must be at least 1, got {count}")
+    explicit = held_out is not None
+    if held_out is None:
+        held_out = max(1, count // 4) if count >= 2 else 0
+    if held_out < 0 or (held_out and count <= held_out):
+        raise CalibrationError(
+            f"{count} calibration image(s) leave none to calibrate once {held_out} are held out for parity; "
+            f"pass --calib-images {held_out + 1} or more"
+        )
+    from deeplab.data.base import DatasetError, load_image
+
+    names: List[str] = []
+    images: List[np.ndarray] = []
+    if folder is not None:
+        source = str(folder)
+        for path in _folder_images(Path(folder))[:count]:
+            try:
+                images.append(np.asarray(load_image(path)))
+            except (DatasetError, OSError) as exc:
+                raise CalibrationError(f"calibration image {path} cannot be read ({exc}); remove it from {folder}") from exc
+            names.append(path.name)
+    else:
+        from deeplab.data import build_dataset
+
+        if data_root is None:
+            raise CalibrationError(f"--dataset {dataset} needs --data-root ROOT (the folder that holds it)")
+        source = f"{dataset}:{data_root}" + (f":{split}" if split else "")
+        ds = build_dataset(str(dataset), str(data_root), split)
+        if len(ds) == 0:
+            raise CalibrationError(f"dataset {source} has no images; check --data-root and --split")
+        for index in range(min(count, len(ds))):
+            images.append(np.asarray(ds.load_image(index)))
+            names.append(Path(ds.samples[index][0]).name)
+    if not explicit and len(images) < count:  # a small folder: hold out what can be held out
+        held_out = max(1, len(images) // 4) if len(images) >= 2 else 0
+    if held_out and len(images) <= held_out:
+        raise CalibrationError(
+            f"{source} has {len(images)} image(s): too few to calibrate with {held_out} held out for parity; "
+            "add images or pass held_out=0"
+        )
+    arrays = [prepare_image(rgb, normalization, output_stride=output_stride, max_side=max_side) for rgb in images]
+    return CalibrationSet(arrays=arrays, names=names, source=source, held_out=held_out,
+                          extra={"max_side": max_side, "output_stride": output_stride})
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+def float_node_names(model: Any, keep: Sequence[str] = KEEP_FLOAT) -> List[str]:
+    """Names of the nodes of an ONNX ``model`` (a ``ModelProto``) in the layer groups ``keep``.
+
+    Groups: ``"logits"`` - the conv whose output the final resize (or the graph output)
+    reads; ``"image_pool"`` - every node under ``/image_pool/`` (ASPP's image-level
+    features); ``"resize"`` - every ``Resize`` node.
+
+    Raises:
+        ValueError: an unknown group (the message lists them).
+    """
+    unknown = [k for k in keep if k not in LAYER_GROUPS]
+    if unknown:
+        raise ValueError(f"unknown layer group(s) {unknown}; choose from {list(LAYER_GROUPS)}")
+    nodes = list(model.graph.node)
+    producer = {out: node for node in nodes for out in node.output}
+    names: List[str] = []
+    if "logits" in keep:
+        tensor = model.graph.output[0].name
+        node = producer.get(tensor)
+        # walk back through the final resize / casts to the conv that makes the logits
+        while node is not None and node.op_type != "Conv":
+            node = producer.get(node.input[0]) if node.input else None
+        if node is not None:
+            names.append(node.name)
+    if "image_pool" in keep:
+        names += [n.name for n in nodes if "/image_pool/" in n.name and n.name not in names]
+    if "resize" in keep:
+        names += [n.name for n in nodes if n.op_type == "Resize" and n.name not in names]
+    if "stem" in keep:
+        first = model.graph.input[0].name
+        names += [n.name for n in nodes if n.op_type == "Conv" and first in n.input and n.name not in names]
+    if "depthwise" in keep:
+        names += [n.name for n in nodes if n.op_type == "Conv" and n.name not in names
+                  and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    if "decoder" in keep:
+        names += [n.name for n in nodes if "/decoder/" in n.name and n.name not in names]
+    return names
+
+
+class _ArrayReader:
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over a list of arrays."""
+
+    def __init__(self, input_name: str, arrays: Sequence[np.ndarray]) -> None:
+        self.input_name = input_name
+        self.arrays = list(arrays)
+        self.index = 0
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self.index >= len(self.arrays):
+            return None
+        self.index += 1
+        return {self.input_name: self.arrays[self.index - 1]}
+
+    def rewind(self) -> None:
+        self.index = 0
+
+
+def pad_to_common(arrays: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """``arrays`` padded with 0 at the bottom/right to their largest height and width."""
+    h = max(a.shape[2] for a in arrays)
+    w = max(a.shape[3] for a in arrays)
+    out = []
+    for a in arrays:
+        padded = np.zeros((a.shape[0], a.shape[1], h, w), dtype=np.float32)
+        padded[:, :, : a.shape[2], : a.shape[3]] = a
+        out.append(padded)
+    return out
+
+
+def constants_to_initializers(model: Any) -> int:
+    """Give every Conv weight/bias that a ``Constant`` or an ``Identity`` of an initializer makes
+    its own initializer, in place.
+
+    The exporter deduplicates equal tensors (e.g. the all-zero biases BatchNorm folding gives an
+    untrained model) and points the copies at one initializer through ``Identity`` nodes, and may
+    write small tensors as ``Constant`` nodes. ONNX Runtime's quantizer only quantizes biases
+    that are initializers; with a float bias it cannot fuse DequantizeLinear -> Conv ->
+    QuantizeLinear into an int8 conv, and the "int8" model runs fp32 convs between
+    (de)quantizations - measured 1.5x slower than fp32 on a fresh R101.
+
+    Returns:
+        How many were moved.
+    """
+    from onnx import numpy_helper
+
+    conv_inputs = {name for node in model.graph.node if node.op_type == "Conv" for name in node.input[1:]}
+    initializers = {init.name: init for init in model.graph.initializer}
+    moved = 0
+    for node in list(model.graph.node):
+        if node.output[0] not in conv_inputs:
+            continue
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is None:
+                continue
+            array = numpy_helper.to_array(value.t)
+        elif node.op_type == "Identity" and node.input[0] in initializers:
+            array = numpy_helper.to_array(initializers[node.input[0]])
+        else:
+            continue
+        model.graph.initializer.append(numpy_helper.from_array(array.copy(), node.output[0]))
+        model.graph.node.remove(node)
+        moved += 1
+    return moved
+
+
+def _compute_nodes(names: Sequence[str]) -> List[str]:
+    # The metadata lists the layers that do arithmetic; the image-pool branch's shape plumbing
+    # (Shape, Gather, Concat ...) never had an int8 form.
+    return [n for n in names if n.rsplit("/", 1)[-1].split("_")[0] in ("Conv", "Resize", "GlobalAveragePool")]
+
+
+def _check_method(method: str) -> None:
+    if method not in CALIBRATION_METHODS or method == "nncf":
+        raise ValueError(
+            f"unknown ONNX Runtime calibration method {method!r}; choose from "
+            f"{[m for m in CALIBRATION_METHODS if m != 'nncf']} (or 'nncf' through quantize())"
+        )
+
+
+def default_calibration_method() -> str:
+    """:data:`DEFAULT_CALIBRATION_METHOD` where its tool is installed, else :data:`FALLBACK_CALIBRATION_METHOD`."""
+    if DEFAULT_CALIBRATION_METHOD == "nncf" and optional_import("nncf") is None:
+        return FALLBACK_CALIBRATION_METHOD
+    return DEFAULT_CALIBRATION_METHOD
+
+
+def quantize(
+    src: PathLike,
+    dst: PathLike,
+    calibration: Sequence[np.ndarray],
+    *,
+    method: Optional[str] = None,
+    keep_float: Sequence[str] = KEEP_FLOAT,
+) -> Dict[str, Any]:
+    """int8 QDQ quantization by ``method``: ``"nncf"`` (:func:`quantize_openvino`) or an ONNX
+    Runtime calibration method (:func:`quantize_onnx`, per-channel weights). ``None``:
+    :func:`default_calibration_method`.
+
+    Raises:
+        ValueError: an unknown method (the message lists them).
+    """
+    method = method or default_calibration_method()
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {list(CALIBRATION_METHODS)}")
+    if method == "nncf":
+        return quantize_openvino(src, dst, calibration, keep_float=keep_float)
+    return quantize_onnx(src, dst, calibration, method=method, keep_float=keep_float)
+
+
+def quantize_onnx(
+    src: PathLike,
+    dst: PathLike,
+    calibration: Sequence[np.ndarray],
+    *,
+    method: str = FALLBACK_CALIBRATION_METHOD,
+    per_channel: bool = True,
+    keep_float: Sequence[str] = KEEP_FLOAT,
+) -> Dict[str, Any]:
+    """Static int8 quantization of the fp32 ONNX file ``src`` into ``dst`` (QDQ).
+
+    Args:
+        src: an fp32 ONNX file (BatchNorm folded, as :func:`~deeplab.deploy.export.export_onnx` writes).
+        dst: the int8 file.
+        calibration: ``(1, 3, H, W)`` float32 inputs the activation ranges are measured on.
+        method: a key of :data:`CALIBRATION_METHODS`.
+        per_channel: one weight scale per output channel (else per tensor).
+        keep_float: layer groups left in float (see :func:`float_node_names`).
+
+    Returns:
+        What was done, for the metadata: ``{"tool", "format", "method", "per_channel",
+        "weights", "activations", "keep_float", "float_nodes"}``.
+
+    Raises:
+        ExportError: onnxruntime is missing, or quantization failed.
+        ValueError: unknown method or layer group, no calibration arrays.
+    """
+    _check_method(method)
+    if not calibration:
+        raise ValueError("quantize_onnx needs at least one calibration array")
+    try:
+        import onnx
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    except ImportError as exc:
+        raise ExportError("int8 export needs onnx and onnxruntime: pip install 'deeplab[onnx]'") from exc
+    proto = onnx.load(str(src))
+    exclude = float_node_names(proto, keep_float)
+    input_name = proto.graph.input[0].name
+    moved = constants_to_initializers(proto)
+    if moved:
+        src = Path(tempfile.mkdtemp(prefix="deeplab-quant-src-")) / "model.onnx"
+        onnx.save(proto, str(src))
+    del proto
+    if method != "minmax":
+        # the histogram calibrators stack every image's activations: one shape for all
+        calibration = pad_to_common(calibration)
+    # resolved before the chdir below: relative paths name the caller's folder
+    src_path, dst_path = str(Path(src).resolve()), str(Path(dst).resolve())
+    with tempfile.TemporaryDirectory(prefix="deeplab-quant-") as tmp:
+        # the calibrator writes an augmented copy of the model; keep it out of the user's folder
+        cwd = os.getcwd()
+        root = logging.getLogger()
+        level = root.level
+        # onnxruntime.quantization warns on the root logger ("consider pre-processing", biases
+        # that are not initializers after BN folding): nothing a user of `deeplab export` acts on
+        root.setLevel(logging.ERROR)
+        try:
+            os.chdir(tmp)
+            quantize_static(
+                src_path,
+                dst_path,
+                _ArrayReader(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+                nodes_to_exclude=exclude,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+        except Exception as exc:  # onnxruntime raises plain exceptions with long messages
+            raise ExportError(f"int8 quantization of {src} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        finally:
+            os.chdir(cwd)
+            root.setLevel(level)
+    return {
+        "tool": "onnxruntime",
+        "format": "QDQ",
+        "method": method,
+        "per_channel": per_channel,
+        "weights": "int8 symmetric" + (" per-channel" if per_channel else " per-tensor"),
+        "activations": "uint8 asymmetric per-tensor",
+        "keep_float": list(keep_float),
+        "float_nodes": _compute_nodes(exclude),
+    }
+
+
+# --------------------------------------------------------------------------- OpenVINO NNCF
+
+
+def quantize_openvino(
+    src: PathLike,
+    dst: PathLike,
+    calibration: Sequence[np.ndarray],
+    *,
+    keep_float: Sequence[str] = KEEP_FLOAT,
+) -> Dict[str, Any]:
+    """Static int8 quantization of ``src`` with OpenVINO NNCF (``nncf.quantize`` on the ONNX graph).
+
+    NNCF's ONNX backend writes QDQ nodes, so ``dst`` runs in ONNX Runtime and OpenVINO alike.
+    NNCF picks its own calibration statistics (min / quantile per its preset).
+
+    Raises:
+        ExportError: nncf is not installed, or quantization failed.
+    """
+    try:
+        import nncf
+        import onnx
+    except ImportError as exc:
+        raise ExportError("--quantizer nncf needs NNCF: pip install 'deeplab[openvino]'") from exc
+    if not calibration:
+        raise ValueError("quantize_openvino needs at least one calibration array")
+    proto = onnx.load(str(src))
+    exclude = float_node_names(proto, keep_float)
+    input_name = proto.graph.input[0].name
+    dataset = nncf.Dataset(list(calibration), lambda x: {input_name: x})
+    # NNCF logs every ignored node at INFO; its progress bars stay
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    try:
+        quantized = nncf.quantize(
+            proto, dataset, subset_size=len(calibration),
+            ignored_scope=nncf.IgnoredScope(names=exclude, validate=False),
+        )
+    except Exception as exc:
+        raise ExportError(f"NNCF quantization of {src} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    onnx.save(quantized, str(dst))
+    return {
+        "tool": f"nncf {getattr(nncf, '__version__', '?')}",
+        "format": "QDQ",
+        "method": "nncf",
+        "per_channel": True,
+        "weights": "int8 symmetric per-channel",
+        "activations": "uint8/int8 per NNCF preset",
+        "keep_float": list(keep_float),
+        "float_nodes": _compute_nodes(exclude),
+    }
+
+
+# --------------------------------------------------------------------------- parity
+
+
+def _as_callable(model: Union[nn.Module, Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(model, nn.Module):
+        model.eval()
+    return model
+
+
+def measure_parity(
+    reference: Union[nn.Module, Callable[[torch.Tensor], torch.Tensor]],
+    candidate: Union[nn.Module, Callable[[torch.Tensor], torch.Tensor]],
+    arrays: Sequence[np.ndarray],
+) -> Dict[str, Any]:
+    """How closely ``candidate`` reproduces ``reference`` (the fp32 model) on ``arrays``.
+
+    Args:
+        reference, candidate: ``x (1, 3, H, W) -> logits (1, C, H, W)``.
+        arrays: preprocessed inputs (the held-out calibration images).
+
+    Returns:
+        ``{"images", "pixel_agreement" (mean over images of the fraction of pixels with the same
+        argmax), "min_pixel_agreement", "max_logit_diff", "mean_abs_logit_diff"}``.
+    """
+    ref_fn, cand_fn = _as_callable(reference), _as_callable(candidate)
+    agreements: List[float] = []
+    worst = 0.0
+    mean_abs: List[float] = []
+    for array in arrays:
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        with torch.no_grad():
+            ref = ref_fn(x).float()
+            out = cand_fn(x).float()
+        if out.shape != ref.shape:
+            raise ExportError(f"exported model returned {tuple(out.shape)} for {tuple(x.shape)}, expected {tuple(ref.shape)}")
+        agreements.append((ref.argmax(1) == out.argmax(1)).double().mean().item())
+        diff = (out.double() - ref.double()).abs()
+        worst = max(worst, diff.max().item())
+        mean_abs.append(diff.mean().item())
+    return {
+        "images": len(agreements),
+        "pixel_agreement": float(np.mean(agreements)) if agreements else None,
+        "min_pixel_agreement": float(min(agreements)) if agreements else None,
+        "max_logit_diff": worst,
+        "mean_abs_logit_diff": float(np.mean(mean_abs)) if mean_abs else None,
+    }
