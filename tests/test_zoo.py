@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import re
 import threading
 import warnings
@@ -317,3 +318,25 @@ def test_variables_outside_the_model_are_one_warning(mnv2_tensors: Dict[str, np.
 def test_an_unknown_variable_inside_a_model_scope_still_fails(mnv2_tensors: Dict[str, np.ndarray], name: str) -> None:
     with pytest.raises(ConversionError, match=rf"(?s)unexpected variables \(1\).*{name}"):
         convert_source(DictSource({**mnv2_tensors, name: np.zeros(3, np.float32)}))
+
+
+def test_serve_takes_a_zoo_name(server: ZooServer, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``deeplab serve --model NAME``: the zoo model is fetched once and served; /v1/model names it."""
+    pytest.importorskip("fastapi", reason="deeplab serve needs the [serve] extra")
+    pytest.importorskip("httpx", reason="the app is driven with httpx")
+    from fastapi.testclient import TestClient
+
+    from deeplab.cli import serve as serve_cli
+
+    args = serve_cli.build_parser().parse_args(["--model", NAME, "--mirror", server.url, "--pad-to", "25", "33"])
+    app = serve_cli.make_app(args)
+    assert args.checkpoint == str(home / f"{NAME}.pt") and len(server.requests) == 1
+    with TestClient(app) as client:
+        info = client.get("/v1/model").json()
+        assert info["num_classes"] == 21 and "person" in info["classes"]
+        photo = io.BytesIO()
+        Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 31, 3), dtype=np.uint8)).save(photo, "PNG")
+        reply = client.post("/v1/segment", content=photo.getvalue(), headers={"Content-Type": "image/png"})
+        assert reply.status_code == 200
+        assert Image.open(io.BytesIO(reply.content)).size == (31, 24)
+    assert len(server.requests) == 1  # the second source resolution (the app's) was a cache hit

@@ -1,8 +1,8 @@
-"""``deeplab serve --checkpoint MODEL [--host 127.0.0.1] [--port 8000] [--workers N]``: the web page
+"""``deeplab serve (--checkpoint MODEL | --model NAME) [--host 127.0.0.1] [--port 8000] [--workers N]``: the web page
 and HTTP API of :mod:`deeplab.serve.app` (extra ``[serve]``: FastAPI + uvicorn).
 
 MODEL is a deeplab checkpoint or a file from ``deeplab export`` (``--backend`` as in
-``deeplab predict``). The server binds to loopback unless ``--host`` says otherwise; it has no
+``deeplab predict``); NAME a model of the zoo (``deeplab weights list``), fetched on first use. The server binds to loopback unless ``--host`` says otherwise; it has no
 authentication, so put a reverse proxy in front of it before opening it to a network.
 ``--workers N`` starts N server processes (uvicorn), each with its own model and queue.
 """
@@ -18,7 +18,14 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from deeplab._utils import optional_import
-from deeplab.cli.common import CLIError, add_inference_args, cli_command, inference_config
+from deeplab.cli.common import (
+    CLIError,
+    add_inference_args,
+    add_model_source_args,
+    cli_command,
+    inference_config,
+    resolve_model_source,
+)
 
 # Worker processes (--workers > 1) re-read the command line from here: uvicorn imports the app
 # by name in each of them.
@@ -32,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model: a web page at / and an HTTP API (POST /v1/segment, GET /v1/model, /healthz, /docs).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True,
-                        help="deeplab checkpoint (.pt) or exported model (.onnx / TorchScript)")
+    add_model_source_args(parser, what="deeplab checkpoint (.pt) or exported model (.onnx / TorchScript)")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
                         help="torch: a checkpoint or TorchScript file; onnxruntime/openvino: an .onnx file")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default; 0.0.0.0 opens it to the network)")
@@ -61,6 +67,7 @@ def load_segmenter(args: argparse.Namespace) -> Any:
     from deeplab.deploy.format import ExportError
     from deeplab.segmenter import Segmenter
 
+    resolve_model_source(args)  # --model NAME -> its cached checkpoint (fetched on first use)
     try:
         inference = inference_config(args)
         if args.backend == "torch":
@@ -80,7 +87,7 @@ def make_app(args: argparse.Namespace) -> Any:
         torch.set_num_threads(args.threads)
     segmenter = load_segmenter(args)
     limits = ServeLimits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, queue_size=args.queue)
-    return create_app(segmenter, limits=limits, model_info=describe_model(segmenter, args.checkpoint))
+    return create_app(segmenter, limits=limits, model_info=describe_model(segmenter, args.model or args.checkpoint))
 
 
 def worker_app() -> Any:
@@ -120,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     app = make_app(args)
     segmenter = app.state.worker.segmenter
     where = f"http://{args.host}:{args.port}/" if ":" not in args.host else f"http://[{args.host}]:{args.port}/"
-    print(f"deeplab serve: {args.checkpoint} ({segmenter.backend}, {segmenter.num_classes} classes) on {where} "
+    print(f"deeplab serve: {args.model or args.checkpoint} ({segmenter.backend}, {segmenter.num_classes} classes) on {where} "
           f"| workers={args.workers} queue={args.queue} max_bytes={args.max_bytes} max_pixels={args.max_pixels}", flush=True)
     if not is_loopback(args.host):
         print(f"deeplab serve: note: bound to {args.host}, reachable from the network; the server has no authentication",
