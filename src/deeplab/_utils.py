@@ -112,6 +112,23 @@ def sha256_of(path: Union[str, "os.PathLike[str]"]) -> str:
     return digest.hexdigest()
 
 
+def save_atomically(obj: Any, path: Union[str, "os.PathLike[str]"]) -> None:
+    """``torch.save(obj)`` to a temporary file beside ``path``, then rename it over ``path``:
+    a reader never sees a half-written file, and a failed write leaves ``path`` as it was."""
+    import tempfile
+
+    target = os.fspath(path)
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=os.path.dirname(target) or ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
     """The first ``limit`` keys, comma-separated, and how many more there are."""
     shown = ", ".join(keys[:limit])

@@ -23,13 +23,11 @@ zoo page states.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
 import socket
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -40,7 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._utils import DeeplabError
+from ._utils import DeeplabError, save_atomically, sha256_of
 from .config import InferenceConfig
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -308,34 +306,12 @@ def download(url: str, dest: PathLike, *, progress: bool = True, timeout: float 
                            f"from {part}, or put {target.name} in {target.parent}/ by hand")
         if progress:
             print(f"{url}: {have} of {total} bytes; resuming with a Range request", file=sys.stderr)
-    digest = hashlib.sha256()
-    with open(part, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
+    digest = sha256_of(part)
     os.replace(part, target)
-    return digest.hexdigest()
+    return digest
 
 
 # --------------------------------------------------------------------------- converting and caching
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _save_atomically(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _convert(entry: ZooEntry, tarball: Path, dest: Path, *, url: str, sha256: str, progress: bool) -> None:
@@ -363,7 +339,7 @@ def _convert(entry: ZooEntry, tarball: Path, dest: Path, *, url: str, sha256: st
                        f"was deleted, run again to download it from {url}")
     info = {"zoo": entry.name, "url": url, "tarball": entry.tarball, "sha256": sha256}
     if entry.is_backbone:
-        _save_atomically(conv.state_dict(), dest)
+        save_atomically(conv.state_dict(), dest)
         return
     payload = conv.checkpoint_payload(source=url)
     payload["converted_from"].update(info)
@@ -398,7 +374,7 @@ def pretrained_path(name: str, *, mirror: Optional[str] = None, progress: bool =
     tarball = directory / entry.tarball
     url = entry.url(mirror)
     if tarball.is_file():  # put there by hand (air-gapped), or downloaded by a run that stopped converting
-        sha256 = _sha256_file(tarball)
+        sha256 = sha256_of(tarball)
         source = tarball.as_uri()
     else:
         if progress:

@@ -14,15 +14,12 @@ ImageNet backbone checkpoint (``xception_41/65/71``) becomes a backbone state di
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
-import torch
-
+from deeplab._utils import save_atomically
 from deeplab.cli.common import CLIError, cli_command
 
 
@@ -59,19 +56,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="read the bundle with this package's reader (default, no TensorFlow) or with TensorFlow")
     tf.add_argument("--list", action="store_true", help="list the checkpoint's variables and shapes; write nothing")
     return parser
-
-
-def _save_state_dict(path: Path, state: dict) -> None:
-    """``torch.save`` atomically (temporary file in the same directory, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -111,7 +95,7 @@ def _convert(args: argparse.Namespace) -> int:
     if conv.dropped_classes:
         print(f"logits: the checkpoint's first {conv.dropped_classes} class(es) ('other', ignored in training) left out")
     if conv.config is None:
-        _save_state_dict(out, conv.state_dict())
+        save_atomically(conv.state_dict(), out)
         print(f"wrote backbone weights {out}; use build_model(backbone={conv.recognised.backbone!r}, "
               f"pretrained_backbone={str(out)!r})")
         return 0
