@@ -266,24 +266,18 @@ def write_worst(result: EvalResult, dataset: SegmentationDataset, palette: List[
     return paths
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
-    source = resolve_model_source(args, eval_settings=True)  # a zoo name brings its eval setting
-    if source.entry is not None and args.out is None:
-        args.out = str(Path("runs") / "zoo" / f"{source.entry.name}_eval_{args.split}")
-    inference = inference_config(args)
+def check_options(args: argparse.Namespace) -> None:
+    """The eval-only flags' ranges (inference flags are checked by InferenceConfig)."""
     if args.worst < 0:
         raise CLIError(f"--worst must be >= 0, got {args.worst}")
     if args.boundary_f is not None and args.boundary_f < 0:
         raise CLIError(f"--boundary-f is a tolerance in pixels (>= 0), got {args.boundary_f}")
     if args.trimap is not None and (min(args.trimap) < 0 or len(set(args.trimap)) != len(args.trimap)):
         raise CLIError(f"--trimap takes distinct widths in pixels >= 0, got {args.trimap}")
-    checkpoint = Path(args.checkpoint)
-    model, loaded = open_model(args, inference)
-    exported = loaded["exported"]
-    if exported is not None and args.device not in ("auto", "cpu"):
-        raise CLIError(f"{checkpoint} runs on the CPU through {exported['backend']}; drop --device {args.device}")
-    info = dist_utils.init_distributed(device="cpu" if exported is not None else args.device)
-    model.to(info.device)
+
+
+def open_dataset(args: argparse.Namespace, loaded: Dict[str, Any], checkpoint: Path) -> Tuple[str, SegmentationDataset]:
+    """``(dataset name, dataset)`` the model is evaluated on, normalised as the model expects."""
     config = loaded["config"]
     data_info = loaded["dataset"]  # a zoo model's says voc / cityscapes / ade20k
     dataset_name = args.dataset or data_info.get("dataset") or "voc"
@@ -299,15 +293,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             f"{checkpoint} predicts {config['num_classes']} classes but the {dataset_name} dataset at "
             f"{args.data_root} has {full_set.num_classes}; evaluate it on the dataset it was trained for"
         )
-    dataset: Union[SegmentationDataset, Subset[Any]] = full_set
-    if args.limit is not None:
-        dataset = Subset(full_set, range(min(args.limit, len(full_set))))
-    sampler = ShardSampler(dataset) if info.world_size > 1 else None
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, num_workers=args.num_workers)
-    output_stride = int(model.output_stride)  # type: ignore[arg-type]
-    trimap_source = args.trimap_source
-    if trimap_source == "auto":
-        trimap_source = "void" if dataset_name == "voc" else "boundary"
+    return dataset_name, full_set
+
+
+def resolved_settings(args: argparse.Namespace, *, checkpoint: Path, config: Dict[str, Any], dataset_name: str,
+                      images: int, output_stride: int, inference: InferenceConfig, info: Any,
+                      exported: Optional[Dict[str, Any]], trimap_source: str) -> Dict[str, Any]:
+    """What was evaluated and how: printed first and stored in report.json."""
     resolved = {
         "checkpoint": str(checkpoint),
         "arch": config["arch"],
@@ -315,7 +307,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "dataset": dataset_name,
         "data_root": args.data_root,
         "split": args.split,
-        "images": len(dataset),
+        "images": images,
         "output_stride": output_stride,
         # Lists, not tuples, and the old "crop" key: the printed config and report.json
         # keep the shape they had before InferenceConfig.
@@ -338,12 +330,80 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         resolved["boundary_f_tolerance"] = args.boundary_f
     if args.worst:
         resolved["worst"] = args.worst
+    return resolved
+
+
+def report_results(args: argparse.Namespace, result: EvalResult, *, loaded: Dict[str, Any], full_set: SegmentationDataset,
+                   resolved: Dict[str, Any], out_dir: Path, source: Any) -> None:
+    """Print the tables and write report.json, confusion.png and the optional trimap / worst files."""
+    cm = result.confusion
+    config, exported, checkpoint = loaded["config"], loaded["exported"], Path(resolved["checkpoint"])
+    class_names = list(loaded["classes"] or full_set.classes)
+    sections = result.sections(class_names)
+    for score in sections.get("per_image", []):
+        score["name"] = full_set.names[score["index"]]
+    report = write_report(cm, class_names, out_dir, extra=resolved, sections=sections)
+    print(cm.format_table(class_names))
+    print(f"mIoU {100 * cm.miou:.2f}  pixel accuracy {100 * cm.pixel_accuracy:.2f}  "
+          f"({resolved['images']} images, OS {resolved['output_stride']}, scales {resolved['scales']}, "
+          f"flip {resolved['flip']}, {resolved['mode']})")
+    if exported is not None:
+        print(f"measured: {exported['model_file']} ({exported['format']}, {exported['backend']}, "
+              f"{exported['precision']}, input {exported['input_size']})")
+    if result.trimap is not None:
+        print(result.trimap.format_table())
+        identity = {key: resolved[key] for key in ("checkpoint", "arch", "backbone", "dataset", "split", "images")}
+        trimap_json = write_trimap(result, class_names, out_dir, f"{config['arch']} ({checkpoint.parent.name})",
+                                   identity)
+        print(f"trimap: {trimap_json}, {trimap_json.parent / 'trimap.png'}")
+    if result.boundary_f is not None:
+        bf = result.boundary_f
+        print(f"boundary F @ {bf.tolerance} px: {100 * bf.mean:.2f} (mean over {int((bf.counts > 0).sum())} classes)")
+    if result.worst:
+        palette = list(loaded["palette"] or full_set.palette)
+        paths = write_worst(result, full_set, palette, class_names, out_dir)
+        print(f"worst {len(paths)} images (IoU = mean over the classes in the image):")
+        for entry, path in zip(result.worst, paths):
+            assert entry.score.iou is not None
+            print(f"  {100 * entry.score.iou:6.2f}  {full_set.names[entry.score.index]}  -> {path}")
+    comparison = zoo_comparison(source, cm.miou, args.split)
+    if comparison is not None:
+        print(comparison)
+    print(f"report: {report}\nconfusion matrix: {report.parent / 'confusion.png'}")
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    source = resolve_model_source(args, eval_settings=True)  # a zoo name brings its eval setting
+    if source.entry is not None and args.out is None:
+        args.out = str(Path("runs") / "zoo" / f"{source.entry.name}_eval_{args.split}")
+    inference = inference_config(args)
+    check_options(args)
+    checkpoint = Path(args.checkpoint)
+    model, loaded = open_model(args, inference)
+    exported = loaded["exported"]
+    if exported is not None and args.device not in ("auto", "cpu"):
+        raise CLIError(f"{checkpoint} runs on the CPU through {exported['backend']}; drop --device {args.device}")
+    info = dist_utils.init_distributed(device="cpu" if exported is not None else args.device)
+    model.to(info.device)
+    dataset_name, full_set = open_dataset(args, loaded, checkpoint)
+    dataset: Union[SegmentationDataset, Subset[Any]] = full_set
+    if args.limit is not None:
+        dataset = Subset(full_set, range(min(args.limit, len(full_set))))
+    sampler = ShardSampler(dataset) if info.world_size > 1 else None
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, sampler=sampler, num_workers=args.num_workers)
+    output_stride = int(model.output_stride)  # type: ignore[arg-type]
+    trimap_source = args.trimap_source
+    if trimap_source == "auto":
+        trimap_source = "void" if dataset_name == "voc" else "boundary"
+    resolved = resolved_settings(args, checkpoint=checkpoint, config=loaded["config"], dataset_name=dataset_name,
+                                 images=len(dataset), output_stride=output_stride, inference=inference, info=info,
+                                 exported=exported, trimap_source=trimap_source)
     if info.is_main:
         print_config("deeplab eval", resolved)
     result = evaluate_detailed(
         model,
         loader,
-        num_classes=config["num_classes"],
+        num_classes=loaded["config"]["num_classes"],
         device=info.device,
         inference=inference,
         progress=info.is_main and not args.no_progress,
@@ -353,44 +413,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         per_image=True,
         worst=args.worst,
     )
-    cm = result.confusion
-    class_names = list(loaded["classes"] or full_set.classes)
     if info.is_main:
         out_dir = Path(args.out) if args.out else default_out_dir(
             checkpoint, args.split, inference, output_stride, exported["backend"] if exported else None)
-        sections = result.sections(class_names)
-        for score in sections.get("per_image", []):
-            score["name"] = full_set.names[score["index"]]
-        report = write_report(cm, class_names, out_dir, extra=resolved, sections=sections)
-        print(cm.format_table(class_names))
-        print(f"mIoU {100 * cm.miou:.2f}  pixel accuracy {100 * cm.pixel_accuracy:.2f}  "
-              f"({len(dataset)} images, OS {output_stride}, scales {list(inference.scales)}, flip {inference.flip}, "
-              f"{inference.mode})")
-        if exported is not None:
-            print(f"measured: {exported['model_file']} ({exported['format']}, {exported['backend']}, "
-                  f"{exported['precision']}, input {exported['input_size']})")
-        if result.trimap is not None:
-            print(result.trimap.format_table())
-            identity = {key: resolved[key] for key in ("checkpoint", "arch", "backbone", "dataset", "split", "images")}
-            trimap_json = write_trimap(result, class_names, out_dir, f"{config['arch']} ({checkpoint.parent.name})",
-                                       identity)
-            print(f"trimap: {trimap_json}, {trimap_json.parent / 'trimap.png'}")
-        if result.boundary_f is not None:
-            bf = result.boundary_f
-            print(f"boundary F @ {bf.tolerance} px: {100 * bf.mean:.2f} (mean over {int((bf.counts > 0).sum())} classes)")
-        if result.worst:
-            palette = list(loaded["palette"] or full_set.palette)
-            paths = write_worst(result, full_set, palette, class_names, out_dir)
-            print(f"worst {len(paths)} images (IoU = mean over the classes in the image):")
-            for entry, path in zip(result.worst, paths):
-                assert entry.score.iou is not None
-                print(f"  {100 * entry.score.iou:6.2f}  {full_set.names[entry.score.index]}  -> {path}")
-        comparison = zoo_comparison(source, cm.miou, args.split)
-        if comparison is not None:
-            print(comparison)
-        print(f"report: {report}\nconfusion matrix: {report.parent / 'confusion.png'}")
+        report_results(args, result, loaded=loaded, full_set=full_set, resolved=resolved, out_dir=out_dir, source=source)
     dist_utils.cleanup()
-    return {"miou": cm.miou, "pixel_accuracy": cm.pixel_accuracy}
+    return {"miou": result.confusion.miou, "pixel_accuracy": result.confusion.pixel_accuracy}
 
 
 @cli_command("eval")
