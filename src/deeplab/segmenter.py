@@ -291,15 +291,20 @@ class Segmenter:
         Raises:
             ValueError: an ``output_stride`` other than the exported model's.
         """
-        from deeplab.deploy.format import read_metadata
+        from deeplab.deploy.format import is_onnx, read_metadata
         from deeplab.deploy.runtime import load_exported
 
         config = inference_with(inference, **options)
         meta = read_metadata(path)
         if config.precision == "auto":
             chosen = backend
-            if chosen == "auto" and meta.get("precision") == "bf16":
-                chosen = "openvino" if _has("openvino") else "onnxruntime"
+            if chosen == "auto":  # what load_exported runs the file with (OpenVINO for a bf16 ONNX file)
+                if not is_onnx(path):
+                    chosen = "torchscript"
+                elif meta.get("precision") == "bf16" and _has("openvino"):
+                    chosen = "openvino"
+                else:
+                    chosen = "onnxruntime"
             precision, reason = choose_precision(meta, "torchscript" if chosen == "torch" else chosen)
         else:
             precision, reason = config.precision, "asked for"
