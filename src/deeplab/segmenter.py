@@ -291,20 +291,13 @@ class Segmenter:
         Raises:
             ValueError: an ``output_stride`` other than the exported model's.
         """
-        from deeplab.deploy.format import is_onnx, read_metadata
-        from deeplab.deploy.runtime import load_exported
+        from deeplab.deploy.format import read_metadata
+        from deeplab.deploy.runtime import auto_backend, file_precision, load_exported
 
         config = inference_with(inference, **options)
         meta = read_metadata(path)
         if config.precision == "auto":
-            chosen = backend
-            if chosen == "auto":  # what load_exported runs the file with (OpenVINO for a bf16 ONNX file)
-                if not is_onnx(path):
-                    chosen = "torchscript"
-                elif meta.get("precision") == "bf16" and _has("openvino"):
-                    chosen = "openvino"
-                else:
-                    chosen = "onnxruntime"
+            chosen = auto_backend(path, file_precision(meta)) if backend == "auto" else backend
             precision, reason = choose_precision(meta, "torchscript" if chosen == "torch" else chosen)
         else:
             precision, reason = config.precision, "asked for"
@@ -480,12 +473,6 @@ def inference_with(
                  output_stride=output_stride, pad_to=pad_to, precision=precision)
     changes: Dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     return dataclasses.replace(inference or InferenceConfig(), **changes)
-
-
-def _has(module: str) -> bool:
-    from deeplab._utils import optional_import
-
-    return optional_import(module) is not None
 
 
 def _checkpoint_precision(requested: str, device: Union[str, torch.device]) -> Tuple[str, str]:

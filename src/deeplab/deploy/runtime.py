@@ -263,6 +263,15 @@ class TorchScriptModel(ExportedModel):
             return self.module(x.float()).float()
 
 
+def auto_backend(path: PathLike, precision: str) -> str:
+    """The runtime ``backend="auto"`` picks for an exported file run at ``precision``: ONNX Runtime
+    for ONNX files (OpenVINO for bf16 where it is installed: ONNX Runtime's CPU provider has no bf16
+    path), TorchScript otherwise."""
+    if not is_onnx(path):
+        return "torchscript"
+    return "openvino" if precision == "bf16" and optional_import("openvino") is not None else "onnxruntime"
+
+
 def load_exported(
     path: PathLike,
     *,
@@ -295,10 +304,7 @@ def load_exported(
         raise FileNotFoundError(f"exported model not found: {path}")
     onnx_file = is_onnx(path)
     if backend == "auto":
-        backend = "onnxruntime" if onnx_file else "torchscript"
-        if onnx_file and (precision or file_precision(metadata or read_metadata(path))) == "bf16" \
-                and optional_import("openvino") is not None:
-            backend = "openvino"  # ONNX Runtime's CPU provider has no bf16 path
+        backend = auto_backend(path, precision or file_precision(metadata or read_metadata(path)))
     if backend == "torch" and not onnx_file:
         backend = "torchscript"
     if backend not in EXPORTED_BACKENDS:
