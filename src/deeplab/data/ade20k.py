@@ -18,7 +18,15 @@ from typing import Dict, Optional
 import numpy as np
 from PIL import Image
 
-from .base import DatasetError, DatasetNotFoundError, PathLike, SegmentationDataset, Transform, index_mask_array
+from .base import (
+    DatasetError,
+    DatasetNotFoundError,
+    PathLike,
+    SegmentationDataset,
+    Transform,
+    index_mask_array,
+    split_images,
+)
 from .palettes import ADE20K_CLASSES, ADE20K_PALETTE
 
 SPLIT_DIRS: Dict[str, str] = {"train": "training", "val": "validation",
@@ -53,14 +61,7 @@ class ADE20K(SegmentationDataset):
             raise DatasetNotFoundError(
                 f"no ADE20K found at {given}: neither {given / 'images'} nor "
                 f"{given / 'ADEChallengeData2016' / 'images'} exists. {_DOWNLOAD_HINT}")
-        sub = SPLIT_DIRS[split]
-        image_dir, mask_dir = base / "images" / sub, base / "annotations" / sub
-        for d in (image_dir, mask_dir):
-            if not d.is_dir():
-                raise DatasetNotFoundError(f"ADE20K directory {d} does not exist. {_DOWNLOAD_HINT}")
-        images = sorted(image_dir.glob("*.jpg"))
-        if not images:
-            raise DatasetError(f"no .jpg images in {image_dir}. {_DOWNLOAD_HINT}")
+        mask_dir, images = split_images(base, SPLIT_DIRS[split], name="ADE20K", hint=_DOWNLOAD_HINT)
         samples = []
         for img in images:
             mask = mask_dir / f"{img.stem}.png"

@@ -455,6 +455,25 @@ def _image_size(path: Path) -> Tuple[int, int]:
         raise DatasetError(f"cannot read image {path}: {e}. Re-download or re-export it.") from e
 
 
+def split_images(base: Path, sub: str, *, name: str, hint: str) -> Tuple[Path, List[Path]]:
+    """The ``.jpg`` images of ``base/images/<sub>`` and the annotation folder
+    ``base/annotations/<sub>`` of the ADE20K-style layout (ADE20K, COCO-Stuff).
+
+    Raises:
+        DatasetNotFoundError: either folder is missing (``name`` and ``hint`` say which dataset
+            and where to get it).
+        DatasetError: no ``.jpg`` images.
+    """
+    image_dir, mask_dir = base / "images" / sub, base / "annotations" / sub
+    for d in (image_dir, mask_dir):
+        if not d.is_dir():
+            raise DatasetNotFoundError(f"{name} directory {d} does not exist. {hint}")
+    images = sorted(image_dir.glob("*.jpg"))
+    if not images:
+        raise DatasetError(f"no .jpg images in {image_dir}. {hint}")
+    return mask_dir, images
+
+
 def read_split_list(path: Path) -> List[str]:
     """Sample ids of a split file: one per line; blank lines and ``#`` comments skipped.
 

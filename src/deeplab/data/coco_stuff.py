@@ -21,7 +21,15 @@ from typing import Dict, Optional
 import numpy as np
 from PIL import Image
 
-from .base import DatasetError, DatasetNotFoundError, PathLike, SegmentationDataset, Transform, index_mask_array
+from .base import (
+    DatasetError,
+    DatasetNotFoundError,
+    PathLike,
+    SegmentationDataset,
+    Transform,
+    index_mask_array,
+    split_images,
+)
 from .palettes import COCO_STUFF_CLASSES, COCO_STUFF_PALETTE, COCO_STUFF_RAW_IDS, IGNORE_INDEX
 
 SPLIT_DIRS: Dict[str, str] = {"train": "train2017", "val": "val2017", "train2017": "train2017", "val2017": "val2017"}
@@ -58,14 +66,7 @@ class COCOStuff(SegmentationDataset):
         base = next((c for c in (given, given / "coco_stuff164k") if (c / "images").is_dir()), None)
         if base is None:
             raise DatasetNotFoundError(f"no COCO-Stuff at {given}: {given / 'images'} does not exist. {_DOWNLOAD_HINT}")
-        sub = SPLIT_DIRS[split]
-        image_dir, mask_dir = base / "images" / sub, base / "annotations" / sub
-        for d in (image_dir, mask_dir):
-            if not d.is_dir():
-                raise DatasetNotFoundError(f"COCO-Stuff directory {d} does not exist. {_DOWNLOAD_HINT}")
-        images = sorted(image_dir.glob("*.jpg"))
-        if not images:
-            raise DatasetError(f"no .jpg images in {image_dir}. {_DOWNLOAD_HINT}")
+        mask_dir, images = split_images(base, SPLIT_DIRS[split], name="COCO-Stuff", hint=_DOWNLOAD_HINT)
         samples = []
         for img in images:
             mask = mask_dir / f"{img.stem}.png"
