@@ -44,7 +44,7 @@ from deeplab.nn.layers import SeparableConv2d, resize
 from deeplab.tf import CheckpointReader, convert_checkpoint
 from deeplab.tf.names import CONV, DEPTHWISE, to_torch
 
-from .tf_reference import LAYER_CASES
+from .tf_reference import HEAD_CASES, LAYER_CASES
 
 pytestmark = [pytest.mark.slow, pytest.mark.spawn]  # real TensorFlow runs in its own process
 
@@ -261,3 +261,50 @@ def test_image_pooling_is_the_window_average_over_the_crop(ref, crop: int, outpu
     _set(layer.conv, CONV, ref[f"{key}/w"])
     _load_bn(layer.bn, ref, f"{key}/bn")
     _close(layer(nchw(ref[f"{key}/x"])), ref[f"{key}/out"])
+
+
+# --------------------------------------------------------------------------- every head model.py builds
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory) -> Dict:
+    """tests/tf_reference.py HEAD_CASES: checkpoints, raw 0..255 images and TF's float64 logits."""
+    if importlib.util.find_spec("tensorflow") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tensorflow is not installed; the test extra installs tensorflow-cpu and CI must run these")
+        pytest.skip("tensorflow is not installed (pip install -c constraints.txt -e '.[test]' installs it)")
+    out = tmp_path_factory.mktemp("tf_heads")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, str(HERE / "tf_reference.py"), str(out), "heads"], env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = np.load(out / "refs.npz")
+    return {"dir": out, **{key: data[key] for key in data.files}}
+
+
+OUR_BACKBONE = {"MobilenetV2": "mobilenet_v2", "xception_41": "xception41", "xception_65": "xception65"}
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=[c[0] for c in HEAD_CASES])
+def test_head_combination_computes_tensorflows_logits_from_pixels(heads, case) -> None:
+    """Raw 0..255 pixels through our checkpoint's normalisation and model vs the reference's
+    preprocess_fn and network: every ASPP/decoder naming, and the plain ResNet's _MEAN_RGB."""
+    from deeplab.tf import ReferenceSettings
+
+    tag, variant, classes, separable, rates, decoder, pooling, grid, output_stride = case
+    settings = ReferenceSettings(output_stride=output_stride, atrous_rates=rates,
+                                 multi_grid=None if variant == "MobilenetV2" else grid,
+                                 decoder_output_stride=4 if decoder else None)
+    conv = convert_checkpoint(heads["dir"] / tag / "model.ckpt", settings=settings)
+    assert set(conv.used) == set(read_json(heads["dir"] / tag / "variables.json"))  # every variable used
+    cfg = conv.config
+    assert cfg.backbone == OUR_BACKBONE.get(variant, variant)
+    assert (cfg.separable, cfg.arch, cfg.image_pooling, cfg.num_classes) == (
+        separable, "deeplabv3plus" if decoder else "deeplabv3", pooling, classes)
+    model = conv.module.double()
+    norm = model.normalization
+    pixels = heads[f"{tag}/pixels"]
+    x = (pixels / 255.0 - np.array(norm.mean)) / np.array(norm.std)  # what predict/eval feed the model
+    ours = run(model, x)
+    # float64 on both sides (TF's bilinear resize rounds to float32): ~1e-7; a wrong mean is ~1e-1.
+    assert rel_err(ours, heads[f"{tag}/logits"]) < 1e-5, tag

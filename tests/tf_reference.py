@@ -36,6 +36,21 @@ RESNET_BLOCKS = {
 RESNET_DECODER_END_POINT = "block1/unit_2/bottleneck_v1/conv3"  # feature_extractor, every resnet_v1*
 
 
+# feature_extractor.py: "# Mean pixel value." _MEAN_RGB, subtracted from 0..255 pixels by
+# _preprocess_subtract_imagenet_mean, the preprocess_fn of the plain resnet_v1_50/101 (_PREPROCESS_FN).
+MEAN_RGB = (123.15, 115.90, 103.06)
+
+
+def preprocess(tf, pixels, model_variant: str):
+    """``feature_extractor._PREPROCESS_FN[model_variant]`` on NHWC pixels in 0..255: the plain
+    ``resnet_v1_50/101`` subtract ``_MEAN_RGB`` (``_preprocess_subtract_imagenet_mean``); every other
+    variant of ours (``*_beta``, ``xception_*``, ``mobilenet_v2``) maps to [-1, 1]
+    (``_preprocess_zero_mean_unit_range``: ``(2.0 / 255.0) * inputs - 1.0``)."""
+    if model_variant in ("resnet_v1_50", "resnet_v1_101"):
+        return pixels - tf.reshape(tf.constant(MEAN_RGB, dtype=pixels.dtype), [1, 1, 1, 3])
+    return (2.0 / 255.0) * pixels - 1.0
+
+
 def scale_dimension(dim: int, scale: float) -> int:
     """``core/utils.scale_dimension``."""
     return int((float(dim) - 1.0) * scale + 1.0)
@@ -335,14 +350,29 @@ class ReferenceNet:
 
     def deeplab(self, images, *, backbone: str, num_classes: int, output_stride: int = 16,
                 atrous_rates: Sequence[int] = (6, 12, 18), decoder: bool = True, image_pooling: bool = True,
-                crop_size: Optional[Sequence[int]] = None, multi_grid: Sequence[int] = (1, 1, 1)):
+                crop_size: Optional[Sequence[int]] = None, multi_grid: Sequence[int] = (1, 1, 1),
+                separable: bool = True):
         """Logits ``(B, H, W, classes)`` at the input size, as ``predict_labels`` computes them
-        (``prediction_with_upsampled_logits``), for NHWC ``images`` already scaled to [-1, 1]."""
+        (``prediction_with_upsampled_logits``), for NHWC ``images`` already preprocessed (see
+        :func:`preprocess`).
+
+        ``backbone``: a ``model_variant`` (``xception_65``, ``MobilenetV2``, ``resnet_v1_101_beta``,
+        ``resnet_v1_50``, ...). ``separable``: ``aspp_with_separable_conv`` and
+        ``decoder_use_separable_conv`` (model.py ``extract_features``: ``split_separable_conv2d``
+        under ``aspp{i}`` or ``slim.conv2d(features, depth, 3, rate=rate, scope=aspp{i})``;
+        ``_decoder_with_concat_merge``: ``split_separable_conv2d`` under ``decoder_conv0/1`` or
+        ``slim.repeat(..., 2, slim.conv2d, depth, 3, scope='decoder_conv0')``, whose convs slim
+        names ``decoder_conv0/decoder_conv0_1`` and ``decoder_conv0/decoder_conv0_2``).
+        """
         tf = self.tf
         h, w = int(images.shape[1]), int(images.shape[2])
         crop = (h, w) if crop_size is None else tuple(crop_size)
         if backbone == "MobilenetV2":
             features, low_level = self.mobilenet_v2(images, output_stride)
+        elif backbone.startswith("resnet_v1_"):
+            variant = backbone.replace("_beta", "")  # feature_extractor.name_scope: the beta keeps the scope
+            features, low_level = self.resnet_v1(images, variant, beta=backbone.endswith("_beta"),
+                                                 output_stride=output_stride, multi_grid=multi_grid)
         else:
             features, low_level = self.xception(images, backbone, output_stride, multi_grid)
         relu = tf.nn.relu
@@ -354,17 +384,25 @@ class ReferenceNet:
             branches.append(self.resize_bilinear(pooled, [ph, pw]))
         branches.append(self.conv2d(features, 256, 1, "aspp0", bn_eps=HEAD_EPS, act=relu))
         for i, rate in enumerate(atrous_rates, 1):
-            y = self.depthwise(features, 3, f"aspp{i}_depthwise", rate=rate, bn_eps=HEAD_EPS, act=relu)
-            branches.append(self.conv2d(y, 256, 1, f"aspp{i}_pointwise", bn_eps=HEAD_EPS, act=relu))
+            if separable:
+                y = self.depthwise(features, 3, f"aspp{i}_depthwise", rate=rate, bn_eps=HEAD_EPS, act=relu)
+                branches.append(self.conv2d(y, 256, 1, f"aspp{i}_pointwise", bn_eps=HEAD_EPS, act=relu))
+            else:
+                branches.append(self.conv2d(features, 256, 3, f"aspp{i}", rate=rate, bn_eps=HEAD_EPS, act=relu))
         x = self.conv2d(tf.concat(branches, 3), 256, 1, "concat_projection", bn_eps=HEAD_EPS, act=relu)
         if decoder:
             with self.scope("decoder"):
                 low = self.conv2d(low_level, 48, 1, "feature_projection0", bn_eps=HEAD_EPS, act=relu)
                 size = [scale_dimension(crop[0], 0.25), scale_dimension(crop[1], 0.25)]
                 y = tf.concat([self.resize_bilinear(x, size), self.resize_bilinear(low, size)], 3)
-                for j in (0, 1):
-                    y = self.depthwise(y, 3, f"decoder_conv{j}_depthwise", bn_eps=HEAD_EPS, act=relu)
-                    y = self.conv2d(y, 256, 1, f"decoder_conv{j}_pointwise", bn_eps=HEAD_EPS, act=relu)
+                if separable:
+                    for j in (0, 1):
+                        y = self.depthwise(y, 3, f"decoder_conv{j}_depthwise", bn_eps=HEAD_EPS, act=relu)
+                        y = self.conv2d(y, 256, 1, f"decoder_conv{j}_pointwise", bn_eps=HEAD_EPS, act=relu)
+                else:
+                    with self.scope("decoder_conv0"):  # slim.repeat: scope/scope_1, scope/scope_2
+                        for j in (1, 2):
+                            y = self.conv2d(y, 256, 3, f"decoder_conv0_{j}", bn_eps=HEAD_EPS, act=relu)
                 x = y
         with self.scope("logits"):
             logits = self.conv2d(x, num_classes, 1, "semantic", bias=True)
@@ -599,10 +637,51 @@ def generate_resnet(out_dir: str) -> None:
     np.savez(out / "refs.npz", **refs)
 
 
+# Every head combination model.py builds, on our backbones (tests/test_convert_tf.py::test_head_combination...):
+# (tag, model_variant, classes, separable, atrous_rates, decoder, image_pooling, multi_grid, output_stride)
+HEAD_CASES = [
+    # The paper's Table 3 ResNet row: regular ASPP and decoder (slim.repeat names), multi-grid (1, 2, 4).
+    ("r101b_v3p_regular", "resnet_v1_101_beta", 21, False, (6, 12, 18), True, True, (1, 2, 4), 16),
+    # Plain resnet_v1_50 (its own input mean), regular ASPP, no image pooling, no decoder.
+    ("r50_v3_regular_nopool", "resnet_v1_50", 19, False, (6, 12, 18), False, False, (1, 1, 1), 16),
+    # Plain resnet_v1_101 DeepLabv3+ with separable convs, OS 8.
+    ("r101_v3p_separable_os8", "resnet_v1_101", 5, True, (12, 24, 36), True, True, (1, 2, 1), 8),
+    # Xception-41 with a regular decoder and no image pooling.
+    ("x41_v3p_regular_nopool", "xception_41", 7, False, (6, 12, 18), True, False, (1, 1, 1), 16),
+    # MobileNetV2 with ASPP 3x3 branches (separable) and with regular ones.
+    ("mnv2_v3_separable_rates", "MobilenetV2", 21, True, (6, 12, 18), False, True, (1, 1, 1), 16),
+    ("mnv2_v3_regular_rates_nopool", "MobilenetV2", 21, False, (6, 12, 18), False, False, (1, 1, 1), 16),
+]
+
+
+def generate_heads(out_dir: str) -> None:
+    """For each of :data:`HEAD_CASES`: a checkpoint (TF's Saver, with ``global_step``), the raw
+    0..255 image and TensorFlow's float64 logits of the reference's preprocessing + network."""
+    import json
+
+    import tensorflow as tf
+
+    out = Path(out_dir)
+    refs: Dict[str, np.ndarray] = {}
+    for seed, (tag, variant, classes, separable, rates, decoder, pooling, grid, output_stride) in enumerate(HEAD_CASES):
+        kwargs = dict(backbone=variant, num_classes=classes, output_stride=output_stride, atrous_rates=rates,
+                      decoder=decoder, image_pooling=pooling, multi_grid=grid, separable=separable)
+        pixels = np.random.default_rng(40 + seed).uniform(0, 255, (1, 33, 33, 3))
+        net = ReferenceNet(tf, seed=40 + seed)
+        net.deeplab(preprocess(tf, tf.constant(pixels.astype(np.float32)), variant), **kwargs)
+        net.save(str(out / tag / "model.ckpt"), extra={"global_step": np.int64(1)})
+        (out / tag / "variables.json").write_text(json.dumps(sorted(net.values)))
+        refs[f"{tag}/pixels"] = pixels
+        refs[f"{tag}/logits"] = _f64(tf, net).deeplab(preprocess(tf, tf.constant(pixels), variant), **kwargs).numpy()
+    np.savez(out / "refs.npz", **refs)
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[2:] == ["resnet"]:
         generate_resnet(sys.argv[1])
+    elif sys.argv[2:] == ["heads"]:
+        generate_heads(sys.argv[1])
     else:
         generate(sys.argv[1])
