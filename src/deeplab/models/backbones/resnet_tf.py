@@ -41,8 +41,12 @@ from ...nn.layers import tf_same_padding
 from .base import INCEPTION_MEAN, INCEPTION_STD, Backbone, FeatureSpec, Normalization, init_conv_bn, validate_multi_grid
 
 RESNET_TF_BN_EPS = 1e-5
-# _MEAN_RGB of feature_extractor.py, in [0, 1] pixel units; no scaling (std 1/255).
-TF_IMAGENET_MEAN = (123.68 / 255.0, 116.779 / 255.0, 103.939 / 255.0)
+# tensorflow/models research/deeplab/core/feature_extractor.py: "# Mean pixel value." ``_MEAN_RGB =
+# [123.15, 115.90, 103.06]`` (unchanged since 2018), which ``_preprocess_subtract_imagenet_mean`` (the
+# ``_PREPROCESS_FN`` of ``resnet_v1_50``/``resnet_v1_101``) subtracts from 0..255 pixels, with no
+# scaling. Here in [0, 1] pixel units (std 1/255). Not torchvision's/VGG's (123.68, 116.779, 103.939):
+# with those, converted plain-ResNet models disagree with the reference.
+TF_IMAGENET_MEAN = (123.15 / 255.0, 115.90 / 255.0, 103.06 / 255.0)
 TF_IMAGENET_STD = (1.0 / 255.0, 1.0 / 255.0, 1.0 / 255.0)
 # Units per block of each depth (block1..block4) and the base depths (bottleneck widths).
 RESNET_TF_UNITS: Dict[int, Tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
