@@ -79,6 +79,9 @@ class ZooEntry:
             scored on the test server, so a val run is not comparable).
         size_mb: the tarball's size as the zoo page states it (``None`` when it does not).
         note: anything a user should know.
+        reference_config: the preset of :data:`deeplab.tf.settings.REFERENCE_CONFIGS` that says how
+            the reference ran it (output stride, atrous rates, multi-grid, decoder stride), which
+            its weights cannot reveal; ``None`` for backbones.
     """
 
     name: str
@@ -95,6 +98,7 @@ class ZooEntry:
     miou_split: str = "val"
     size_mb: Optional[int] = None
     note: str = ""
+    reference_config: Optional[str] = None
 
     @property
     def is_backbone(self) -> bool:
@@ -129,7 +133,9 @@ class ZooEntry:
 
 def _seg(name: str, tarball: str, dataset: str, backbone: str, arch: str, trained_on: str, **kw: Any) -> ZooEntry:
     classes = {"voc": 21, "cityscapes": 19, "ade20k": 150}[dataset]
-    return ZooEntry(name, tarball, dataset, backbone, arch, classes, trained_on, **kw)
+    # The reference config of each released model: its family's preset for that dataset.
+    preset = f"{backbone.replace('mobilenet_v2', 'mobilenetv2')}_{dataset}"
+    return ZooEntry(name, tarball, dataset, backbone, arch, classes, trained_on, reference_config=preset, **kw)
 
 
 def _backbone(name: str, tarball: str, backbone: str, size_mb: int, note: str = "") -> ZooEntry:
@@ -323,7 +329,8 @@ def _convert(entry: ZooEntry, tarball: Path, dest: Path, *, url: str, sha256: st
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConversionWarning)
-            conv = convert_checkpoint(tarball, dataset=entry.dataset, backbone_only=entry.is_backbone)
+            conv = convert_checkpoint(tarball, dataset=entry.dataset, backbone_only=entry.is_backbone,
+                                      reference_config=entry.reference_config)
     except ConversionError as exc:
         # A tarball that does not convert is no cache entry: delete it so the next call fetches it again.
         tarball.unlink(missing_ok=True)

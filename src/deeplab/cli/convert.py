@@ -1,6 +1,7 @@
 """``deeplab convert tf``: turn the paper's released TensorFlow checkpoints into deeplab checkpoints.
 
-    deeplab convert tf deeplabv3_pascal_train_aug_2018_01_04.tar.gz --out xception65_voc.pt
+    deeplab convert tf deeplabv3_pascal_train_aug_2018_01_04.tar.gz --reference-config xception65_voc \\
+        --out xception65_voc.pt
     deeplab convert tf xception_65/model.ckpt --out tf_xception_65.pth      # ImageNet backbone
     deeplab convert tf model.ckpt-30000 --list                              # what is inside
 
@@ -9,6 +10,9 @@ checkpoint (architecture, ``tf_compat=True``, class names, palette, [-1, 1] inpu
 for ``deeplab eval`` / ``predict`` / ``export`` and ``deeplab.checkpoint.load_model``. An
 ImageNet backbone checkpoint (``xception_41/65/71``) becomes a backbone state dict for
 ``build_model(pretrained_backbone=PATH)``.
+
+The settings a model's weights cannot reveal (output stride, atrous rates, multi-grid, decoder
+stride) come from ``--reference-config NAME`` or one flag each; see docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import List, Optional
 
 from deeplab._utils import save_atomically
 from deeplab.cli.common import CLIError, cli_command
+from deeplab.tf.settings import MULTI_GRID_HELP, REFERENCE_CONFIGS, ReferenceSettings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,13 +48,31 @@ def _parser() -> argparse.ArgumentParser:
     tf.add_argument("checkpoint", help="model-zoo .tar.gz, checkpoint prefix, .index file or directory")
     tf.add_argument("--out", help="where to write the converted checkpoint (.pt)")
     tf.add_argument("--dataset", choices=["voc", "cityscapes", "ade20k"],
-                    help="dataset the checkpoint was trained on (class names, palette); default: from the "
-                         "number of classes (21 voc, 19 cityscapes, 151 ade20k)")
-    tf.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32],
-                    help="output stride stored in the config (weights do not depend on it; default 16; "
-                         "load_model/eval can override it)")
-    tf.add_argument("--multi-grid", type=int, nargs=3, metavar="R",
-                    help="Xception exit-block rate multipliers, only if the checkpoint was trained with them")
+                    help="dataset the checkpoint was trained on (class names, palette); default: the reference "
+                         "config's, else from the number of classes (21 voc, 19 cityscapes, 151 ade20k)")
+    ref = tf.add_argument_group(
+        "the reference's settings",
+        "A model checkpoint's weights do not reveal how the reference ran it; a model rebuilt with other "
+        "settings computes another function. Name the reference config it was trained with, or give each "
+        "setting the checkpoint needs; a missing one is an error, never a guess. They are recorded in the "
+        "converted checkpoint (converted_from.settings). ImageNet backbone files need none.",
+    )
+    ref.add_argument("--reference-config", choices=sorted(REFERENCE_CONFIGS), metavar="NAME",
+                     help="a named reference configuration; flags below override it: "
+                          + "; ".join(f"{c.name}: {c.describe()}" for c in REFERENCE_CONFIGS.values()))
+    ref.add_argument("--output-stride", type=int, choices=[8, 16, 32],
+                     help="the reference's --output_stride to build the model at (the released models are "
+                          "trained at 16; the weights do not depend on it; eval --output-stride can rebuild it)")
+    ref.add_argument("--atrous-rates", nargs="+", metavar="R",
+                     help="the reference's --atrous_rates, one per ASPP 3x3 branch of the checkpoint (Xception, "
+                          "ResNet: 6 12 18 at output stride 16); 'none' for a head without them (MobileNetV2)")
+    ref.add_argument("--multi-grid", nargs="+", metavar="R", help=f"the reference's --multi_grid, {MULTI_GRID_HELP}")
+    ref.add_argument("--decoder-output-stride", metavar="S",
+                     help="the reference's --decoder_output_stride: 4 for a DeepLabv3+ checkpoint (the only one "
+                          "our decoder has), 'none' for DeepLabv3")
+    ref.add_argument("--image-pooling", choices=["on", "off"],
+                     help="add_image_level_feature; default: read off the checkpoint (image_pooling/weights); "
+                          "a value given is checked against it")
     tf.add_argument("--backbone-only", action="store_true",
                     help="write only the backbone (for pretrained_backbone=); implied for ImageNet checkpoints")
     tf.add_argument("--reader", choices=["python", "tensorflow"], default="python",
@@ -69,6 +92,30 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints_or_none(values: Optional[List[str]], flag: str) -> Optional[tuple]:
+    if values is None:
+        return None
+    if [v.lower() for v in values] == ["none"]:
+        return ()
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise CLIError(f"{flag} takes integers or 'none', got {' '.join(values)}") from None
+
+
+def settings_from(args: argparse.Namespace) -> ReferenceSettings:
+    """The settings given by flags (``None`` where a flag is absent)."""
+    decoder = _ints_or_none(None if args.decoder_output_stride is None else [args.decoder_output_stride],
+                            "--decoder-output-stride")
+    return ReferenceSettings(
+        output_stride=args.output_stride,
+        atrous_rates=_ints_or_none(args.atrous_rates, "--atrous-rates"),
+        multi_grid=_ints_or_none(args.multi_grid, "--multi-grid"),
+        decoder_output_stride=None if decoder is None else (decoder[0] if decoder else 0),
+        image_pooling=None if args.image_pooling is None else args.image_pooling == "on",
+    )
+
+
 def _convert(args: argparse.Namespace) -> int:
     from deeplab.checkpoint import save_checkpoint
     from deeplab.tf.convert import convert_checkpoint
@@ -76,13 +123,15 @@ def _convert(args: argparse.Namespace) -> int:
     if not args.out:
         raise CLIError("--out is required (or --list to inspect the checkpoint)")
     out = Path(args.out).expanduser()
+    settings = settings_from(args)
+    given = {k: v for k, v in settings.to_dict().items() if v is not None}
     print(f"converting {args.checkpoint} (reader={args.reader}, dataset={args.dataset or 'auto'}, "
-          f"output_stride={args.output_stride}, multi_grid={args.multi_grid}, backbone_only={args.backbone_only})")
+          f"reference_config={args.reference_config}, given={given}, backbone_only={args.backbone_only})")
     conv = convert_checkpoint(
         args.checkpoint,
+        settings=settings,
+        reference_config=args.reference_config,
         dataset=args.dataset,
-        output_stride=args.output_stride,
-        multi_grid=args.multi_grid,
         backbone_only=args.backbone_only,
         reader=args.reader,
     )
@@ -100,6 +149,9 @@ def _convert(args: argparse.Namespace) -> int:
               f"pretrained_backbone={str(out)!r})")
         return 0
     save_checkpoint(out, conv.checkpoint_payload(source=str(args.checkpoint)))
+    if conv.settings is not None:
+        for key, value in conv.settings.to_dict().items():
+            print(f"setting {key}: {value} ({conv.provenance.get(key, 'given')})")
     print(f"config: {conv.config.to_dict()}")
     print(f"wrote {out}")
     if conv.dataset is not None:

@@ -1,7 +1,8 @@
 """The TF reference's checkpoints: a TensorFlow-free tensor-bundle reader, name maps, converter.
 
 >>> from deeplab.tf import convert_checkpoint
->>> conv = convert_checkpoint("deeplabv3_pascal_train_aug_2018_01_04.tar.gz")  # doctest: +SKIP
+>>> conv = convert_checkpoint("deeplabv3_pascal_train_aug_2018_01_04.tar.gz",
+...                           reference_config="xception65_voc")  # doctest: +SKIP
 >>> conv.module  # a tf_compat DeepLabv3+ / Xception-65 with the paper's weights  # doctest: +SKIP
 """
 
@@ -17,6 +18,7 @@ from .convert import (
     open_checkpoint,
     recognise,
 )
+from .settings import REFERENCE_CONFIGS, ReferenceConfig, ReferenceSettings, SettingsError
 
 __all__ = [
     "BundleError",
@@ -24,6 +26,10 @@ __all__ = [
     "Conversion",
     "ConversionError",
     "ConversionWarning",
+    "REFERENCE_CONFIGS",
+    "ReferenceConfig",
+    "ReferenceSettings",
+    "SettingsError",
     "DictSource",
     "Recognised",
     "convert_checkpoint",

@@ -11,33 +11,39 @@ ImageNet classifier); anything else - a missing, unexpected or mis-shaped variab
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tarfile
-import tempfile
 import warnings
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._utils import DeeplabError, load_state_dict_strict
+from .._utils import load_state_dict_strict
 from ..config import ModelConfig
-from .bundle import BundleError, CheckpointReader
+from .bundle import BundleError
 from .names import (
     BACKBONE_SCOPES,
     WARNED_REASONS,
+    Rule,
     backbone_rules,
     head_rules,
     ignore_reason,
     resnet_backbone_for,
     tf_layout,
     to_torch,
+)
+from .settings import ReferenceSettings, SettingsError, resolve, settle
+from .source import (
+    READERS,
+    ConversionError,
+    ConversionWarning,
+    DictSource,
+    PythonSource,
+    TensorFlowSource,
+    TensorSource,
+    open_checkpoint,
 )
 
 if TYPE_CHECKING:  # the model code is imported lazily, where a conversion needs it
@@ -49,139 +55,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 # crop the reference evaluates whole images at (images padded to it, bottom/right).
 DATASET_CLASSES = {"voc": 21, "cityscapes": 19, "ade20k": 151}
 EVAL_CROP_SIZE = {"voc": (513, 513), "cityscapes": (1025, 2049), "ade20k": (513, 513)}
-READERS = ("python", "tensorflow")
-
-
-class ConversionError(DeeplabError, ValueError):
-    """The checkpoint cannot be converted; the message lists the offending variables."""
-
-
-class ConversionWarning(UserWarning):
-    """Variables outside the model (training state, optimizer slots, summaries) were skipped."""
-
-
-class TensorSource(Protocol):
-    """What the converter needs from a checkpoint."""
-
-    def shapes(self) -> Dict[str, Tuple[int, ...]]: ...
-
-    def read(self, name: str) -> np.ndarray: ...
-
-
-class DictSource:
-    """An in-memory checkpoint: ``{tf_name: array}`` (tests, or tensors from elsewhere)."""
-
-    def __init__(self, tensors: Mapping[str, Any]) -> None:
-        self.tensors = {k: np.asarray(v) for k, v in tensors.items()}
-
-    def shapes(self) -> Dict[str, Tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in self.tensors.items()}
-
-    def read(self, name: str) -> np.ndarray:
-        return self.tensors[name]
-
-
-class TensorFlowSource:
-    """A checkpoint read by TensorFlow's own ``tf.train.load_checkpoint`` (``--reader tensorflow``)."""
-
-    def __init__(self, prefix: PathLike) -> None:
-        try:
-            import tensorflow as tf  # noqa: F401  (optional; only for this reader)
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ConversionError(
-                "--reader tensorflow needs TensorFlow (pip install 'deeplab[tf]'); the default "
-                "--reader python needs nothing"
-            ) from exc
-        from .bundle import resolve_prefix
-
-        self._reader = tf.train.load_checkpoint(str(resolve_prefix(prefix)))
-
-    def shapes(self) -> Dict[str, Tuple[int, ...]]:
-        return {k: tuple(v) for k, v in self._reader.get_variable_to_shape_map().items()}
-
-    def read(self, name: str) -> np.ndarray:
-        return np.asarray(self._reader.get_tensor(name))
-
-
-class PythonSource:
-    """A checkpoint read by :class:`deeplab.tf.bundle.CheckpointReader` (no TensorFlow)."""
-
-    def __init__(self, prefix: PathLike) -> None:
-        self._reader = CheckpointReader(prefix)
-
-    def shapes(self) -> Dict[str, Tuple[int, ...]]:
-        return self._reader.shapes()
-
-    def read(self, name: str) -> np.ndarray:
-        return self._reader.read(name)
-
-
-def _is_tarball(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    if path.name.endswith((".tar.gz", ".tgz", ".tar")):
-        return True
-    # A renamed download: sniff it, but never a checkpoint's own files.
-    return not (path.name.endswith(".index") or ".data-" in path.name) and tarfile.is_tarfile(path)
-
-
-def _extract_checkpoint(tarball: Path, dest: Path) -> Path:
-    """Extract the one checkpoint (``.index`` + its data shards) of a tarball into ``dest``.
-
-    Only those members are written, each under its base name, so a hostile archive cannot
-    write outside ``dest``.
-    """
-    with tarfile.open(tarball) as archive:
-        members = [m for m in archive.getmembers() if m.isfile()]
-        indexes = [m for m in members if m.name.endswith(".index")]
-        if len(indexes) != 1:
-            found = [m.name for m in indexes] or "none"
-            raise ConversionError(
-                f"{tarball} holds {len(indexes)} TensorFlow checkpoints ({found}); a model-zoo tarball holds "
-                "one. Extract it and pass the prefix of the checkpoint you want (DIR/model.ckpt)"
-            )
-        prefix = indexes[0].name[: -len(".index")]
-        wanted = [m for m in members if m.name == indexes[0].name or m.name.startswith(prefix + ".data-")]
-        if len(wanted) < 2:
-            raise ConversionError(f"{tarball}: {indexes[0].name} has no .data-* file next to it; the archive is incomplete")
-        for member in wanted:
-            handle = archive.extractfile(member)
-            if handle is None:  # pragma: no cover - regular files always have a handle
-                raise ConversionError(f"{tarball}: cannot read {member.name}")
-            with handle, open(dest / Path(member.name).name, "wb") as out:
-                shutil.copyfileobj(handle, out, 1 << 20)
-    return dest / Path(prefix).name
-
-
-@contextlib.contextmanager
-def open_checkpoint(path: PathLike, *, reader: str = "python") -> Iterator[TensorSource]:
-    """Open a TF checkpoint: a prefix, its ``.index``, a directory, or a model-zoo tarball.
-
-    Args:
-        path: where the checkpoint is.
-        reader: ``"python"`` (this package's tensor-bundle reader, no TensorFlow needed) or
-            ``"tensorflow"`` (``tf.train.load_checkpoint``; needs TensorFlow installed).
-    """
-    if reader not in READERS:
-        raise ConversionError(f"unknown reader {reader!r}; choose from {list(READERS)}")
-    p = Path(path).expanduser()
-    if not p.exists() and not p.with_name(p.name + ".index").exists():
-        raise ConversionError(
-            f"{p} does not exist; pass the model-zoo .tar.gz, or the checkpoint prefix (e.g. "
-            "DIR/model.ckpt for DIR/model.ckpt.index + DIR/model.ckpt.data-00000-of-00001)"
-        )
-    with contextlib.ExitStack() as stack:
-        if _is_tarball(p):
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="deeplab-tf-")))
-            try:
-                p = _extract_checkpoint(p, tmp)
-            except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-                raise ConversionError(f"{path}: not a readable tar archive ({exc}); download it again") from exc
-        try:
-            source: TensorSource = PythonSource(p) if reader == "python" else TensorFlowSource(p)
-        except BundleError as exc:
-            raise ConversionError(str(exc)) from exc
-        yield source
 
 
 # --------------------------------------------------------------------------- recognising the model
@@ -189,7 +62,12 @@ def open_checkpoint(path: PathLike, *, reader: str = "python") -> Iterator[Tenso
 
 @dataclass(frozen=True)
 class Recognised:
-    """What a checkpoint holds, read off its variable names and shapes."""
+    """What a checkpoint holds, read off its variable names and shapes.
+
+    ``separable``: the head's 3x3 convs are split separable ones (``aspp{i}_depthwise``,
+    ``decoder_conv{j}_depthwise``) rather than regular ones (``aspp{i}/weights``,
+    ``decoder/decoder_conv0/decoder_conv0_{1,2}``); ``True`` when the head has no 3x3 conv.
+    """
 
     backbone: str
     tf_scope: str
@@ -198,6 +76,7 @@ class Recognised:
     atrous_branches: int = 0
     image_pooling: bool = False
     decoder: bool = False
+    separable: bool = True
     aspp_channels: int = 256
     low_level_channels: int = 48
     decoder_channels: int = 256
@@ -210,8 +89,7 @@ def _list(names: Sequence[str], limit: int = 25) -> str:
     return f"\n    {shown}{more}"
 
 
-def recognise(shapes: Mapping[str, Tuple[int, ...]]) -> Recognised:
-    """Recognise backbone and head of a checkpoint from its variable names and shapes."""
+def _recognise_backbone(shapes: Mapping[str, Tuple[int, ...]]) -> Tuple[str, str]:
     scopes = sorted({name.split("/", 1)[0] for name in shapes if "/" in name})
     found = [s for s in scopes if s in BACKBONE_SCOPES]
     if len(found) != 1:
@@ -230,6 +108,58 @@ def recognise(shapes: Mapping[str, Tuple[int, ...]]) -> Recognised:
             f"MobilenetV2/Conv/weights has shape {list(stem)}: a MobileNetV2 with depth multiplier "
             f"{tuple(stem)[-1] / 32:g} (e.g. the model zoo's mobilenetv2_dm05_*); our MobileNetV2 has width 1.0"
         )
+    return backbone, tf_scope
+
+
+def _count(shapes: Mapping[str, Tuple[int, ...]], pattern: str) -> int:
+    n = 0
+    while pattern.format(n + 1) in shapes:
+        n += 1
+    return n
+
+
+def _head_separable(shapes: Mapping[str, Tuple[int, ...]], backbone: str) -> Tuple[int, bool, bool, Optional[bool]]:
+    """ASPP's 3x3 branches, image pooling, decoder, and whether the 3x3 convs are separable
+    (``None``: the head has none)."""
+    separable_branches = _count(shapes, "aspp{}_depthwise/depthwise_weights")
+    regular_branches = _count(shapes, "aspp{}/weights")
+    if separable_branches and regular_branches:
+        raise ConversionError(
+            "the checkpoint's ASPP mixes separable (aspp1_depthwise) and regular (aspp1/weights) 3x3 branches; "
+            "the reference builds one kind (aspp_with_separable_conv)"
+        )
+    kinds = set()
+    if separable_branches or regular_branches:
+        kinds.add(bool(separable_branches))
+    decoder = "decoder/feature_projection0/weights" in shapes
+    if decoder:
+        if backbone == "mobilenet_v2":
+            raise ConversionError(
+                "a MobileNetV2 checkpoint with a decoder: the reference taps MobileNetV2's layer_4/depthwise_output "
+                "for it, our model the stride-4 block output; the released MobileNetV2 models have no decoder"
+            )
+        if "decoder/decoder_conv0_depthwise/depthwise_weights" in shapes:
+            kinds.add(True)
+        elif "decoder/decoder_conv0/decoder_conv0_1/weights" in shapes:
+            kinds.add(False)
+        else:
+            raise ConversionError(
+                "the checkpoint's decoder has neither separable convs (decoder/decoder_conv0_depthwise) nor the "
+                "regular slim.repeat pair (decoder/decoder_conv0/decoder_conv0_1); not a DeepLabv3+ decoder"
+            )
+    if len(kinds) > 1:
+        raise ConversionError(
+            "the checkpoint's ASPP and decoder differ in kind (one separable, one regular: "
+            "aspp_with_separable_conv != decoder_use_separable_conv); our model has one switch for both "
+            "(ModelConfig.separable), so it cannot be rebuilt"
+        )
+    return separable_branches or regular_branches, "image_pooling/weights" in shapes, decoder, (
+        kinds.pop() if kinds else None)
+
+
+def recognise(shapes: Mapping[str, Tuple[int, ...]]) -> Recognised:
+    """Recognise backbone and head of a checkpoint from its variable names and shapes."""
+    backbone, tf_scope = _recognise_backbone(shapes)
     if "logits/semantic/weights" not in shapes:
         return Recognised(backbone=backbone, tf_scope=tf_scope, has_head=False)
     logits = shapes["logits/semantic/weights"]
@@ -238,39 +168,24 @@ def recognise(shapes: Mapping[str, Tuple[int, ...]]) -> Recognised:
             f"logits/semantic/weights has shape {list(logits)}; the released models have a 1x1 classifier "
             "[1, 1, channels, classes]"
         )
-    branches = 0
-    while f"aspp{branches + 1}_depthwise/depthwise_weights" in shapes:
-        branches += 1
-    if f"aspp{branches + 1}/weights" in shapes or "aspp1/weights" in shapes:
-        raise ConversionError(
-            "the checkpoint's ASPP uses regular 3x3 convs (aspp1/weights); the released DeepLabv3+ models use "
-            "separable ones (aspp1_depthwise/...), which is what this converter supports"
-        )
-    decoder = "decoder/feature_projection0/weights" in shapes
-    if decoder and backbone == "mobilenet_v2":
-        raise ConversionError(
-            "a MobileNetV2 checkpoint with a decoder: the reference taps MobileNetV2's layer_4/depthwise_output "
-            "for it, our model the stride-4 block output; the released MobileNetV2 models have no decoder"
-        )
-    if decoder and "decoder/decoder_conv0_depthwise/depthwise_weights" not in shapes:
-        raise ConversionError(
-            "the checkpoint's decoder does not use separable convs (no decoder/decoder_conv0_depthwise); "
-            "only the released separable decoder is supported"
-        )
     if "aspp0/weights" not in shapes:
         raise ConversionError("the checkpoint has logits but no ASPP (aspp0/weights); not a DeepLabv3/v3+ model")
+    branches, image_pooling, decoder, separable = _head_separable(shapes, backbone)
     low, dec = 48, 256
     if decoder:
         low = int(shapes["decoder/feature_projection0/weights"][-1])
-        dec = int(shapes.get("decoder/decoder_conv1_pointwise/weights", (0, 0, 0, 256))[-1])
+        last = ("decoder/decoder_conv1_pointwise/weights" if separable
+                else "decoder/decoder_conv0/decoder_conv0_2/weights")
+        dec = int(shapes.get(last, (0, 0, 0, 256))[-1])
     return Recognised(
         backbone=backbone,
         tf_scope=tf_scope,
         has_head=True,
         num_classes=int(logits[-1]),
         atrous_branches=branches,
-        image_pooling="image_pooling/weights" in shapes,
+        image_pooling=image_pooling,
         decoder=decoder,
+        separable=True if separable is None else separable,
         aspp_channels=int(shapes.get("concat_projection/weights", shapes["aspp0/weights"])[-1]),
         low_level_channels=low,
         decoder_channels=dec,
@@ -293,6 +208,10 @@ class Conversion:
         dataset: ``voc``/``cityscapes``/``ade20k`` or ``None``.
         classes, palette: class names and colours for the checkpoint.
         dropped_classes: leading logits of the checkpoint left out (ADE20K's "other").
+        settings: the reference's settings the model was rebuilt with (``None`` for a backbone).
+        provenance: where each setting came from (``given``, ``reference config NAME``,
+            ``checkpoint variables``).
+        reference_config: the preset's name, if one was used.
     """
 
     module: nn.Module
@@ -304,6 +223,9 @@ class Conversion:
     classes: List[str] = field(default_factory=list)
     palette: List[List[int]] = field(default_factory=list)
     dropped_classes: int = 0
+    settings: Optional[ReferenceSettings] = None
+    provenance: Dict[str, str] = field(default_factory=dict)
+    reference_config: Optional[str] = None
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
@@ -321,6 +243,11 @@ class Conversion:
             "variables_ignored": sorted(self.ignored),
             "dropped_classes": self.dropped_classes,
         }
+        if self.settings is not None:
+            # The settings the weights cannot reveal, and where each came from (never a guess).
+            info["settings"] = self.settings.to_dict()
+            info["settings_from"] = dict(self.provenance)
+            info["reference_config"] = self.reference_config
         if self.dataset is not None:
             info["dataset"] = self.dataset
             info["eval_crop_size"] = list(EVAL_CROP_SIZE[self.dataset])
@@ -365,70 +292,88 @@ def _bn_modules(module: nn.Module) -> Dict[str, nn.modules.batchnorm._BatchNorm]
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
 
-def convert_source(
-    source: TensorSource,
-    *,
-    dataset: Optional[str] = None,
-    output_stride: int = 16,
-    multi_grid: Optional[Sequence[int]] = None,
-    backbone_only: bool = False,
-) -> Conversion:
-    """Convert an opened checkpoint (see :func:`convert_checkpoint`)."""
-    from ..models import build_backbone, build_model_from_config
+@dataclass
+class Target:
+    """The model a checkpoint is converted into, and the rules that fill it."""
 
-    shapes = source.shapes()
-    rec = recognise(shapes)
-    drop = 0
-    if backbone_only or not rec.has_head:
-        if rec.backbone == "mobilenet_v2":
-            raise ConversionError(
-                "MobileNetV2 backbone-only files are not supported: our default MobileNetV2 is torchvision's "
-                "(other padding and BatchNorm epsilon), so TF MobileNetV2 weights only compute the reference's "
-                "function inside a converted tf_compat model. Convert the full DeepLab checkpoint instead"
-            )
-        module: nn.Module = build_backbone(rec.backbone, output_stride=output_stride, multi_grid=multi_grid,
-                                           tf_compat=True)
-        rules = backbone_rules(rec.backbone, rec.tf_scope, prefix="")
-        config = None
-        dataset = None
-        backbone_only = True
-    else:
-        if rec.atrous_branches not in (0, 3):
-            raise ConversionError(
-                f"the checkpoint has {rec.atrous_branches} atrous ASPP branches; the released models have 3 "
-                "(rates 6, 12, 18 at output stride 16) or none (MobileNetV2)"
-            )
-        dataset = _dataset_for(rec.num_classes, dataset)
-        # ADE20K: the reference trains 151 logits with label 0 ("other") ignored; our ADE20K has
-        # the 150 real classes (annotation k -> class k - 1), so logit 0 is left out.
-        drop = 1 if dataset == "ade20k" else 0
-        config = ModelConfig(
-            arch="deeplabv3plus" if rec.decoder else "deeplabv3",
-            backbone=rec.backbone,
-            num_classes=rec.num_classes - drop,
-            output_stride=output_stride,
-            separable=True,
-            # 3 branches: the paper's rates, derived from the output stride; none: MobileNetV2's head.
-            aspp_rates=None if rec.atrous_branches == 3 else (),
-            multi_grid=None if multi_grid is None else tuple(multi_grid),
-            image_pooling=rec.image_pooling,
-            aspp_channels=rec.aspp_channels,
-            low_level_channels=rec.low_level_channels,
-            decoder_channels=rec.decoder_channels,
-            tf_compat=True,
-        )
-        module = build_model_from_config(config)
-        rules = backbone_rules(rec.backbone, rec.tf_scope) + head_rules(
-            atrous_branches=rec.atrous_branches, image_pooling=rec.image_pooling, decoder=rec.decoder,
-            drop_classes=drop,
-        )
+    module: nn.Module
+    rules: List[Rule]
+    config: Optional[ModelConfig] = None
+    dataset: Optional[str] = None
+    drop: int = 0
+    settings: Optional[ReferenceSettings] = None
+    provenance: Dict[str, str] = field(default_factory=dict)
+    reference_config: Optional[str] = None
 
-    state = module.state_dict()
-    by_tf = {rule.tf_name: rule for rule in rules}
+    @property
+    def backbone_only(self) -> bool:
+        return self.config is None
+
+
+def _backbone_target(rec: Recognised) -> Target:
+    from ..models import build_backbone
+
+    if rec.backbone == "mobilenet_v2":
+        raise ConversionError(
+            "MobileNetV2 backbone-only files are not supported: our default MobileNetV2 is torchvision's "
+            "(other padding and BatchNorm epsilon), so TF MobileNetV2 weights only compute the reference's "
+            "function inside a converted tf_compat model. Convert the full DeepLab checkpoint instead"
+        )
+    # A backbone file holds weights only: output stride and multi-grid are chosen where it is used.
+    module = build_backbone(rec.backbone, output_stride=16, tf_compat=True)
+    return Target(module=module, rules=backbone_rules(rec.backbone, rec.tf_scope, prefix=""))
+
+
+def build_target(rec: Recognised, *, settings: Optional[ReferenceSettings], reference_config: Optional[str],
+                 dataset: Optional[str]) -> Target:
+    """Step 1: the model the reference ran - recognised layers, plus the settings the weights cannot reveal."""
+    from ..models import build_model_from_config
+    from ..models.aspp import default_aspp_rates
+
+    what = f"{rec.backbone} DeepLab{'v3+' if rec.decoder else 'v3'} checkpoint"
+    try:
+        merged, provenance, preset = resolve(settings, reference_config, rec.backbone)
+        full = settle(merged, backbone=rec.backbone, atrous_branches=rec.atrous_branches, decoder=rec.decoder,
+                      image_pooling=rec.image_pooling, what=what)
+    except SettingsError as exc:
+        raise ConversionError(str(exc)) from exc
+    provenance.setdefault("image_pooling", "checkpoint variables")
+    dataset = _dataset_for(rec.num_classes, dataset if dataset is not None or preset is None else preset.dataset)
+    # ADE20K: the reference trains 151 logits with label 0 ("other") ignored; our ADE20K has
+    # the 150 real classes (annotation k -> class k - 1), so logit 0 is left out.
+    drop = 1 if dataset == "ade20k" else 0
+    rates = cast(Tuple[int, ...], full.atrous_rates)
+    output_stride = cast(int, full.output_stride)
+    config = ModelConfig(
+        arch="deeplabv3plus" if rec.decoder else "deeplabv3",
+        backbone=rec.backbone,
+        num_classes=rec.num_classes - drop,
+        output_stride=output_stride,
+        separable=rec.separable,
+        # The paper's rule (rates scale with 16 / output stride) is kept as None, so a model rebuilt at
+        # another output stride (eval --output-stride 8) takes the reference's rates for it (12, 24, 36).
+        aspp_rates=None if rates and output_stride in (8, 16) and rates == default_aspp_rates(output_stride)
+        else rates,
+        multi_grid=full.multi_grid or None,
+        image_pooling=rec.image_pooling,
+        aspp_channels=rec.aspp_channels,
+        low_level_channels=rec.low_level_channels,
+        decoder_channels=rec.decoder_channels,
+        tf_compat=True,
+    )
+    rules = backbone_rules(rec.backbone, rec.tf_scope) + head_rules(
+        atrous_branches=rec.atrous_branches, image_pooling=rec.image_pooling, decoder=rec.decoder,
+        separable=rec.separable, drop_classes=drop,
+    )
+    return Target(module=build_model_from_config(config), rules=rules, config=config, dataset=dataset, drop=drop,
+                  settings=full, provenance=provenance, reference_config=None if preset is None else preset.name)
+
+
+def check_name_map(state: Mapping[str, torch.Tensor], rules: Sequence[Rule]) -> None:
+    """Step 2: the rules cover every parameter/buffer once; a failure here is a bug in names.py."""
     by_key: Dict[str, List[str]] = {}
     for rule in rules:
         by_key.setdefault(rule.key, []).append(rule.tf_name)
-    # The maps must cover every parameter/buffer once; a failure here is a bug in names.py.
     uncovered = sorted(k for k in state if k not in by_key and not k.endswith("num_batches_tracked"))
     doubled = sorted(k for k, v in by_key.items() if len(v) > 1)
     unknown_keys = sorted(k for k in by_key if k not in state)
@@ -436,30 +381,39 @@ def convert_source(
         raise AssertionError(f"name map out of date: uncovered {uncovered[:5]}, doubled {doubled[:5]}, "
                              f"not in model {unknown_keys[:5]}")
 
+
+def diff_variables(shapes: Mapping[str, Tuple[int, ...]], target: Target, rec: Recognised) -> Dict[str, str]:
+    """Step 3: every variable used or ignored with a reason; returns the ignored ones.
+
+    Raises:
+        ConversionError: missing, unexpected or mis-shaped variables, all listed.
+    """
+    state = target.module.state_dict()
+    by_tf = {rule.tf_name for rule in target.rules}
     ignored: Dict[str, str] = {}
     unexpected: List[str] = []
     for name in sorted(shapes):
         if name in by_tf:
             continue
-        reason = ignore_reason(name, backbone_scope=rec.tf_scope, backbone_only=backbone_only)
+        reason = ignore_reason(name, backbone_scope=rec.tf_scope, backbone_only=target.backbone_only)
         if reason is None:
             unexpected.append(f"{name} {list(shapes[name])}")
         else:
             ignored[name] = reason
-    missing = sorted(f"{r.tf_name} (expected {list(tf_layout(r.kind, state[r.key].shape, r.drop_classes))})"
-                     for r in rules if r.tf_name not in shapes)
-    mis_shaped = []
-    for rule in rules:
-        if rule.tf_name in shapes:
-            want = tf_layout(rule.kind, state[rule.key].shape, rule.drop_classes)
-            if tuple(shapes[rule.tf_name]) != want:
-                mis_shaped.append(f"{rule.tf_name}: {list(shapes[rule.tf_name])}, expected {list(want)}")
+    missing, mis_shaped = [], []
+    for rule in target.rules:
+        want = tf_layout(rule.kind, state[rule.key].shape, rule.drop_classes)
+        if rule.tf_name not in shapes:
+            missing.append(f"{rule.tf_name} (expected {list(want)})")
+        elif tuple(shapes[rule.tf_name]) != want:
+            mis_shaped.append(f"{rule.tf_name}: {list(shapes[rule.tf_name])}, expected {list(want)}")
     if missing or unexpected or mis_shaped:
-        what = (f"{rec.tf_scope} DeepLab{'v3+' if rec.decoder else 'v3'} model" if not backbone_only
-                else f"{rec.tf_scope} backbone")
+        what = (f"{rec.tf_scope} backbone" if target.backbone_only else
+                f"{rec.tf_scope} DeepLab{'v3+' if rec.decoder else 'v3'} model "
+                f"({'separable' if rec.separable else 'regular'} 3x3 convs)")
         parts = [f"the checkpoint does not fit the {what} it looks like:"]
         if missing:
-            parts.append(f"  missing variables ({len(missing)}):{_list(missing)}")
+            parts.append(f"  missing variables ({len(missing)}):{_list(sorted(missing))}")
         if unexpected:
             parts.append(f"  unexpected variables ({len(unexpected)}), neither used nor known to be ignorable:"
                          f"{_list(unexpected)}")
@@ -474,12 +428,17 @@ def convert_source(
             f"{len(skipped)} checkpoint variable(s) outside the model skipped (training state, optimizer slots, "
             f"moving averages, summaries):{_list(skipped, limit=12)}",
             ConversionWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+    return ignored
 
+
+def copy_tensors(source: TensorSource, target: Target, rec: Recognised) -> None:
+    """Step 4: read, re-lay and check every variable, then load them strictly (eval mode)."""
+    module = target.module
     bn_modules = _bn_modules(module)
     new_state: Dict[str, torch.Tensor] = {}
-    for rule in rules:
+    for rule in target.rules:
         if rule.bn_eps is not None:
             bn = bn_modules[rule.key.rsplit(".", 1)[0]]
             if abs(bn.eps - rule.bn_eps) > 1e-12:  # pragma: no cover - a model bug, not a user error
@@ -491,7 +450,7 @@ def convert_source(
         if not np.isfinite(value).all():
             raise ConversionError(f"{rule.tf_name} contains NaN or infinite values; the checkpoint is broken")
         new_state[rule.key] = torch.from_numpy(value)
-    for key, value in state.items():
+    for key, value in module.state_dict().items():
         if key.endswith("num_batches_tracked"):
             new_state[key] = torch.zeros_like(value)  # TF keeps no such counter
     load_state_dict_strict(
@@ -503,29 +462,44 @@ def convert_source(
     )
     module.eval()
 
+
+def convert_source(
+    source: TensorSource,
+    *,
+    settings: Optional[ReferenceSettings] = None,
+    reference_config: Optional[str] = None,
+    dataset: Optional[str] = None,
+    backbone_only: bool = False,
+) -> Conversion:
+    """Convert an opened checkpoint (see :func:`convert_checkpoint`): recognise it, build the
+    target, check the name map, diff the variables, copy the tensors, attach the classes."""
+    shapes = source.shapes()
+    rec = recognise(shapes)
+    if backbone_only or not rec.has_head:
+        target = _backbone_target(rec)
+    else:
+        target = build_target(rec, settings=settings, reference_config=reference_config, dataset=dataset)
+    check_name_map(target.module.state_dict(), target.rules)
+    ignored = diff_variables(shapes, target, rec)
+    copy_tensors(source, target, rec)
     classes: List[str] = []
     palette: List[List[int]] = []
-    if config is not None:
-        classes, palette = _classes_and_palette(dataset, config.num_classes)
+    if target.config is not None:
+        classes, palette = _classes_and_palette(target.dataset, target.config.num_classes)
     return Conversion(
-        module=module,
-        config=config,
-        recognised=rec,
-        used={rule.tf_name: rule.key for rule in rules},
-        ignored=ignored,
-        dataset=dataset,
-        classes=classes,
-        palette=palette,
-        dropped_classes=drop,
+        module=target.module, config=target.config, recognised=rec,
+        used={rule.tf_name: rule.key for rule in target.rules}, ignored=ignored, dataset=target.dataset,
+        classes=classes, palette=palette, dropped_classes=target.drop, settings=target.settings,
+        provenance=target.provenance, reference_config=target.reference_config,
     )
 
 
 def convert_checkpoint(
     path: PathLike,
     *,
+    settings: Optional[ReferenceSettings] = None,
+    reference_config: Optional[str] = None,
     dataset: Optional[str] = None,
-    output_stride: int = 16,
-    multi_grid: Optional[Sequence[int]] = None,
     backbone_only: bool = False,
     reader: str = "python",
 ) -> Conversion:
@@ -533,25 +507,25 @@ def convert_checkpoint(
 
     Args:
         path: model-zoo ``.tar.gz``, checkpoint prefix, ``.index`` file or directory.
+        settings: what the weights cannot reveal (output stride, atrous rates, multi-grid,
+            decoder stride; see :class:`~deeplab.tf.settings.ReferenceSettings`); each one a model
+            checkpoint needs must be given here or by ``reference_config``, never guessed.
+        reference_config: a preset of :data:`~deeplab.tf.settings.REFERENCE_CONFIGS`
+            (``resnet_v1_101_beta_voc``...); ``settings`` given override it.
         dataset: ``voc``, ``cityscapes`` or ``ade20k`` (class names, palette, eval crop);
-            ``None`` infers it from the number of classes (21, 19, 151).
-        output_stride: output stride of the rebuilt model (weights do not depend on it; the
-            paper's single-scale numbers use 16, its best multi-scale ones 8).
-        multi_grid: Xception exit-block rate multipliers, if the checkpoint was trained with them.
+            ``None``: the preset's, else from the number of classes (21, 19, 151).
         backbone_only: keep only the backbone (an ImageNet backbone file for
             ``pretrained_backbone``); implied for checkpoints without a segmentation head.
         reader: ``python`` (no TensorFlow needed) or ``tensorflow``.
 
     Raises:
-        ConversionError: unreadable checkpoint, unknown architecture, or missing, unexpected
-            or mis-shaped variables (all listed).
+        ConversionError: unreadable checkpoint, unknown architecture, missing or contradicting
+            settings, or missing, unexpected or mis-shaped variables (all listed).
     """
     with open_checkpoint(path, reader=reader) as source:
         try:
-            return convert_source(
-                source, dataset=dataset, output_stride=output_stride, multi_grid=multi_grid,
-                backbone_only=backbone_only,
-            )
+            return convert_source(source, settings=settings, reference_config=reference_config, dataset=dataset,
+                                  backbone_only=backbone_only)
         except BundleError as exc:
             raise ConversionError(str(exc)) from exc
 
@@ -561,8 +535,18 @@ __all__ = [
     "ConversionError",
     "ConversionWarning",
     "DictSource",
+    "PythonSource",
+    "READERS",
     "Recognised",
+    "ReferenceSettings",
+    "Target",
+    "TensorFlowSource",
+    "TensorSource",
+    "build_target",
+    "check_name_map",
     "convert_checkpoint",
+    "copy_tensors",
+    "diff_variables",
     "convert_source",
     "open_checkpoint",
     "recognise",

@@ -20,9 +20,11 @@ model-zoo checkpoints:
   {conv1, conv2, conv3, shortcut}``; the ``_beta`` variants keep the plain scope name
   (``resnet_v1_101``), told apart by their root convs; BatchNorm epsilon 1e-5.
 - Head (``model.py``): ``image_pooling``, ``aspp0``, ``aspp{i}_{depthwise,pointwise}``
-  (``split_separable_conv2d``), ``concat_projection``, ``decoder/feature_projection0``,
-  ``decoder/decoder_conv{0,1}_{depthwise,pointwise}``, ``logits/semantic/{weights,biases}``;
-  BatchNorm epsilon 1e-5.
+  (``split_separable_conv2d``) or ``aspp{i}`` (a regular 3x3 ``slim.conv2d``), ``concat_projection``,
+  ``decoder/feature_projection0``, ``decoder/decoder_conv{0,1}_{depthwise,pointwise}`` or
+  ``decoder/decoder_conv0/decoder_conv0_{1,2}`` (``slim.repeat`` of two regular 3x3 convs),
+  ``logits/semantic/{weights,biases}``; BatchNorm epsilon 1e-5. See :func:`head_rules` and
+  docs/conversion.md for the table of every scope with the reference line it comes from.
 """
 
 from __future__ import annotations
@@ -175,27 +177,56 @@ def mobilenet_v2_rules(tf_scope: str = "MobilenetV2", prefix: str = "backbone.")
     return rules
 
 
-def head_rules(*, atrous_branches: int, image_pooling: bool, decoder: bool, drop_classes: int = 0) -> List[Rule]:
-    """Rules for ASPP, the decoder and the classifier (separable ASPP/decoder convs)."""
+def head_rules(*, atrous_branches: int, image_pooling: bool, decoder: bool, separable: bool = True,
+               drop_classes: int = 0) -> List[Rule]:
+    """Rules for ASPP, the decoder and the classifier, with the reference's names (``model.py``).
+
+    Args:
+        atrous_branches: ASPP's 3x3 branches (``len(atrous_rates)``; 0 for MobileNetV2's head).
+        image_pooling: ``add_image_level_feature``.
+        decoder: ``decoder_output_stride`` set (DeepLabv3+).
+        separable: ``aspp_with_separable_conv`` and ``decoder_use_separable_conv`` (the paper's
+            Xception models) or regular 3x3 convs (its ResNet-101 rows, Table 3).
+        drop_classes: leading logits of the checkpoint our model leaves out (ADE20K).
+    """
     eps = TF_HEAD_BN_EPS
     rules: List[Rule] = []
     if image_pooling:
+        # extract_features: slim.conv2d(image_feature, depth, 1, scope=IMAGE_POOLING_SCOPE)
         rules += _conv_bn("image_pooling", "aspp.image_pool.conv", "aspp.image_pool.bn", eps)
+    # extract_features: slim.conv2d(features, depth, 1, scope=ASPP_SCOPE + str(0))
     rules += _conv_bn("aspp0", "aspp.convs.0.conv", "aspp.convs.0.bn", eps)
     for i in range(1, atrous_branches + 1):
         branch = f"aspp.convs.{i}"
-        rules += _conv_bn(f"aspp{i}_depthwise", f"{branch}.depthwise.conv", f"{branch}.depthwise.bn", eps,
-                          depthwise=True)
-        rules += _conv_bn(f"aspp{i}_pointwise", f"{branch}.pointwise.conv", f"{branch}.pointwise.bn", eps)
+        if separable:
+            # split_separable_conv2d(features, ..., scope=ASPP_SCOPE + str(i)) (core/utils.py):
+            # scope + '_depthwise' (slim.separable_conv2d, num_outputs=None) and scope + '_pointwise'.
+            rules += _conv_bn(f"aspp{i}_depthwise", f"{branch}.depthwise.conv", f"{branch}.depthwise.bn", eps,
+                              depthwise=True)
+            rules += _conv_bn(f"aspp{i}_pointwise", f"{branch}.pointwise.conv", f"{branch}.pointwise.bn", eps)
+        else:
+            # slim.conv2d(features, depth, 3, rate=rate, scope=ASPP_SCOPE + str(i))
+            rules += _conv_bn(f"aspp{i}", f"{branch}.conv", f"{branch}.bn", eps)
+    # slim.conv2d(concat_logits, depth, 1, scope=CONCAT_PROJECTION_SCOPE)
     rules += _conv_bn("concat_projection", "aspp.project.conv", "aspp.project.bn", eps)
     if decoder:
+        # refine_by_decoder, under tf.variable_scope(DECODER_SCOPE): the one stage of
+        # decoder_output_stride [4] projects its end point with scope 'feature_projection' + str(0).
         rules += _conv_bn("decoder/feature_projection0", "decoder.low_level.conv", "decoder.low_level.bn", eps)
         for j in (0, 1):
             fuse = f"decoder.fuse.{j}"
-            rules += _conv_bn(f"decoder/decoder_conv{j}_depthwise", f"{fuse}.depthwise.conv", f"{fuse}.depthwise.bn",
-                              eps, depthwise=True)
-            rules += _conv_bn(f"decoder/decoder_conv{j}_pointwise", f"{fuse}.pointwise.conv", f"{fuse}.pointwise.bn",
-                              eps)
+            if separable:
+                # _decoder_with_concat_merge: split_separable_conv2d(..., scope='decoder_conv0'/'decoder_conv1')
+                rules += _conv_bn(f"decoder/decoder_conv{j}_depthwise", f"{fuse}.depthwise.conv",
+                                  f"{fuse}.depthwise.bn", eps, depthwise=True)
+                rules += _conv_bn(f"decoder/decoder_conv{j}_pointwise", f"{fuse}.pointwise.conv",
+                                  f"{fuse}.pointwise.bn", eps)
+            else:
+                # _decoder_with_concat_merge: slim.repeat(..., 2, slim.conv2d, decoder_depth, 3,
+                # scope='decoder_conv' + '0'); slim.repeat names its convs scope/scope_1, scope/scope_2.
+                rules += _conv_bn(f"decoder/decoder_conv0/decoder_conv0_{j + 1}", f"{fuse}.conv", f"{fuse}.bn", eps)
+    # get_branch_logits: tf.variable_scope(LOGITS_SCOPE_NAME), slim.conv2d(..., scope=scope_suffix)
+    # with scope_suffix the output name 'semantic'; no normaliser, so biases.
     rules.append(Rule("logits/semantic/weights", "classifier.weight", LOGITS_WEIGHT, drop_classes=drop_classes))
     rules.append(Rule("logits/semantic/biases", "classifier.bias", LOGITS_BIAS, drop_classes=drop_classes))
     return rules
