@@ -24,6 +24,10 @@ from deeplab.nn.layers import Conv2dSame, tf_same_padding
 from deeplab.tf import BundleError, CheckpointReader, ConversionError, DictSource, convert_checkpoint, crc32c
 from deeplab.tf.bundle import _crc_update_py
 from deeplab.tf.convert import convert_source, open_checkpoint
+
+# The settings the weights cannot reveal, from the reference configs of the released models.
+MNV2 = {"reference_config": "mobilenetv2_voc"}
+XCEPTION = {"reference_config": "xception65_voc"}
 from deeplab.tf.names import backbone_rules, head_rules, tf_layout
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tf"
@@ -123,7 +127,7 @@ def test_reader_accepts_prefix_index_data_file_and_directory(tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def mnv2():
-    return convert_checkpoint(MNV2_TARBALL)
+    return convert_checkpoint(MNV2_TARBALL, reference_config="mobilenetv2_voc")
 
 
 @pytest.fixture(scope="module")
@@ -197,14 +201,14 @@ def test_converted_model_computes_tensorflows_logits(mnv2) -> None:
 
 def test_cli_converts_the_tarball_for_eval_and_load_model(tmp_path: Path, capsys) -> None:
     out = tmp_path / "mnv2_voc.pt"
-    assert cli(["convert", "tf", str(MNV2_TARBALL), "--out", str(out)]) == 0
+    assert cli(["convert", "tf", str(MNV2_TARBALL), "--out", str(out), "--reference-config", "mobilenetv2_voc"]) == 0
     printed = capsys.readouterr().out
     assert "MobilenetV2 -> mobilenet_v2, deeplabv3, 21 classes" in printed and "variables ignored: 9" in printed
     model, ckpt = load_model(out, num_classes=21, backbone="mobilenet_v2")
     assert model.config.tf_compat and ckpt["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
     assert ckpt["classes"][15] == "person" and ckpt["converted_from"]["eval_crop_size"] == [513, 513]
     golden = np.load(FIXTURES / "deeplabv3_mnv2_tiny_logits.npz")
-    np.testing.assert_array_equal(_logits(model, golden["image"]), _logits(convert_checkpoint(MNV2_TARBALL).module,
+    np.testing.assert_array_equal(_logits(model, golden["image"]), _logits(convert_checkpoint(MNV2_TARBALL, reference_config="mobilenetv2_voc").module,
                                                                           golden["image"]))
     os8, _ = load_model(out, output_stride=8)  # the paper evaluates its best numbers at OS 8
     assert os8.backbone.output_stride == 8
@@ -225,7 +229,8 @@ def test_cli_lists_variables_and_reports_errors(tmp_path: Path, capsys) -> None:
     assert cli(["convert", "tf", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and err.startswith("deeplab convert: error: ") and err.count("\n") == 1
-    assert cli(["convert", "tf", str(MNV2_TARBALL), "--out", str(tmp_path / "x.pt"), "--dataset", "cityscapes"]) == 2
+    assert cli(["convert", "tf", str(MNV2_TARBALL), "--out", str(tmp_path / "x.pt"), "--dataset", "cityscapes",
+                "--output-stride", "16"]) == 2
     err = capsys.readouterr().err
     assert "has 21 classes, but --dataset cityscapes has 19" in err and err.startswith("deeplab convert: error: ")
     assert not (tmp_path / "x.pt").exists()
@@ -239,14 +244,14 @@ def test_missing_variable_is_listed_with_its_expected_shape(mnv2_tensors) -> Non
     del tensors["MobilenetV2/expanded_conv_3/expand/weights"]
     with pytest.raises(ConversionError, match=r"missing variables \(1\):\s+MobilenetV2/expanded_conv_3/expand/"
                                               r"weights \(expected \[1, 1, 24, 144\]\)"):
-        convert_source(DictSource(tensors))
+        convert_source(DictSource(tensors), **MNV2)
 
 
 def test_unknown_variable_is_listed(mnv2_tensors) -> None:
     tensors = dict(mnv2_tensors, **{"MobilenetV2/expanded_conv_3/squeeze/weights": np.zeros((1, 1, 4, 4), np.float32)})
     with pytest.raises(ConversionError, match=r"unexpected variables \(1\).*\s+MobilenetV2/expanded_conv_3/squeeze/"
                                               r"weights \[1, 1, 4, 4\]"):
-        convert_source(DictSource(tensors))
+        convert_source(DictSource(tensors), **MNV2)
 
 
 def test_mis_shaped_variables_are_listed(mnv2_tensors) -> None:
@@ -254,7 +259,7 @@ def test_mis_shaped_variables_are_listed(mnv2_tensors) -> None:
     tensors["aspp0/weights"] = tensors["aspp0/weights"].transpose(3, 2, 0, 1)  # already OIHW
     tensors["MobilenetV2/Conv/depthwise_weights"] = np.zeros((3, 3, 3, 2), np.float32)  # and an extra one
     with pytest.raises(ConversionError) as info:
-        convert_source(DictSource(tensors))
+        convert_source(DictSource(tensors), **MNV2)
     message = str(info.value)
     assert "wrong shape (1):\n    aspp0/weights: [256, 320, 1, 1], expected [1, 1, 320, 256]" in message
     assert "MobilenetV2/Conv/depthwise_weights [3, 3, 3, 2]" in message
@@ -264,13 +269,13 @@ def test_unknown_architecture_is_an_error_naming_the_scopes(mnv2_tensors) -> Non
     # resnet_v1_101 became a known scope (models/backbones/resnet_tf.py); slim's resnet_v2 is not.
     tensors = {name.replace("MobilenetV2/", "resnet_v2_101/"): v for name, v in mnv2_tensors.items()}
     with pytest.raises(ConversionError, match=r"top-level scopes are \[.*'resnet_v2_101'.*\]"):
-        convert_source(DictSource(tensors))
+        convert_source(DictSource(tensors), **MNV2)
 
 
 def test_a_mobilenet_decoder_is_refused(mnv2_tensors) -> None:
     tensors = dict(mnv2_tensors, **{"decoder/feature_projection0/weights": np.zeros((1, 1, 24, 48), np.float32)})
     with pytest.raises(ConversionError, match="layer_4/depthwise_output"):
-        convert_source(DictSource(tensors))
+        convert_source(DictSource(tensors), **MNV2)
 
 
 # --------------------------------------------------------------------------- Xception (in memory)
@@ -302,7 +307,7 @@ def xception_tensors():
 
 
 def test_xception65_deeplabv3plus_anchors(xception_tensors) -> None:
-    conv = convert_source(DictSource(xception_tensors))
+    conv = convert_source(DictSource(xception_tensors), **XCEPTION)
     cfg = conv.config
     assert (cfg.arch, cfg.backbone, cfg.aspp_rates, cfg.separable, cfg.tf_compat) == (
         "deeplabv3plus", "xception65", None, True, True)
@@ -341,7 +346,7 @@ def test_ade20k_drops_the_ignored_other_class(xception_tensors) -> None:
     tensors = dict(xception_tensors)
     tensors["logits/semantic/weights"] = np.random.default_rng(1).standard_normal((1, 1, 256, 151)).astype(np.float32)
     tensors["logits/semantic/biases"] = np.arange(151, dtype=np.float32)
-    conv = convert_source(DictSource(tensors))
+    conv = convert_source(DictSource(tensors), reference_config="xception65_ade20k")
     assert conv.dataset == "ade20k" and conv.config.num_classes == 150 and conv.dropped_classes == 1
     assert conv.classes[0] == "wall"
     np.testing.assert_array_equal(conv.module.classifier.bias.detach().numpy(), np.arange(1, 151))
@@ -441,7 +446,7 @@ def test_converted_checkpoint_is_ready_for_eval_predict_and_export(tmp_path: Pat
     source = build_model(arch="deeplabv3", backbone="mobilenet_v2", num_classes=21, aspp_rates=(), tf_compat=True)
     rules = backbone_rules("mobilenet_v2", "MobilenetV2") + head_rules(atrous_branches=0, image_pooling=True,
                                                                        decoder=False)
-    conv = convert_source(DictSource(_tf_tensors_of(source, rules)))
+    conv = convert_source(DictSource(_tf_tensors_of(source, rules)), **MNV2)
     for key, value in source.state_dict().items():  # the round trip is exact
         assert torch.equal(conv.module.state_dict()[key], value), key
     ckpt = save_checkpoint(tmp_path / "mnv2_voc.pt", conv.checkpoint_payload(source="test"))

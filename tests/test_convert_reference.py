@@ -85,9 +85,11 @@ def reference_tensors(config: ModelConfig, seed: int = 0) -> Tuple[Dict[str, np.
     for key, value in state.items():
         if value.is_floating_point():
             value.copy_(torch.rand_like(value) + 0.5 if key.endswith("running_var") else torch.randn_like(value))
-    scope = config.backbone.replace("_beta", "")
+    # feature_extractor.name_scope: the reference's scope of each model_variant.
+    scope = {"xception41": "xception_41", "xception65": "xception_65", "xception71": "xception_71",
+             "mobilenet_v2": "MobilenetV2"}.get(config.backbone, config.backbone.replace("_beta", ""))
     pairs = [(r.tf_name, r.key) for r in backbone_rules(config.backbone, scope)]
-    pairs += reference_head_names(separable=config.separable, branches=len(config.aspp_rates or (6, 12, 18)),
+    pairs += reference_head_names(separable=config.separable, branches=3 if config.aspp_rates is None else len(config.aspp_rates),
                                   decoder=config.arch == "deeplabv3plus", image_pooling=config.image_pooling)
     tensors = {tf_name: to_tf(state[key], "depthwise" in tf_name) for tf_name, key in pairs}
     tensors["global_step"] = np.int64(1)
@@ -140,3 +142,124 @@ def test_convert_help_describes_multi_grid_per_backbone(capsys) -> None:
     out = " ".join(capsys.readouterr().out.split())
     assert "--reference-config" in out
     assert "block4" in out and "exit_flow/block2" in out and "MobileNetV2" in out  # multi-grid per backbone
+
+
+# --------------------------------------------------------------------------- every combination, exactly
+
+RESNET_SETTINGS = dict(output_stride=16, atrous_rates=(6, 12, 18), multi_grid=(1, 2, 4), decoder_output_stride=4)
+COMBINATIONS = list(itertools.product([True, False], [(6, 12, 18), ()], [True, False], [True, False]))
+
+
+@pytest.mark.parametrize("separable, rates, decoder, pooling", COMBINATIONS,
+                         ids=[f"{'sep' if s else 'reg'}-{len(r)}br-{'dec' if d else 'nodec'}-{'pool' if p else 'nopool'}"
+                              for s, r, d, p in COMBINATIONS])
+def test_every_head_combination_round_trips_exactly(separable: bool, rates, decoder: bool, pooling: bool) -> None:
+    from deeplab.tf import ReferenceSettings
+
+    config = _config(separable=separable, rates=rates, decoder=decoder, pooling=pooling)
+    tensors, state = reference_tensors(config)
+    settings = ReferenceSettings(**{**RESNET_SETTINGS, "atrous_rates": rates,
+                                    "decoder_output_stride": 4 if decoder else 0})
+    conv = convert_source(DictSource(tensors), settings=settings)
+    assert set(conv.used) == set(tensors) - {"global_step"}  # every variable used, by its reference name
+    # No 3x3 conv at all (no branch, no decoder): the switch changes nothing and stays at its default.
+    assert conv.config.separable is (separable or not (rates or decoder)) and conv.config.image_pooling is pooling
+    assert conv.config.arch == config.arch and conv.config.multi_grid == (1, 2, 4)
+    for key, value in conv.module.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("backbone", ["xception41", "mobilenet_v2"])
+def test_regular_and_separable_heads_on_the_other_backbones(backbone: str) -> None:
+    from deeplab.tf import ReferenceSettings
+
+    for separable in (True, False):
+        decoder = backbone != "mobilenet_v2"  # the reference's MobileNetV2 decoder taps another end point
+        config = _config(backbone=backbone, separable=separable, rates=(6, 12, 18), decoder=decoder, pooling=True,
+                         multi_grid=(1, 1, 1))
+        tensors, state = reference_tensors(config)
+        settings = ReferenceSettings(output_stride=16, atrous_rates=(6, 12, 18),
+                                     multi_grid=None if backbone == "mobilenet_v2" else (1, 1, 1),
+                                     decoder_output_stride=4 if decoder else None)
+        conv = convert_source(DictSource(tensors), settings=settings)
+        assert conv.config.separable is separable
+        assert all(torch.equal(v, state[k]) for k, v in conv.module.state_dict().items()
+                   if not k.endswith("num_batches_tracked"))
+
+
+def test_mixed_separable_aspp_and_regular_decoder_is_refused() -> None:
+    tensors, _ = reference_tensors(_config(separable=True, rates=(6, 12, 18), decoder=True, pooling=True))
+    regular, _ = reference_tensors(_config(separable=False, rates=(6, 12, 18), decoder=True, pooling=True))
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("decoder/decoder_conv")}
+    tensors.update({k: v for k, v in regular.items() if k.startswith("decoder/decoder_conv")})
+    with pytest.raises(ConversionError, match="ASPP and decoder differ in kind"):
+        recognise({k: tuple(np.shape(v)) for k, v in tensors.items()})
+
+
+# --------------------------------------------------------------------------- settings: given, preset, recorded
+
+
+def test_missing_settings_are_listed_with_the_presets_of_the_backbone() -> None:
+    tensors, _ = reference_tensors(_config(backbone="resnet_v1_101_beta", separable=False, rates=(6, 12, 18),
+                                           decoder=True, pooling=True))
+    with pytest.raises(ConversionError) as info:
+        convert_source(DictSource(tensors))
+    message = str(info.value)
+    for needed in ("output stride", "atrous rates", "multi-grid", "decoder output stride",
+                   "--reference-config resnet_v1_101_beta_voc"):
+        assert needed in message, needed
+    assert "\n" not in message
+
+
+def test_preset_fills_records_and_is_checked() -> None:
+    from deeplab.tf import ReferenceSettings
+
+    tensors, state = reference_tensors(_config(backbone="resnet_v1_101_beta", separable=False, rates=(6, 12, 18),
+                                               decoder=True, pooling=True))
+    conv = convert_source(DictSource(tensors), reference_config="resnet_v1_101_beta_voc")
+    cfg = conv.config
+    assert (cfg.multi_grid, cfg.aspp_rates, cfg.output_stride, cfg.separable) == ((1, 2, 4), None, 16, False)
+    info = conv.checkpoint_payload("x")["converted_from"]
+    assert info["reference_config"] == "resnet_v1_101_beta_voc"
+    assert conv.dataset is None  # 3 classes: trained with the VOC config's settings on another dataset
+    assert info["settings"] == {"output_stride": 16, "atrous_rates": [6, 12, 18], "multi_grid": [1, 2, 4],
+                                "decoder_output_stride": 4, "image_pooling": True}
+    assert info["settings_from"]["multi_grid"] == "reference config resnet_v1_101_beta_voc"
+    assert info["settings_from"]["image_pooling"] == "checkpoint variables"
+    # A setting given overrides the preset and says so.
+    conv = convert_source(DictSource(tensors), reference_config="resnet_v1_101_beta_voc",
+                          settings=ReferenceSettings(multi_grid=(1, 1, 1)))
+    assert conv.config.multi_grid == (1, 1, 1) and conv.provenance["multi_grid"] == "given"
+    # A preset of another backbone, or settings the checkpoint contradicts: errors.
+    with pytest.raises(ConversionError, match="xception65_voc is a xception65 model.*resnet_v1_101_beta_voc"):
+        convert_source(DictSource(tensors), reference_config="xception65_voc")
+    with pytest.raises(ConversionError, match="no decoder stride, but the checkpoint has a decoder"):
+        convert_source(DictSource(tensors), reference_config="resnet_v1_101_beta_voc_deeplabv3")
+    with pytest.raises(ConversionError, match="2 atrous rates"):
+        convert_source(DictSource(tensors), reference_config="resnet_v1_101_beta_voc",
+                       settings=ReferenceSettings(atrous_rates=(6, 12)))
+    with pytest.raises(ConversionError, match="image pooling off"):
+        convert_source(DictSource(tensors), reference_config="resnet_v1_101_beta_voc",
+                       settings=ReferenceSettings(image_pooling=False))
+
+
+def test_rates_off_the_papers_rule_are_kept_explicitly() -> None:
+    from deeplab.tf import ReferenceSettings
+
+    tensors, _ = reference_tensors(_config(separable=True, rates=(6, 12, 18), decoder=False, pooling=True))
+    conv = convert_source(DictSource(tensors), settings=ReferenceSettings(
+        output_stride=16, atrous_rates=(4, 8, 12), multi_grid=(1, 2, 4)))
+    assert conv.config.aspp_rates == (4, 8, 12)  # not derivable from the output stride: stored as given
+    assert conv.settings.decoder_output_stride == 0
+
+
+def test_multi_grid_for_mobilenet_is_refused() -> None:
+    from deeplab.tf import ReferenceSettings
+
+    tensors, _ = reference_tensors(_config(backbone="mobilenet_v2", separable=True, rates=(), decoder=False,
+                                           pooling=True))
+    with pytest.raises(ConversionError, match="MobileNetV2, which has none"):
+        convert_source(DictSource(tensors), settings=ReferenceSettings(output_stride=16, multi_grid=(1, 2, 4)))
+    conv = convert_source(DictSource(tensors), settings=ReferenceSettings(output_stride=8))  # nothing else to say
+    assert conv.config.output_stride == 8 and conv.config.multi_grid is None

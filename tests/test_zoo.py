@@ -305,7 +305,7 @@ def test_variables_outside_the_model_are_one_warning(mnv2_tensors: Dict[str, np.
              "learning_rate": np.float32(1e-3), "aspp0/weights/ExponentialMovingAverage": mnv2_tensors["aspp0/weights"]}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        conv = convert_source(DictSource({**mnv2_tensors, **extra}))
+        conv = convert_source(DictSource({**mnv2_tensors, **extra}), reference_config="mobilenetv2_voc")
     ours = [w for w in caught if issubclass(w.category, ConversionWarning)]
     assert len(ours) == 1
     message = str(ours[0].message)
@@ -317,7 +317,8 @@ def test_variables_outside_the_model_are_one_warning(mnv2_tensors: Dict[str, np.
 @pytest.mark.parametrize("name", ["MobilenetV2/extra/weights", "aspp0/extra", "aspp7/weights", "decoder/x"])
 def test_an_unknown_variable_inside_a_model_scope_still_fails(mnv2_tensors: Dict[str, np.ndarray], name: str) -> None:
     with pytest.raises(ConversionError, match=rf"(?s)unexpected variables \(1\).*{name}"):
-        convert_source(DictSource({**mnv2_tensors, name: np.zeros(3, np.float32)}))
+        convert_source(DictSource({**mnv2_tensors, name: np.zeros(3, np.float32)}),
+                       reference_config="mobilenetv2_voc")
 
 
 def test_serve_takes_a_zoo_name(server: ZooServer, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

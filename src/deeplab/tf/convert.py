@@ -338,7 +338,9 @@ def build_target(rec: Recognised, *, settings: Optional[ReferenceSettings], refe
     except SettingsError as exc:
         raise ConversionError(str(exc)) from exc
     provenance.setdefault("image_pooling", "checkpoint variables")
-    dataset = _dataset_for(rec.num_classes, dataset if dataset is not None or preset is None else preset.dataset)
+    if dataset is None and preset is not None and DATASET_CLASSES[preset.dataset] == rec.num_classes:
+        dataset = preset.dataset  # the preset's dataset, when the classifier fits it (else: another dataset)
+    dataset = _dataset_for(rec.num_classes, dataset)
     # ADE20K: the reference trains 151 logits with label 0 ("other") ignored; our ADE20K has
     # the 150 real classes (annotation k -> class k - 1), so logit 0 is left out.
     drop = 1 if dataset == "ade20k" else 0

@@ -186,9 +186,11 @@ def settle(settings: ReferenceSettings, *, backbone: str, atrous_branches: int, 
     if s.output_stride is None:
         missing.append("output stride (--output-stride 8|16|32: the reference's --output_stride; the released "
                        "models are trained at 16)")
+    if s.atrous_rates is None and atrous_branches == 0:
+        s = replace(s, atrous_rates=())  # no 3x3 branch: nothing to guess
     if s.atrous_rates is None:
-        missing.append(f"atrous rates (--atrous-rates R ...: {atrous_branches} rates for the checkpoint's "
-                       f"{atrous_branches} ASPP 3x3 branches" + ("" if atrous_branches else "; 'none'") + ")")
+        missing.append(f"atrous rates (--atrous-rates R ...: one per ASPP 3x3 branch, {atrous_branches} here; "
+                       "the released models: 6 12 18 at output stride 16)")
     elif len(s.atrous_rates) != atrous_branches:
         wrong.append(f"{len(s.atrous_rates)} atrous rates {list(s.atrous_rates)}, but the checkpoint has "
                      f"{atrous_branches} ASPP 3x3 branches (aspp1..aspp{atrous_branches})")
@@ -213,7 +215,7 @@ def settle(settings: ReferenceSettings, *, backbone: str, atrous_branches: int, 
         hint = (f"; or name the reference config it was trained with: --reference-config {' | '.join(presets)}"
                 if presets else "")
         parts = ([f"needs settings its weights cannot reveal: {'; '.join(missing)}"] if missing else []) + (
-            [f"settings contradict it: {'; '.join(wrong)}"] if wrong else [])
+            [f"does not fit the settings given: {'; '.join(wrong)}"] if wrong else [])
         raise SettingsError(f"the {what} " + "; and ".join(parts) + hint)
     return replace(s, image_pooling=image_pooling, decoder_output_stride=s.decoder_output_stride or 0,
                    multi_grid=s.multi_grid if backbone != "mobilenet_v2" else ())
