@@ -105,7 +105,7 @@ def test_reader_returns_what_tensorflow_reads(ref) -> None:
 
 
 def test_xception65_deeplabv3plus_computes_tensorflows_logits(ref) -> None:
-    conv = convert_checkpoint(ref["dir"] / "xception_voc" / "model.ckpt-30000")
+    conv = convert_checkpoint(ref["dir"] / "xception_voc" / "model.ckpt-30000", reference_config="xception65_voc")
     assert set(conv.ignored) == set(read_json(ref["dir"] / "xception_voc" / "extra.json"))
     assert set(conv.used) == set(read_json(ref["dir"] / "xception_voc" / "variables.json"))  # all of them
     cfg = conv.config
@@ -134,10 +134,11 @@ def test_cli_converts_a_model_zoo_tarball_and_both_readers_agree(ref, tmp_path: 
         for path in sorted(prefix.parent.glob("model.ckpt-30000.*")) + [prefix.parent / "checkpoint"]:
             archive.add(path, arcname=f"deeplabv3_pascal_train_aug/{path.name}")
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    assert cli(["convert", "tf", str(tarball), "--out", str(a), "--dataset", "voc"]) == 0
+    assert cli(["convert", "tf", str(tarball), "--out", str(a), "--dataset", "voc", "--reference-config",
+                "xception65_voc"]) == 0
     # TensorFlow's reader, in its own process like every TensorFlow use here.
     result = subprocess.run([sys.executable, "-m", "deeplab.cli.main", "convert", "tf", str(prefix), "--out", str(b),
-                             "--reader", "tensorflow"], capture_output=True, text=True, timeout=600,
+                             "--reader", "tensorflow", "--reference-config", "xception65_voc"], capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES=""))
     assert result.returncode == 0, result.stderr[-3000:]
     model_a, ckpt_a = load_model(a, num_classes=21, backbone="xception65")
@@ -153,7 +154,8 @@ def test_cli_converts_a_model_zoo_tarball_and_both_readers_agree(ref, tmp_path: 
 
 
 def test_mobilenet_v2_deeplabv3_computes_tensorflows_logits(ref) -> None:
-    conv = convert_checkpoint(ref["dir"] / "mnv2_cityscapes")  # a directory with one checkpoint
+    conv = convert_checkpoint(ref["dir"] / "mnv2_cityscapes",  # a directory with one checkpoint
+                              reference_config="mobilenetv2_cityscapes")
     assert conv.dataset == "cityscapes" and conv.classes[-1] == "bicycle" and conv.config.aspp_rates == ()
     assert set(conv.used) == set(read_json(ref["dir"] / "mnv2_cityscapes" / "variables.json"))
     model = conv.module.double()
@@ -166,7 +168,7 @@ def test_mobilenet_v2_deeplabv3_computes_tensorflows_logits(ref) -> None:
 def test_ade20k_keeps_the_150_real_classes(ref, tmp_path: Path) -> None:
     out = tmp_path / "ade.pt"
     assert cli(["convert", "tf", str(ref["dir"] / "mnv2_ade20k" / "model.ckpt"), "--out", str(out),
-                "--dataset", "ade20k"]) == 0
+                "--dataset", "ade20k", "--output-stride", "16"]) == 0
     model, ckpt = load_model(out, num_classes=150)
     assert ckpt["classes"][:3] == ["wall", "building", "sky"] and ckpt["converted_from"]["dropped_classes"] == 1
     assert rel_err(run(model.double(), ref["ade20k/image"]), ref["ade20k/logits"][..., 1:]) < 1e-5
@@ -308,3 +310,31 @@ def test_head_combination_computes_tensorflows_logits_from_pixels(heads, case) -
     ours = run(model, x)
     # float64 on both sides (TF's bilinear resize rounds to float32): ~1e-7; a wrong mean is ~1e-1.
     assert rel_err(ours, heads[f"{tag}/logits"]) < 1e-5, tag
+
+
+def test_resnet_model_without_its_settings_is_refused_and_the_preset_records_them(heads, tmp_path: Path,
+                                                                                 capsys) -> None:
+    """Issue 21: multi-grid is never guessed. The paper's ResNet-101-beta DeepLabv3+ (regular ASPP and
+    decoder), zoo-like tarball: without settings an error naming them; with the preset it converts,
+    records them and computes TensorFlow's logits."""
+    tag = "r101b_v3p_regular"
+    tarball = tmp_path / "deeplabv3_r101b_pascal.tar.gz"
+    with tarfile.open(tarball, "w:gz", compresslevel=1) as archive:
+        for path in sorted((heads["dir"] / tag).glob("model.ckpt.*")):
+            archive.add(path, arcname=f"train/{path.name}")
+    out = tmp_path / "r101b.pt"
+    assert cli(["convert", "tf", str(tarball), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "multi-grid" in err and "--reference-config resnet_v1_101_beta_voc" in err and not out.exists()
+    assert cli(["convert", "tf", str(tarball), "--out", str(out), "--reference-config", "resnet_v1_101_beta_voc"]) == 0
+    assert "setting multi_grid: [1, 2, 4] (reference config resnet_v1_101_beta_voc)" in capsys.readouterr().out
+    model, ckpt = load_model(out)
+    assert ckpt["config"]["multi_grid"] == [1, 2, 4] and ckpt["config"]["separable"] is False
+    assert ckpt["converted_from"]["settings"]["multi_grid"] == [1, 2, 4]
+    assert ckpt["converted_from"]["reference_config"] == "resnet_v1_101_beta_voc"
+    norm = model.normalization
+    x = (heads[f"{tag}/pixels"] / 255.0 - np.array(norm.mean)) / np.array(norm.std)
+    assert rel_err(run(model.double(), x), heads[f"{tag}/logits"]) < 1e-5
+    # The same weights with multi-grid forgotten: another function.
+    forgotten = rebuilt(model.config, model.double(), multi_grid=None)
+    assert rel_err(run(forgotten, x), heads[f"{tag}/logits"]) > 1e-2
