@@ -192,40 +192,40 @@ def head_rules(*, atrous_branches: int, image_pooling: bool, decoder: bool, sepa
     eps = TF_HEAD_BN_EPS
     rules: List[Rule] = []
     if image_pooling:
-        # extract_features: slim.conv2d(image_feature, depth, 1, scope=IMAGE_POOLING_SCOPE)
+        # model.py:489-493 (extract_features): slim.conv2d(image_feature, depth, 1, scope=IMAGE_POOLING_SCOPE)
         rules += _conv_bn("image_pooling", "aspp.image_pool.conv", "aspp.image_pool.bn", eps)
-    # extract_features: slim.conv2d(features, depth, 1, scope=ASPP_SCOPE + str(0))
+    # model.py:508-509: slim.conv2d(features, depth, 1, scope=ASPP_SCOPE + str(0))
     rules += _conv_bn("aspp0", "aspp.convs.0.conv", "aspp.convs.0.bn", eps)
     for i in range(1, atrous_branches + 1):
         branch = f"aspp.convs.{i}"
         if separable:
-            # split_separable_conv2d(features, ..., scope=ASPP_SCOPE + str(i)) (core/utils.py):
+            # model.py:514-521: split_separable_conv2d(features, ..., scope=ASPP_SCOPE + str(i)); core/utils.py:99,107:
             # scope + '_depthwise' (slim.separable_conv2d, num_outputs=None) and scope + '_pointwise'.
             rules += _conv_bn(f"aspp{i}_depthwise", f"{branch}.depthwise.conv", f"{branch}.depthwise.bn", eps,
                               depthwise=True)
             rules += _conv_bn(f"aspp{i}_pointwise", f"{branch}.pointwise.conv", f"{branch}.pointwise.bn", eps)
         else:
-            # slim.conv2d(features, depth, 3, rate=rate, scope=ASPP_SCOPE + str(i))
+            # model.py:523-524: slim.conv2d(features, depth, 3, rate=rate, scope=scope), scope = ASPP_SCOPE + str(i)
             rules += _conv_bn(f"aspp{i}", f"{branch}.conv", f"{branch}.bn", eps)
-    # slim.conv2d(concat_logits, depth, 1, scope=CONCAT_PROJECTION_SCOPE)
+    # model.py:530-531: slim.conv2d(concat_logits, depth, 1, scope=CONCAT_PROJECTION_SCOPE)
     rules += _conv_bn("concat_projection", "aspp.project.conv", "aspp.project.bn", eps)
     if decoder:
-        # refine_by_decoder, under tf.variable_scope(DECODER_SCOPE): the one stage of
+        # model.py:702,729 (refine_by_decoder), under tf.variable_scope(DECODER_SCOPE): the one stage of
         # decoder_output_stride [4] projects its end point with scope 'feature_projection' + str(0).
         rules += _conv_bn("decoder/feature_projection0", "decoder.low_level.conv", "decoder.low_level.bn", eps)
         for j in (0, 1):
             fuse = f"decoder.fuse.{j}"
             if separable:
-                # _decoder_with_concat_merge: split_separable_conv2d(..., scope='decoder_conv0'/'decoder_conv1')
+                # model.py:828-838 (_decoder_with_concat_merge): split_separable_conv2d(..., scope='decoder_conv0'/'1')
                 rules += _conv_bn(f"decoder/decoder_conv{j}_depthwise", f"{fuse}.depthwise.conv",
                                   f"{fuse}.depthwise.bn", eps, depthwise=True)
                 rules += _conv_bn(f"decoder/decoder_conv{j}_pointwise", f"{fuse}.pointwise.conv",
                                   f"{fuse}.pointwise.bn", eps)
             else:
-                # _decoder_with_concat_merge: slim.repeat(..., 2, slim.conv2d, decoder_depth, 3,
-                # scope='decoder_conv' + '0'); slim.repeat names its convs scope/scope_1, scope/scope_2.
+                # model.py:840-847: slim.repeat(..., 2, slim.conv2d, decoder_depth, 3, scope='decoder_conv' +
+                # scope_suffix), scope_suffix '0' (model.py:752); slim.repeat names its convs scope/scope_1, scope/scope_2.
                 rules += _conv_bn(f"decoder/decoder_conv0/decoder_conv0_{j + 1}", f"{fuse}.conv", f"{fuse}.bn", eps)
-    # get_branch_logits: tf.variable_scope(LOGITS_SCOPE_NAME), slim.conv2d(..., scope=scope_suffix)
+    # model.py:894-908 (get_branch_logits): tf.variable_scope(LOGITS_SCOPE_NAME), slim.conv2d(..., scope=scope_suffix)
     # with scope_suffix the output name 'semantic'; no normaliser, so biases.
     rules.append(Rule("logits/semantic/weights", "classifier.weight", LOGITS_WEIGHT, drop_classes=drop_classes))
     rules.append(Rule("logits/semantic/biases", "classifier.bias", LOGITS_BIAS, drop_classes=drop_classes))

@@ -4,6 +4,7 @@ A TF DeepLab checkpoint's variables tell the backbone, the head's layers and the
 classes, but not how the reference ran them: ``output_stride``, the ASPP ``atrous_rates``,
 ``multi_grid`` (the unit-rate multipliers of ResNet's ``block4`` / Xception's ``exit_flow/block2``),
 ``decoder_output_stride``. These are flags of tensorflow/models ``research/deeplab/common.py``
+(``--output_stride``, ``--atrous_rates``, ``--multi_grid`` at :74-76, ``--decoder_output_stride``)
 that the reference's train/eval scripts set. A model rebuilt with other values computes
 another function from the same weights (a ResNet-beta model trained with multi-grid (1, 2, 4)
 and converted without it agrees with the reference on about half of the pixels), so the
@@ -102,7 +103,7 @@ class ReferenceConfig:
 _XCEPTION = ReferenceSettings(output_stride=16, atrous_rates=(6, 12, 18), multi_grid=(1, 1, 1),
                               decoder_output_stride=4)
 _MOBILENET = ReferenceSettings(output_stride=16, atrous_rates=(), multi_grid=(), decoder_output_stride=0)
-# common.py: "Set multi_grid = [1, 2, 4] when using provided 'resnet_v1_{50,101}_beta' checkpoints."
+# common.py:74-76: "Set multi_grid = [1, 2, 4] when using provided 'resnet_v1_{50,101}_beta' checkpoints."
 _RESNET_BETA = ReferenceSettings(output_stride=16, atrous_rates=(6, 12, 18), multi_grid=(1, 2, 4),
                                  decoder_output_stride=4)
 _XCEPTION_SOURCE = ("g3doc/model_zoo.md + local_test.sh: --model_variant=xception_65 --atrous_rates=6 "

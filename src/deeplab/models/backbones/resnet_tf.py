@@ -41,9 +41,9 @@ from ...nn.layers import tf_same_padding
 from .base import INCEPTION_MEAN, INCEPTION_STD, Backbone, FeatureSpec, Normalization, init_conv_bn, validate_multi_grid
 
 RESNET_TF_BN_EPS = 1e-5
-# tensorflow/models research/deeplab/core/feature_extractor.py: "# Mean pixel value." ``_MEAN_RGB =
-# [123.15, 115.90, 103.06]`` (unchanged since 2018), which ``_preprocess_subtract_imagenet_mean`` (the
-# ``_PREPROCESS_FN`` of ``resnet_v1_50``/``resnet_v1_101``) subtracts from 0..255 pixels, with no
+# tensorflow/models research/deeplab/core/feature_extractor.py:446 ``_MEAN_RGB = [123.15, 115.90,
+# 103.06]`` (unchanged since 2018), which ``_preprocess_subtract_imagenet_mean`` (:449; the
+# ``_PREPROCESS_FN`` of ``resnet_v1_50``/``resnet_v1_101``, :471/:473) subtracts from 0..255 pixels, with no
 # scaling. Here in [0, 1] pixel units (std 1/255). Not torchvision's/VGG's (123.68, 116.779, 103.939):
 # with those, converted plain-ResNet models disagree with the reference.
 TF_IMAGENET_MEAN = (123.15 / 255.0, 115.90 / 255.0, 103.06 / 255.0)
