@@ -233,5 +233,7 @@ def test_zoo_imagenet_resnet_downloads_converts_and_trains_from(ref: Dict, tmp_p
         server.close()
     tag = "resnet_v1_101_beta/33_16"
     assert rel_err(features(backbone, ref[f"{tag}/image"])["out"], ref[f"{tag}/out"]) < 1e-5
-    model = build_model(arch="deeplabv3plus", backbone="resnet_v1_101_beta", num_classes=3, pretrained_backbone=path)
+    # The paper's Table 3 row: DeepLabv3+ with regular ASPP and decoder, multi-grid (1, 2, 4) (common.py:74-76).
+    model = build_model(arch="deeplabv3plus", backbone="resnet_v1_101_beta", num_classes=3, pretrained_backbone=path,
+                        separable=False, multi_grid=(1, 2, 4))
     assert torch.equal(model.backbone.block4[2].conv3.conv.weight, backbone.block4[2].conv3.conv.weight.float())

@@ -144,6 +144,9 @@ def _convert(args: argparse.Namespace) -> int:
     if conv.dropped_classes:
         print(f"logits: the checkpoint's first {conv.dropped_classes} class(es) ('other', ignored in training) left out")
     if conv.config is None:
+        if given or args.reference_config:
+            print("note: the reference's settings apply to model checkpoints; a backbone file holds weights only "
+                  "(choose output stride and multi-grid where it is used: build_model(..., multi_grid=...))")
         save_atomically(conv.state_dict(), out)
         print(f"wrote backbone weights {out}; use build_model(backbone={conv.recognised.backbone!r}, "
               f"pretrained_backbone={str(out)!r})")
