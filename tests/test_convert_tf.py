@@ -11,6 +11,12 @@ outputs. Then:
   the ImageNet Xception-41/65/71 backbones through ``pretrained_backbone``. These comparisons run
   in float64 (TF's bilinear resize still rounds to float32, so agreement is ~1e-7 relative); a wrong
   name, transpose, padding or epsilon shows up as 1e-3 or worse;
+- every head combination the reference's model.py builds for our backbones (tf_reference.HEAD_CASES:
+  separable or regular ASPP - ``aspp{i}/weights`` - and decoder - slim.repeat's
+  ``decoder_conv0/decoder_conv0_{1,2}`` -, with or without ASPP 3x3 branches, decoder, image
+  pooling; ResNet plain and beta, Xception-41, MobileNetV2) converts and computes TensorFlow's
+  logits from raw 0..255 pixels through the reference's preprocess_fn (the plain ResNet's
+  _MEAN_RGB); a ResNet-beta model without its settings is refused, with its preset it records them;
 - layer by layer, in float32 against TF's own ops, to 1e-5: strided "SAME" convs on even and odd
   sizes, Xception's fixed-padding strided separable convs, atrous separable convs with BatchNorm,
   bilinear resizes with align_corners, image pooling as a window average over the crop.

@@ -10,6 +10,10 @@ slim's layers spelled out as the TF ops they run in inference:
 - ``slim.batch_norm`` (inference) -> ``fused_batch_norm(is_training=False, epsilon)``;
 - ``resize_bilinear`` -> ``tf.compat.v1.image.resize_bilinear(align_corners=True)``.
 
+The head follows ``model.py`` in both forms (``separable``: ``split_separable_conv2d`` scopes, else
+regular ``aspp{i}`` convs and slim.repeat's ``decoder/decoder_conv0/decoder_conv0_{1,2}``);
+:func:`preprocess` is ``feature_extractor._PREPROCESS_FN`` (``_MEAN_RGB`` for the plain ResNets).
+
 Variables are created by name on first use inside nested scopes, like ``tf.variable_scope``,
 with seeded random values. So building the network once yields both the reference's variable
 set (names and shapes as its code creates them, independent of ``deeplab.tf.names``) and its
