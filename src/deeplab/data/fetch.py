@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from ..download import DownloadError, check_disk_space, download, offline_message, verify
+from ..download import DownloadError, check_disk_space, download, verify
 from .base import DatasetError
 
 PathLike = Union[str, "os.PathLike[str]"]
