@@ -443,7 +443,7 @@ def fetch(name: str, root: PathLike, *, sbd: bool = False, mirror: Optional[str]
     spec = get_spec(name)
     if sbd and not spec.extra:
         raise FetchError(f"--sbd applies to voc2012 only, not {name}")
-    root = Path(root).expanduser().resolve()
+    root = Path(root).expanduser()  # kept as typed: the printed commands use the user's path
     root.mkdir(parents=True, exist_ok=True)
     result = FetchResult(spec, root, root / spec.data_root)
     state = _load_state(root)
