@@ -576,3 +576,39 @@ def test_mirror_flag_env_and_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert F.mirror_url(F.VOC_TAR, None) == "https://mirror.example/data/VOCtrainval_11-May-2012.tar"
     assert F.mirror_url(F.VOC_TAR, "http://other/x") == "http://other/x/VOCtrainval_11-May-2012.tar"  # flag wins
     assert F.mirror_url(F.SBD_TGZ, str(tmp_path)) == tmp_path.resolve().as_uri() + "/benchmark.tgz"
+
+
+@pytest.mark.spawn
+def test_sbd_conversion_in_worker_processes(tmp_path: Path) -> None:
+    from deeplab.data.prepare.sbd import convert_sbd
+
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    sbd = tmp_path / "SBD" / "dataset"
+    (sbd / "cls").mkdir(parents=True)
+    ids = [f"2009_{k:06d}" for k in range(80)]
+    for n, i in enumerate(ids):
+        (voc / "JPEGImages" / f"{i}.jpg").write_bytes(b"")  # only their existence is checked here
+        (sbd / "cls" / f"{i}.mat").write_bytes(sbd_mat(sbd_seg(n)))
+    (voc / "ImageSets/Segmentation/train.txt").write_text("")
+    (voc / "ImageSets/Segmentation/val.txt").write_text("")
+    (sbd / "train.txt").write_text("".join(f"{i}\n" for i in ids[:50]))
+    (sbd / "val.txt").write_text("".join(f"{i}\n" for i in ids[50:]))
+    count, _ = convert_sbd(voc, sbd, workers=2, progress=False)
+    assert count == 80
+    for n in (0, 49, 79):
+        np.testing.assert_array_equal(np.asarray(Image.open(voc / "SegmentationClassAug" / f"{ids[n]}.png")), sbd_seg(n))
+
+
+def test_a_deleted_output_is_made_again(pinned: Dict[str, bytes], tmp_path: Path) -> None:
+    hand = tmp_path / "hand"
+    hand.mkdir()
+    (hand / "VOCtrainval_11-May-2012.tar").write_bytes(pinned["VOCtrainval_11-May-2012.tar"])
+    root = tmp_path / "data"
+    F.fetch("voc2012", root, source=hand, progress=False)
+    import shutil
+
+    shutil.rmtree(root / "VOCdevkit")
+    F.fetch("voc2012", root, source=hand, progress=False)
+    assert len(build_dataset("voc", str(root), "train")) == len(VOC_TRAIN)

