@@ -335,6 +335,12 @@ def test_fetch_from_folder_offline_and_offline_message(pinned: Dict[str, bytes],
     assert cli.main(["data", "fetch", "voc2012", "--root", str(root), "--from", str(hand), "--no-progress",
                      "--mirror", "http://127.0.0.1:9/"]) == 0
     assert len(build_dataset("voc", str(root), "val")) == len(VOC_VAL)
+    # the folder the message names works too: the file put there is used with no network
+    other = tmp_path / "other"
+    (other / "archives").mkdir(parents=True)
+    (other / "archives" / "VOCtrainval_11-May-2012.tar").write_bytes(pinned["VOCtrainval_11-May-2012.tar"])
+    assert cli.main(["data", "fetch", "voc2012", "--root", str(other), "--mirror", "http://127.0.0.1:9/",
+                     "--no-progress", "--no-check"]) == 0
 
 
 def test_interrupted_conversion_restarts_cleanly(pinned: Dict[str, bytes], tmp_path: Path,
