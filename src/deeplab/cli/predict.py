@@ -296,13 +296,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             mask, probs = segmenter.predict_with_probs(rgb)
             stem = names[path]
-            if writer is not None:
+            if writer is not None:  # a server's format: its ids and names, overlays in OUT/overlays
                 writer.write(mask, stem, segmenter.overlay(rgb, mask, alpha=args.alpha, legend=not args.no_legend)
                              if args.overlay else None)
-                done += 1
-                continue
-            segmenter.mask_image(mask).save(out / f"{stem}.png")
-            if args.overlay:
+            else:
+                segmenter.mask_image(mask).save(out / f"{stem}.png")
+            if args.overlay and writer is None:
                 segmenter.overlay(rgb, mask, alpha=args.alpha, legend=not args.no_legend).save(out / f"{stem}_overlay.png")
             if args.probs:
                 np.save(out / f"{stem}_probs.npy", probs.astype(np.float32, copy=False))
