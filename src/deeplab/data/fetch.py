@@ -303,7 +303,10 @@ def extract(archive: Path, into: Path, moves: Dict[str, str], *, progress: bool)
                 _safe_members([m.name for m in tmembers], archive)
                 for tmember in tqdm(tmembers, desc=f"extracting {archive.name}", unit="file", disable=not progress,
                                     file=sys.stderr, dynamic_ncols=True):
-                    tf.extract(tmember, tmp, filter="data")
+                    if hasattr(tarfile, "data_filter"):  # Python >= 3.9.17 / 3.10.12 / 3.11.4
+                        tf.extract(tmember, tmp, filter="data")
+                    else:  # names were checked above; links and devices are not in these archives
+                        tf.extract(tmember, tmp)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FetchError(f"{archive}: cannot extract ({exc}); delete it and run again to download it anew") from exc
