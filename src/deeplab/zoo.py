@@ -8,8 +8,8 @@ Every entry of :data:`ZOO` is a tarball the authors released (tensorflow/models
 ``research/deeplab/g3doc/model_zoo.md``), served from its official location
 ``http://download.tensorflow.org/models/`` (``DEEPLAB_ZOO_URL`` or ``mirror=`` replaces that
 base URL, for mirrors and air-gapped sites). On first use the tarball is streamed into
-``$TORCH_HOME/hub/checkpoints/deeplab/`` (a ``.part`` file resumed with HTTP Range after a dropped
-connection, renamed into place when complete), its sha256 is printed, it is converted by
+``$TORCH_HOME/hub/checkpoints/deeplab/`` by the package's one downloader, :mod:`deeplab.download`
+(a ``.part`` file resumed with HTTP Range after a dropped connection, renamed into place when complete), its sha256 is printed, it is converted by
 :mod:`deeplab.tf` from the ``model.ckpt`` it holds and saved next to it as a deeplab checkpoint
 ``NAME.pt`` (ImageNet backbones: a backbone state dict ``NAME.pth``) whose metadata records the
 URL and the sha256. A later call finds ``NAME.pt`` and makes no request. A tarball put into that
