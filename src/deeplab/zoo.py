@@ -8,8 +8,8 @@ Every entry of :data:`ZOO` is a tarball the authors released (tensorflow/models
 ``research/deeplab/g3doc/model_zoo.md``), served from its official location
 ``http://download.tensorflow.org/models/`` (``DEEPLAB_ZOO_URL`` or ``mirror=`` replaces that
 base URL, for mirrors and air-gapped sites). On first use the tarball is streamed into
-``$TORCH_HOME/hub/checkpoints/deeplab/`` (a ``.part`` file resumed with HTTP Range after a dropped
-connection, renamed into place when complete), its sha256 is printed, it is converted by
+``$TORCH_HOME/hub/checkpoints/deeplab/`` by the package's one downloader, :mod:`deeplab.download`
+(a ``.part`` file resumed with HTTP Range after a dropped connection, renamed into place when complete), its sha256 is printed, it is converted by
 :mod:`deeplab.tf` from the ``model.ckpt`` it holds and saved next to it as a deeplab checkpoint
 ``NAME.pt`` (ImageNet backbones: a backbone state dict ``NAME.pth``) whose metadata records the
 URL and the sha256. A later call finds ``NAME.pt`` and makes no request. A tarball put into that
@@ -23,13 +23,8 @@ zoo page states.
 
 from __future__ import annotations
 
-import http.client
 import os
-import re
-import socket
 import sys
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +33,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from . import download as _download
 from ._utils import DeeplabError, save_atomically, sha256_of
 from .config import InferenceConfig
 
@@ -45,10 +41,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 ZOO_BASE_URL = "http://download.tensorflow.org/models/"
 ZOO_URL_ENV = "DEEPLAB_ZOO_URL"
-DOWNLOAD_TIMEOUT_S = 30.0
-CHUNK = 1 << 20
-# Attempts in a row that bring no new byte before a download gives up (the .part file stays).
-MAX_STALLED_ATTEMPTS = 3
+DOWNLOAD_TIMEOUT_S = _download.DOWNLOAD_TIMEOUT_S
+MAX_STALLED_ATTEMPTS = _download.MAX_STALLED_ATTEMPTS
 
 # The reference's eval crop (images padded to it): VOC and ADE20K 513x513, Cityscapes 1025x2049.
 EVAL_PAD_TO = {"voc": (513, 513), "cityscapes": (1025, 2049), "ade20k": (513, 513)}
@@ -232,89 +226,20 @@ def cache_state(entry: ZooEntry, cache_dir: Optional[PathLike] = None) -> str:
 # --------------------------------------------------------------------------- downloading
 
 
-def _offline_message(url: str, filename: str, directory: Path, cause: str) -> str:
-    return (f"cannot download {url} ({cause}); download {filename} on a machine that can (or from a mirror: "
-            f"{ZOO_URL_ENV}=URL or --mirror URL) and put it in {directory}/ - it is then used with no network")
-
-
-def _total_size(response: Any, start: int) -> Optional[int]:
-    content_range = response.headers.get("Content-Range", "")
-    match = re.match(r"bytes (\d+)-(\d+)/(\d+)", content_range)
-    if match:
-        return int(match.group(3))
-    length = response.headers.get("Content-Length")
-    return start + int(length) if length is not None and length.isdigit() else None
-
-
 def download(url: str, dest: PathLike, *, progress: bool = True, timeout: float = DOWNLOAD_TIMEOUT_S) -> str:
-    """Stream ``url`` to ``dest`` and return the file's sha256.
+    """Stream ``url`` to ``dest`` with :func:`deeplab.download.download` and return the file's sha256.
 
-    Bytes go to ``dest + ".part"``; a dropped connection (or a ``.part`` file left by an earlier
-    run) resumes with an HTTP ``Range`` request. A server that answers a range request with the
-    whole file (200) restarts the file from byte 0. The finished file is renamed to ``dest``
-    atomically, so ``dest`` exists only complete.
+    Resumed with HTTP Range, renamed into place when complete (see :mod:`deeplab.download`).
 
     Raises:
         ZooError: the server cannot be reached or refuses (the message says where to put the
             file by hand), or the connection keeps dropping without progress.
     """
-    from tqdm import tqdm
-
-    target = Path(dest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    # Attempts in a row that got no further than the best so far (a server without Range that
-    # keeps dropping at the same byte restarts from 0 every time: that is no progress either).
-    stalled, best = 0, 0
-    while True:
-        have = part.stat().st_size if part.is_file() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            response = urllib.request.urlopen(request, timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and have:  # the .part is complete or longer than the file: start again
-                part.unlink()
-                stalled += 1
-                if stalled < MAX_STALLED_ATTEMPTS:
-                    continue
-            raise ZooError(_offline_message(url, target.name, target.parent, f"HTTP {exc.code} {exc.reason}")) from exc
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            cause = getattr(exc, "reason", None) or exc
-            raise ZooError(_offline_message(url, target.name, target.parent, str(cause))) from exc
-        with response:
-            resumed = have > 0 and getattr(response, "status", 200) == 206
-            if not resumed:
-                have = 0  # no Range support (or a fresh start): the body is the whole file
-            total = _total_size(response, have)
-            with open(part, "ab" if resumed else "wb") as out, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-                desc=target.name[:40], file=sys.stderr, dynamic_ncols=True,
-            ) as bar:
-                try:
-                    while True:
-                        chunk = response.read(CHUNK)
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        have += len(chunk)
-                        bar.update(len(chunk))
-                except (OSError, http.client.HTTPException, socket.timeout) as exc:
-                    if progress:
-                        print(f"connection dropped at {have} bytes ({exc}); resuming", file=sys.stderr)
-        if total is None or have == total:
-            break
-        if have > total:  # the server changed the file under us: start again
-            part.unlink()
-        stalled = 0 if have > best else stalled + 1
-        best = max(best, have)
-        if stalled >= MAX_STALLED_ATTEMPTS:
-            raise ZooError(f"download of {url} keeps stopping at {have} of {total} bytes; run again to resume "
-                           f"from {part}, or put {target.name} in {target.parent}/ by hand")
-        if progress:
-            print(f"{url}: {have} of {total} bytes; resuming with a Range request", file=sys.stderr)
-    digest = sha256_of(part)
-    os.replace(part, target)
-    return digest
+    try:
+        return _download.download(url, dest, progress=progress, timeout=timeout,
+                                   mirror_hint=f"{ZOO_URL_ENV}=URL or --mirror URL")
+    except _download.DownloadError as exc:
+        raise ZooError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- converting and caching

@@ -1,4 +1,5 @@
-"""``deeplab data check``: the label doctor - read every mask once, report the pitfalls.
+"""``deeplab data check``: the label doctor - read every mask once, report the pitfalls;
+``deeplab data fetch NAME --root DIR``: the paper's datasets from their official archives.
 
 ``deeplab data check --dataset folder --data-root DIR [--split S] [--label-map 255:1] [--out OUT]``
 prints a summary and writes ``OUT/data_report.json``, ``OUT/class_frequency.png`` and
@@ -31,7 +32,53 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "class_weights.txt")
     check.add_argument("--workers", type=int, default=2, help="worker processes reading masks (0: none)")
     check.add_argument("--no-progress", action="store_true")
+    add_fetch_parser(sub)
     return parser
+
+
+def add_fetch_parser(sub: Any) -> None:
+    from deeplab.data.fetch import MIRROR_ENV, SPECS
+
+    fetch = sub.add_parser("fetch", help="download, verify and convert a dataset of the paper",
+                           description="Download (resumable, checksummed), extract and convert a dataset into the "
+                                       "layout `deeplab train` reads; then run `data check` and print the training "
+                                       "command. A second run makes no request.")
+    fetch.add_argument("name", choices=sorted(SPECS), help="dataset")
+    fetch.add_argument("--root", required=True, help="folder to fill (archives go to ROOT/archives)")
+    fetch.add_argument("--sbd", action="store_true", help="voc2012: add SBD and build train_aug (10,582 images)")
+    fetch.add_argument("--mirror", default=None, help=f"base URL or folder holding the archives under their official "
+                                                      f"names (default ${MIRROR_ENV}, else the official URLs)")
+    fetch.add_argument("--from", dest="source", default=None, help="folder with the official archives downloaded by "
+                                                                  "hand (no network)")
+    fetch.add_argument("--workers", type=int, default=2, help="worker processes for conversions (0: none)")
+    fetch.add_argument("--no-check", action="store_true", help="skip `deeplab data check` on the result")
+    fetch.add_argument("--no-progress", action="store_true")
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    """Fetch the dataset of ``args``, check it, print the training command."""
+    from deeplab.data.fetch import fetch
+
+    result = fetch(args.name, args.root, sbd=args.sbd, mirror=args.mirror, source=args.source,
+                   workers=max(0, args.workers), progress=not args.no_progress)
+    for archive, digest in sorted(result.sha256.items()):
+        print(f"{archive}: sha256 {digest}")
+    print("splits: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()))
+    for warning in result.warnings:
+        print(f"WARNING {warning}")
+    if result.spec.note:
+        print(result.spec.note)
+    status = 0
+    if not args.no_check:
+        check = argparse.Namespace(dataset=result.spec.loader, data_root=str(result.data_root),
+                                   split=result.spec.check_split, label_map=None, out=str(result.root / "data_check"),
+                                   workers=max(0, args.workers), no_progress=args.no_progress)
+        print(f"$ deeplab data check --dataset {check.dataset} --data-root {check.data_root} --split {check.split} "
+              f"--out {check.out}")
+        status = run_check(check)
+    print("train the paper's recipe on it with:")
+    print(f"  {result.train_command}")
+    return status
 
 
 def summary_lines(report: Dict[str, Any]) -> List[str]:
@@ -96,6 +143,8 @@ def run_check(args: argparse.Namespace) -> int:
 @cli_command("data")
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.action == "fetch":
+        return run_fetch(args)
     return run_check(args)
 
 

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch backend: cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     parser.add_argument("--recursive", action="store_true", help="folders: include sub-folders")
+    parser.add_argument("--format", default=None, choices=["cityscapes", "voc", "ade20k", "coco-stuff"],
+                        help="write in a benchmark server's format (label ids, file names, folders; overlays in "
+                             "OUT/overlays): see deeplab.data.submission")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_video_args(parser)
     return parser
@@ -172,7 +175,10 @@ def collect_inputs(inputs: List[str], *, recursive: bool = False) -> Tuple[List[
             pattern = "**/*" if recursive else "*"
             found = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                problems.append(f"{item}: folder has no image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...)")
+                deeper = not recursive and any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                                               for p in path.glob("**/*"))
+                hint = "; its sub-folders have some: add --recursive" if deeper else ""
+                problems.append(f"{item}: folder has no image files ({', '.join(IMAGE_SUFFIXES[:4])}, ...){hint}")
             for p in found:
                 add(p)
         elif path.is_file():
@@ -261,6 +267,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"{' probs' if args.probs else ''}",
             flush=True,
         )
+    writer = None
+    if args.format:
+        from deeplab.data.submission import SubmissionWriter
+
+        writer = SubmissionWriter(args.format, out, segmenter.num_classes)
     done, failed = 0, []
     start = time.perf_counter()
     args.quiet = args.quiet or not dist_info.is_main  # one progress bar: rank 0's
@@ -285,8 +296,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             mask, probs = segmenter.predict_with_probs(rgb)
             stem = names[path]
-            segmenter.mask_image(mask).save(out / f"{stem}.png")
-            if args.overlay:
+            if writer is not None:  # a server's format: its ids and names, overlays in OUT/overlays
+                writer.write(mask, stem, segmenter.overlay(rgb, mask, alpha=args.alpha, legend=not args.no_legend)
+                             if args.overlay else None)
+            else:
+                segmenter.mask_image(mask).save(out / f"{stem}.png")
+            if args.overlay and writer is None:
                 segmenter.overlay(rgb, mask, alpha=args.alpha, legend=not args.no_legend).save(out / f"{stem}_overlay.png")
             if args.probs:
                 np.save(out / f"{stem}_probs.npy", probs.astype(np.float32, copy=False))

@@ -342,7 +342,7 @@ class FolderSegmentation(SegmentationDataset):
                 f"folder dataset at {root} has no split '{split_name}': create "
                 f"{root / 'splits' / (split_name + '.txt')} (one image name per line) or put "
                 f"the images in {image_root / split_name}/ and masks in "
-                f"{mask_root / split_name}/; or use split=None for all images. "
+                f"{mask_root / split_name}/; or use the split 'all' for every image (--split all, --train-split all). "
                 f"Splits found: {have or 'none'}.")
 
         by_stem: Dict[str, Path] = {}

@@ -35,13 +35,14 @@ from .palettes import VOC_CLASSES, VOC_IGNORE_COLOR, VOC_PALETTE
 
 _DOWNLOAD_HINT = (
     "Download VOCtrainval_11-May-2012.tar from the PASCAL VOC 2012 site and extract it "
-    "there (it creates VOCdevkit/VOC2012)."
+    "there (it creates VOCdevkit/VOC2012), or run: deeplab data fetch voc2012 --root DIR."
 )
 _AUG_HINT = (
     "The augmented set is not part of VOC2012: get SegmentationClassAug (the SBD masks "
     "converted to VOC index PNGs, as used by DeepLab) and its train_aug.txt list, unzip the "
     "masks to VOCdevkit/VOC2012/SegmentationClassAug/ and put train_aug.txt in "
-    "VOCdevkit/VOC2012/ImageSets/Segmentation/."
+    "VOCdevkit/VOC2012/ImageSets/Segmentation/ - or let `deeplab data fetch voc2012 --sbd --root DIR` "
+    "download SBD and build both."
 )
 
 
