@@ -172,7 +172,7 @@ def test_download_convert_predict_through_the_cli_then_a_cache_hit(server: ZooSe
     # Later calls make no request.
     assert zoo.pretrained_path(NAME) == home / f"{NAME}.pt"
     seg = Segmenter.from_pretrained(NAME, progress=False, pad_to=(25, 33))
-    assert seg.classes[15] == "person" and seg.pad_to == (25, 33)
+    assert seg.classes[15] == "person" and seg.inference.pad_to == (25, 33)
     assert len(server.requests) == 1
     np.testing.assert_array_equal(seg.predict(np.asarray(Image.open(photo))), mask)
 
