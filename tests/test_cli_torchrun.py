@@ -20,7 +20,7 @@ from deeplab.checkpoint import load_checkpoint, save_checkpoint
 from deeplab.config import ModelConfig
 from deeplab.models.deeplab import build_model_from_config
 from deeplab.nn.sync_batchnorm import convert_sync_batchnorm
-from deeplab.train import distributed as D
+from deeplab import distributed as D
 
 from .data_fixtures import save_mask
 

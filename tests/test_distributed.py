@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.train import distributed as D
+from deeplab import distributed as D
 from deeplab.train import train
 
 from .conftest import ToySegData

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from deeplab.checkpoint import load_checkpoint, save_checkpoint
-from deeplab.train.distributed import find_free_port
+from deeplab.distributed import find_free_port
 from deeplab.train.logging import truncate_records
 from deeplab.train.resume import complete_checkpoint, keep_previous, previous_path
 
@@ -343,7 +343,7 @@ def test_each_generation_gets_its_own_store_keys_despite_stale_ones() -> None:
 
     import torch.distributed as dist
 
-    from deeplab.train.distributed import generation_store
+    from deeplab.distributed import generation_store
 
     port = find_free_port()
     server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)

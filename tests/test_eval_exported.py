@@ -17,7 +17,7 @@ import deeplab
 from deeplab._utils import DeeplabError
 from deeplab.checkpoint import save_checkpoint
 from deeplab.cli import main as cli
-from deeplab.cli.eval import FixedInputModel
+from deeplab.deploy.open import FixedInputModel
 from deeplab.data.palettes import VOC_CLASSES
 from deeplab.deploy.export import export_onnx, export_torchscript, model_metadata
 

@@ -35,7 +35,7 @@ from deeplab.train import (
     poly_lr,
     train,
 )
-from deeplab.train.distributed import DeterministicBatchSampler
+from deeplab.distributed import DeterministicBatchSampler
 
 from .conftest import ToySegData
 

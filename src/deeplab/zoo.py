@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._utils import DeeplabError, save_atomically, sha256_of
+from ._utils import DeeplabError, atomic_write, save_atomically, sha256_of
 from .config import InferenceConfig
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -307,7 +307,8 @@ def download(url: str, dest: PathLike, *, progress: bool = True, timeout: float 
         if progress:
             print(f"{url}: {have} of {total} bytes; resuming with a Range request", file=sys.stderr)
     digest = sha256_of(part)
-    os.replace(part, target)
+    with atomic_write(target, mode=None) as tmp:
+        os.replace(part, tmp)
     return digest
 
 

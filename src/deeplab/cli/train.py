@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from deeplab import distributed as dist_utils
 from deeplab._utils import load_state_dict_strict
 from deeplab.checkpoint import load_checkpoint, strip_state_dict_prefixes
 from deeplab.cli.common import CLIError, add_data_args, cli_command, make_dataset, parse_with_preset, print_config
@@ -30,7 +31,6 @@ from deeplab.data.check import check_dataset, read_class_weights
 from deeplab.eval.evaluate import ShardSampler, evaluate
 from deeplab.models import build_model_from_config
 from deeplab.train import TrainResult, train
-from deeplab.train import distributed as dist_utils
 from deeplab.weights import resolve_pretrained
 
 # Flags whose name differs from their config field.

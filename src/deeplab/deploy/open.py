@@ -251,7 +251,7 @@ def _exported_precision(path: Path, meta: Dict[str, Any], backend: str, precisio
     if precision != "auto":
         return precision, "asked for" if precision else "the file's own"
     runtime = auto_backend(path, file_precision(meta)) if backend == "auto" else backend
-    return choose_precision(meta, "torchscript" if runtime == "torch" else runtime)
+    return choose_precision(meta, runtime)
 
 
 def _open_exported(path: Path, kind: str, *, backend: str, precision: Optional[str], threads: Optional[int],
@@ -259,6 +259,7 @@ def _open_exported(path: Path, kind: str, *, backend: str, precision: Optional[s
     """``(runner, metadata, description, precision reason)`` of an exported file."""
     from deeplab.deploy.format import read_metadata
 
+    backend = "torchscript" if backend == "torch" else backend  # the runtime's name for PyTorch on a file
     if kind == "openvino-ir":
         if backend not in ("auto", "openvino"):
             raise ConfigError(f"{path} is an OpenVINO IR file; run it with --backend openvino (or auto)")
@@ -325,7 +326,8 @@ def open_model(
         source: a file path or a zoo name (``deeplab weights list``).
         backend: one of :data:`BACKENDS`; ``"auto"`` runs a checkpoint with PyTorch, an ONNX file
             with ONNX Runtime (OpenVINO for bf16 where installed), an IR with OpenVINO.
-        device: a checkpoint's device; exported files run on the CPU.
+        device: a checkpoint's device (``"auto"``: CUDA where there is one); exported files run
+            on the CPU.
         precision: ``None`` (the file's own), ``"auto"`` (:func:`choose_precision`), ``"fp32"``,
             ``"bf16"`` or ``"int8"``.
         output_stride: rebuild a checkpoint at this output stride; an exported file's is fixed.
@@ -341,6 +343,10 @@ def open_model(
     backend = normalize_backend(backend)
     path, entry = resolve_source(source, mirror=mirror, progress=progress)
     kind = sniff_format(path)
+    if str(device) == "auto":  # CUDA where there is one for a checkpoint; exported files run on the CPU
+        from deeplab.distributed import resolve_device
+
+        device = resolve_device("auto") if kind == "checkpoint" else "cpu"
     if kind == "checkpoint":
         if backend not in ("torch", "auto"):
             raise ConfigError(

@@ -14,7 +14,6 @@ import dataclasses
 import heapq
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,7 +39,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 from tqdm import tqdm
 
-from deeplab._utils import jsonable, unwrap_model
+from deeplab._utils import atomic_write, jsonable, unwrap_model
 from deeplab.config import InferenceConfig
 from deeplab.eval.inference import predict_mask
 from deeplab.eval.metrics import BoundaryFScore, ConfusionMatrix, TrimapMeter, image_miou
@@ -485,14 +484,8 @@ def write_report(
             raise ValueError(f"report section {key!r} would overwrite a standard report.json key")
         report[key] = jsonable(value)
     path = out / "report.json"
-    tmp = out / f".report.json.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, allow_nan=False)
+        fh.write("\n")
     cm.save_confusion_png(out / "confusion.png", class_names)  # drawn by deeplab.viz
     return path

@@ -17,7 +17,7 @@ and :func:`save_last`. What changes from step to step lives in one :class:`Train
 what is fixed for the run in one :class:`Run`. How a resumed run continues
 bit-identically is in :mod:`deeplab.train.resume`, how the loss is normalised over the
 global batch in :mod:`deeplab.losses`, how the global batch is split over processes in
-:mod:`deeplab.train.distributed`.
+:mod:`deeplab.distributed`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,7 @@ from tqdm import tqdm
 from deeplab._utils import fault_point
 from deeplab.checkpoint import restore_rng_state, save_checkpoint
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.losses import Criterion, build_criterion
-from deeplab.train.distributed import (
+from deeplab.distributed import (
     DeterministicBatchSampler,
     PeerFailureError,
     all_reduce_,
@@ -57,6 +56,7 @@ from deeplab.train.distributed import (
     restart_count,
     wrap_ddp,
 )
+from deeplab.losses import Criterion, build_criterion
 from deeplab.train.loader import SeededDataset, build_train_loader, close_loader
 from deeplab.train.logging import RunLog, progress_bar, show_on_bar, train_record
 from deeplab.train.optim import (
@@ -207,7 +207,7 @@ def train(
 ) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps (or resume and finish).
 
-    Works alone or under ``torchrun`` (call :func:`deeplab.train.distributed.init_distributed`
+    Works alone or under ``torchrun`` (call :func:`deeplab.distributed.init_distributed`
     first): the model is moved to the device, BatchNorm converted to SyncBatchNorm when
     ``cfg.sync_bn`` and wrapped in DDP; ``cfg.batch_size`` is the global batch.
 
