@@ -11,7 +11,7 @@ from PIL import Image
 
 from deeplab.cli import main as cli
 from deeplab.eval.compare import compare_reports, format_comparison, load_report
-from deeplab.eval.evaluate import write_report
+from deeplab.eval.report import write_report
 from deeplab.eval.metrics import ConfusionMatrix, TrimapMeter
 
 CLASSES = ["background", "cat", "dog"]

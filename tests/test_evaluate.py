@@ -18,7 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from deeplab.config import InferenceConfig
-from deeplab.eval.evaluate import ShardSampler, evaluate, shard_indices, write_report
+from deeplab.eval.evaluate import ShardSampler, evaluate, shard_indices
+from deeplab.eval.report import write_report
 from deeplab.eval.metrics import ConfusionMatrix
 
 NUM_CLASSES = 5

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from deeplab.eval.metrics import ConfusionMatrix
+from deeplab.eval.report import save_confusion_png
 from deeplab.viz import colormap, render_confusion
 
 
@@ -177,7 +178,7 @@ def test_confusion_png_colours_match_row_normalised_matrix(tmp_path) -> None:
     assert pixel(1, 1) == colormap(0.0) == (68, 1, 84)
     assert pixel(2, 2) == (200, 200, 200)
 
-    path = cm.save_confusion_png(tmp_path / "sub" / "confusion.png", ["a", "b", "c"])
+    path = save_confusion_png(cm, tmp_path / "sub" / "confusion.png", ["a", "b", "c"])
     with Image.open(path) as saved:
         assert saved.format == "PNG" and saved.size == image.size
 
@@ -185,6 +186,6 @@ def test_confusion_png_colours_match_row_normalised_matrix(tmp_path) -> None:
 def test_confusion_png_many_classes(tmp_path) -> None:
     cm = ConfusionMatrix(150)
     cm.update(torch.arange(150), torch.arange(150))
-    path = cm.save_confusion_png(tmp_path / "c.png")
+    path = save_confusion_png(cm, tmp_path / "c.png")
     with Image.open(path) as saved:
         assert 600 < saved.width < 1400 and 600 < saved.height < 1400

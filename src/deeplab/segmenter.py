@@ -144,8 +144,7 @@ class Segmenter:
                                   static_shapes=static_shapes, mirror=mirror, progress=progress)
         if card.zoo is not None and inference is None:
             config = dataclasses.replace(config, pad_to=card.zoo.pad_to)
-        return cls.from_model_card(runner, card, device=device if card.kind == "checkpoint" else "cpu",
-                                   inference=config)
+        return cls.from_model_card(runner, card, device=card.device, inference=config)
 
     @classmethod
     def from_checkpoint(

@@ -45,8 +45,9 @@ from deeplab.data import EvalTransform
 from deeplab.data.base import SegmentationDataset
 from deeplab.deploy.format import sniff_format
 from deeplab.deploy.open import ModelCard, normalize_backend, open_model
-from deeplab.eval.evaluate import EvalResult, ShardSampler, evaluate_detailed, write_report
+from deeplab.eval.evaluate import EvalResult, ShardSampler, evaluate_detailed
 from deeplab.eval.metrics import TRIMAP_SOURCES
+from deeplab.eval.report import write_report
 from deeplab.viz import plot_trimap, render_triptych
 
 # The paper's Fig. 5 widths (pixels).

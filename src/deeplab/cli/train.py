@@ -254,8 +254,9 @@ def run(args: argparse.Namespace) -> TrainResult:
     return result
 
 
-# TrainConfig and the model builders validate with plain ValueError: here they mean bad flags.
-@cli_command("train", user_errors=(ValueError,))
+# TrainConfig, the model builders, losses and the loop's argument checks raise ConfigError (a
+# DeeplabError): bad flags print as one line; any other ValueError is a bug and keeps its traceback.
+@cli_command("train")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parse_with_preset(parser, argv)

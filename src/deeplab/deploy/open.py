@@ -83,6 +83,7 @@ class ModelCard:
         backend: the runtime label (``"torch"``, ``"onnxruntime"``, ``"openvino"``, ``"torchscript"``).
         precision, precision_reason: what it runs at and why.
         zoo: the zoo entry for a zoo name, else ``None``.
+        device: where the runner computes (``"auto"`` resolved).
         exported: an exported file's description for reports (``model_file``, ``format``,
             ``backend``, ``precision``, ``input_size``), else ``None``.
     """
@@ -100,6 +101,7 @@ class ModelCard:
     precision_reason: str = ""
     zoo: Any = None
     exported: Optional[Dict[str, Any]] = None
+    device: str = "cpu"
 
     @property
     def num_classes(self) -> int:
@@ -405,6 +407,6 @@ def _open_checkpoint(path: Path, source: PathLike, entry: Any, *, device: Union[
         classes=ckpt.get("classes"), palette=ckpt.get("palette"),
         normalization=ckpt.get("normalization") or model.normalization.to_dict(),
         dataset=dict(ckpt.get("dataset") or {}), backend="torch", precision=chosen, precision_reason=reason,
-        zoo=entry, exported=None,
+        zoo=entry, exported=None, device=str(torch.device(device)),
     )
     return net, card

@@ -39,7 +39,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from deeplab._utils import fault_point
+from deeplab._utils import ConfigError, fault_point
 from deeplab.checkpoint import restore_rng_state, save_checkpoint
 from deeplab.config import ModelConfig, TrainConfig
 from deeplab.distributed import (
@@ -396,7 +396,7 @@ def criterion_from_config(cfg: TrainConfig, model_config: Optional[Mapping[str, 
     """The loss of ``cfg.loss`` with its options and class weights (see :mod:`deeplab.losses`)."""
     num_classes = None if model_config is None else model_config.get("num_classes")
     if cfg.class_weights is not None and num_classes is not None and len(cfg.class_weights) != num_classes:
-        raise ValueError(f"{len(cfg.class_weights)} class weights for {num_classes} classes; give one weight per class")
+        raise ConfigError(f"{len(cfg.class_weights)} class weights for {num_classes} classes; give one weight per class")
     return build_criterion(cfg.loss, ignore_index=cfg.ignore_index, class_weights=cfg.class_weights,
                            ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept, topk_percent=cfg.topk_percent,
                            focal_gamma=cfg.focal_gamma, dice_smooth=cfg.dice_smooth,
@@ -418,16 +418,16 @@ def check_arguments(
     # stacklevel 3: the warning points at whoever called train().
     config_dict = model_config_dict(model_config, stacklevel=3)
     if classes and config_dict is not None and len(classes) != config_dict["num_classes"]:
-        raise ValueError(
+        raise ConfigError(
             f"{len(classes)} class names given but model_config.num_classes={config_dict['num_classes']}; "
             "they must agree"
         )
     if palette and classes and len(palette) != len(classes):
-        raise ValueError(f"{len(palette)} palette colours for {len(classes)} classes; give one colour per class")
+        raise ConfigError(f"{len(palette)} palette colours for {len(classes)} classes; give one colour per class")
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        raise ValueError("pass the bare model to train(); it converts BatchNorm and wraps it in DDP itself")
+        raise ConfigError("pass the bare model to train(); it converts BatchNorm and wraps it in DDP itself")
     if stop_at is not None and stop_at < 1:
-        raise ValueError(f"stop_at must be >= 1, got {stop_at}")
+        raise ConfigError(f"stop_at must be >= 1, got {stop_at}")
     return config_dict
 
 
@@ -604,7 +604,7 @@ def check_batch(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -
         ValueError: logits and masks do not line up, or a label is outside the classes.
     """
     if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
-        raise ValueError(
+        raise ConfigError(
             f"model output {tuple(logits.shape)} does not match masks {tuple(target.shape)}: the model must "
             "return logits (B, C, H, W) at the input size and masks must be (B, H, W)"
         )
@@ -614,7 +614,7 @@ def check_batch(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -
         num_classes = logits.shape[1]
         if low < 0 or high >= num_classes:
             bad = high if high >= num_classes else low
-            raise ValueError(
+            raise ConfigError(
                 f"training masks contain label {bad} but the model predicts {num_classes} classes "
                 f"(0..{num_classes - 1}; {ignore_index} = ignore); fix the dataset's label mapping or "
                 "the model's num_classes"
