@@ -20,7 +20,7 @@ from deeplab.config import ModelConfig, TrainConfig
 from deeplab import distributed as D
 from deeplab.train import train
 
-from .conftest import ToySegData
+from tests.conftest import ToySegData
 
 # ----------------------------------------------------------------------------- stand-ins
 

@@ -18,12 +18,7 @@ from deeplab.eval.inference import predict_probs
 from deeplab.segmenter import Segmenter
 from deeplab.viz import index_png, overlay_mask, to_rgb_array
 
-from .test_export import CLASSES, NORM, PALETTE, make_checkpoint, needs_openvino
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("seg") / "best.pt")
+from tests.helpers import CLASSES, NORM, PALETTE, needs_openvino
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 from deeplab.cli import bench
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 AVX2_CPUINFO = """\
 processor\t: 0

@@ -23,7 +23,7 @@ from deeplab.cli.common import cli_command, user_error_message, worker_message
 from deeplab.cli.main import SUBCOMMANDS
 from deeplab.data.base import DatasetError
 
-from .data_fixtures import label_array, make_voc, save_mask
+from tests.data_fixtures import label_array, make_voc, save_mask
 
 VAL = ["v0", "v1"]
 

@@ -22,7 +22,7 @@ from deeplab.models.deeplab import build_model_from_config
 from deeplab.nn.sync_batchnorm import convert_sync_batchnorm
 from deeplab import distributed as D
 
-from .data_fixtures import save_mask
+from tests.data_fixtures import save_mask
 
 
 def _model_and_batch():

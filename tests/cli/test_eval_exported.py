@@ -21,7 +21,7 @@ from deeplab.deploy.open import FixedInputModel
 from deeplab.data.palettes import VOC_CLASSES
 from deeplab.deploy.export import export_onnx, export_torchscript, model_metadata
 
-from .data_fixtures import make_voc
+from tests.data_fixtures import make_voc
 
 try:
     import openvino as ov

@@ -13,12 +13,7 @@ from deeplab.cli import predict as predict_cli
 from deeplab.cli.main import main as deeplab_main
 from deeplab.deploy.format import read_metadata
 
-from .test_export import CLASSES, PALETTE, make_checkpoint, needs_openvino
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("cli") / "best.pt")
+from tests.helpers import CLASSES, PALETTE, needs_openvino
 
 
 @pytest.fixture()

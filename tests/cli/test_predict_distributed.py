@@ -15,7 +15,7 @@ from PIL import Image
 from deeplab.cli.predict import output_names
 from deeplab.eval.evaluate import shard_indices
 
-from .test_export import make_checkpoint
+from tests.helpers import make_checkpoint
 
 
 def test_shards_are_disjoint_cover_everything_and_keep_names() -> None:

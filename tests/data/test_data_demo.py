@@ -17,6 +17,7 @@ from deeplab.data import demo_data as dd
 from deeplab.data.palettes import VOC_CLASSES
 
 
+@pytest.mark.network
 def test_fetch_demo_data_for_real(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DEEPLAB_CACHE", str(tmp_path / "cache"))
     root = dd.fetch_demo_data(progress=False)

@@ -20,7 +20,7 @@ from deeplab.deploy.quantize import calibration_set
 from deeplab.deploy.runtime import AutocastBF16, load_exported
 from deeplab.segmenter import PARITY_BOUNDS, Segmenter, choose_precision
 
-from .test_quantize import NORM, write_images
+from tests.deploy.test_quantize import NORM, write_images
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

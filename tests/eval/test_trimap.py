@@ -17,7 +17,7 @@ from deeplab.data import EvalTransform, build_dataset
 from deeplab.eval.evaluate import evaluate, evaluate_detailed
 from deeplab.eval.metrics import TrimapMeter, chebyshev_distance, label_boundary, trimap_bands
 
-from .data_fixtures import save_image, save_mask
+from tests.data_fixtures import save_image, save_mask
 
 S = 40  # image side
 LO, HI = 12, 28  # the object is rows/cols [LO, HI)

@@ -31,7 +31,7 @@ from deeplab.models.backbones.resnet_tf import MaxPool2dSame, ResNetTF, unit_pla
 from deeplab.tf import ConversionError, ConversionWarning, DictSource, convert_checkpoint, convert_source
 from deeplab.tf.names import CONV, DEPTHWISE, VECTOR, backbone_rules, tf_layout
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: tf_reference.py
 BACKBONES = ("resnet_v1_50", "resnet_v1_101", "resnet_v1_50_beta", "resnet_v1_101_beta")
 
 
@@ -215,7 +215,7 @@ def test_zoo_imagenet_resnet_downloads_converts_and_trains_from(ref: Dict, tmp_p
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from deeplab import zoo
 
-    from .test_zoo import ZooServer
+    from tests.test_zoo import ZooServer
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     entry = zoo.ZOO["resnet_v1_101_beta_imagenet"]

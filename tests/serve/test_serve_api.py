@@ -29,12 +29,7 @@ from deeplab.cli import serve as serve_cli  # noqa: E402
 from deeplab.segmenter import Segmenter  # noqa: E402
 from deeplab.serve.app import ServeLimits, create_app, describe_model, rle_encode, sniff_image  # noqa: E402
 
-from .test_export import CLASSES, PALETTE, make_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("serve") / "best.pt")
+from tests.helpers import CLASSES, PALETTE  # noqa: E402
 
 
 @pytest.fixture(scope="module")

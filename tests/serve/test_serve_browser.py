@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from .serve_server import Server, voc_photo
-from .test_export import make_checkpoint
+from tests.serve_server import Server, voc_photo
+from tests.helpers import make_checkpoint
 
 CHROMIUM = Path("/usr/bin/chromium")
 REQUIRED = os.environ.get("DEEPLAB_REQUIRE_BROWSER", "") == "1"
 
-pytestmark = [pytest.mark.spawn, pytest.mark.slow]
+pytestmark = [pytest.mark.spawn, pytest.mark.slow, pytest.mark.network]  # the photo: demo data download
 
 
 def require(condition: bool, reason: str) -> None:

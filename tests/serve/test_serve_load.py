@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .serve_server import Server
-from .test_export import make_checkpoint
+from tests.serve_server import Server
 
 pytestmark = [pytest.mark.spawn, pytest.mark.slow]
 pytest.importorskip("fastapi", reason="deeplab serve needs the [serve] extra")
@@ -50,11 +49,6 @@ def post(url: str, data: bytes, timeout: float = 60.0) -> Tuple[int, float, dict
     except urllib.error.HTTPError as exc:
         exc.read()
         return exc.code, time.perf_counter() - start, dict(exc.headers)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("load") / "best.pt")
 
 
 def test_eight_clients_zero_errors_and_bounded_memory(ckpt: Path, tmp_path: Path) -> None:

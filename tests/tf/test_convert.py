@@ -26,7 +26,7 @@ from deeplab.tf.bundle import _crc_update_py
 from deeplab.tf.convert import convert_source, open_checkpoint
 from deeplab.tf.names import backbone_rules, head_rules, tf_layout
 
-FIXTURES = Path(__file__).parent / "fixtures" / "tf"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "tf"
 MNV2_TARBALL = FIXTURES / "deeplabv3_mnv2_tiny.tar.gz"
 
 
@@ -433,7 +433,7 @@ def _tf_tensors_of(model: torch.nn.Module, rules) -> dict:
 def test_converted_checkpoint_is_ready_for_eval_predict_and_export(tmp_path: Path, capsys) -> None:
     from deeplab.checkpoint import save_checkpoint
 
-    from .data_fixtures import make_voc
+    from tests.data_fixtures import make_voc
 
     # A well-conditioned network (PyTorch's initialisation), as TF variables. (The fixture tarball's
     # synthetic weights amplify float32 rounding to ~1e-3, beyond export's BN-folding check.)

@@ -44,11 +44,11 @@ from deeplab.nn.layers import SeparableConv2d, resize
 from deeplab.tf import CheckpointReader, convert_checkpoint
 from deeplab.tf.names import CONV, DEPTHWISE, to_torch
 
-from .tf_reference import LAYER_CASES
+from tests.tf_reference import LAYER_CASES
 
 pytestmark = [pytest.mark.slow, pytest.mark.spawn]  # real TensorFlow runs in its own process
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: tf_reference.py
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from deeplab.distributed import find_free_port
 from deeplab.train.logging import truncate_records
 from deeplab.train.resume import complete_checkpoint, keep_previous, previous_path
 
-from .data_fixtures import save_image, save_mask
+from tests.data_fixtures import save_image, save_mask
 
 STEPS, CKPT_EVERY = 6, 2
 RUN_TIMEOUT = 300  # seconds; a healthy run takes well under 100 s on 2 shared cores

@@ -37,7 +37,7 @@ from deeplab.train import (
 )
 from deeplab.distributed import DeterministicBatchSampler
 
-from .conftest import ToySegData
+from tests.conftest import ToySegData
 
 MODEL_CONFIG = ModelConfig(num_classes=3, backbone="mobilenet_v2")
 THIS_FILE = Path(__file__).resolve()
@@ -439,7 +439,7 @@ _CHILD = """
 import json, sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {repo_root!r})  # the tests package: the helpers import from tests.conftest
-import tests.test_train as helpers
+import tests.train.test_train as helpers
 from deeplab.config import TrainConfig
 from deeplab.train import train
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
@@ -452,7 +452,7 @@ print("RESULT", result.reason, result.step, flush=True)
 
 def _start_child(tmp_path: Path, cfg: TrainConfig, delay: float) -> subprocess.Popen:
     script = tmp_path / "child.py"
-    script.write_text(_CHILD.format(repo_root=str(THIS_FILE.parent.parent), delay=delay))
+    script.write_text(_CHILD.format(repo_root=str(THIS_FILE.parents[2]), delay=delay))
     return subprocess.Popen([sys.executable, str(script), json.dumps(cfg.to_dict())],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
