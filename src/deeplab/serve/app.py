@@ -462,15 +462,7 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid_query(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        parts = []
-        for error in errors:
-            field = ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"
-            if error.get("type") == "extra_forbidden":
-                parts.append(f"unknown query field {field!r}; allowed: {sorted(SegmentQuery.model_fields)}")
-            else:
-                parts.append(f"{field}: {error.get('msg')}")
-        return JSONResponse({"detail": "; ".join(parts), "errors": jsonable(errors)}, status_code=422)
+        return validation_response(exc)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -515,22 +507,7 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
         finally:
             worker.release(latency)
         timing["server_ms"] = latency * 1e3
-        height, width = mask.shape
-        headers = {"X-Latency-Ms": f"{timing['server_ms']:.1f}", "X-Inference-Ms": f"{timing['inference_ms']:.1f}",
-                   "Server-Timing": f"decode;dur={timing['decode_ms']:.1f}, infer;dur={timing['inference_ms']:.1f}"}
-        if not wants_json(query, request.headers.get("accept", "")):
-            return Response(png_bytes(segmenter.mask_image(mask)), media_type="image/png", headers=headers)
-        payload: Dict[str, Any] = {
-            "size": {"width": width, "height": height},
-            "classes": class_shares(mask, segmenter),
-            "latency_ms": {k: round(v, 2) for k, v in timing.items()},
-            "inference": jsonable(inference.to_dict()),
-        }
-        if query.mask == "rle":
-            payload["mask"] = {"encoding": "rle", **rle_encode(mask)}
-        elif query.mask == "png":
-            payload["mask"] = {"encoding": "png-base64", "data": base64.b64encode(png_bytes(segmenter.mask_image(mask))).decode()}
-        return JSONResponse(payload, headers=headers)
+        return segment_response(segmenter, mask, timing, inference, query, request.headers.get("accept", ""))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> Response:
@@ -543,6 +520,40 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
         return static_response(name)
 
     return app
+
+
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    """422 with one line per invalid or unknown query field."""
+    errors = exc.errors()
+    parts = []
+    for error in errors:
+        field = ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"
+        if error.get("type") == "extra_forbidden":
+            parts.append(f"unknown query field {field!r}; allowed: {sorted(SegmentQuery.model_fields)}")
+        else:
+            parts.append(f"{field}: {error.get('msg')}")
+    return JSONResponse({"detail": "; ".join(parts), "errors": jsonable(errors)}, status_code=422)
+
+
+def segment_response(segmenter: Segmenter, mask: np.ndarray, timing: Dict[str, float], inference: InferenceConfig,
+                     query: SegmentQuery, accept: str) -> Response:
+    """The answer to ``POST /v1/segment``: the index PNG, or JSON with class shares and latency."""
+    height, width = mask.shape
+    headers = {"X-Latency-Ms": f"{timing['server_ms']:.1f}", "X-Inference-Ms": f"{timing['inference_ms']:.1f}",
+               "Server-Timing": f"decode;dur={timing['decode_ms']:.1f}, infer;dur={timing['inference_ms']:.1f}"}
+    if not wants_json(query, accept):
+        return Response(png_bytes(segmenter.mask_image(mask)), media_type="image/png", headers=headers)
+    payload: Dict[str, Any] = {
+        "size": {"width": width, "height": height},
+        "classes": class_shares(mask, segmenter),
+        "latency_ms": {k: round(v, 2) for k, v in timing.items()},
+        "inference": jsonable(inference.to_dict()),
+    }
+    if query.mask == "rle":
+        payload["mask"] = {"encoding": "rle", **rle_encode(mask)}
+    elif query.mask == "png":
+        payload["mask"] = {"encoding": "png-base64", "data": base64.b64encode(png_bytes(segmenter.mask_image(mask))).decode()}
+    return JSONResponse(payload, headers=headers)
 
 
 def static_response(name: str) -> Response:

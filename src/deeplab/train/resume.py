@@ -38,7 +38,8 @@ from deeplab.checkpoint import (
     to_plain,
 )
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.distributed import broadcast_object, derive_seed, get_rank
+from deeplab.distributed import broadcast_object, get_rank
+from deeplab.train.sampling import derive_seed
 
 __all__ = [
     "RESUME_FREE",
