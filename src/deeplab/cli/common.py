@@ -239,7 +239,7 @@ PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 class DeprecatedAlias(argparse.Action):
     """An old flag name that still works for a release: stores into the new flag's ``dest``
-    and prints one warning line to stderr."""
+    (``True`` for an on/off flag, ``nargs=0``) and prints one warning line to stderr."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
         self.new = new
@@ -248,7 +248,7 @@ class DeprecatedAlias(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: Optional[str] = None) -> None:
         print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)  # nargs=0: an old on/off flag
 
 
 # One argparse spec per InferenceConfig field: the flag group is generated from
@@ -335,21 +335,8 @@ def add_progress_args(parser: argparse.ArgumentParser, *, quiet_alias: bool = Fa
     """``--no-progress`` (``--quiet`` as a deprecated alias where a subcommand had it)."""
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     if quiet_alias:
-        parser.add_argument("--quiet", dest="no_progress", nargs=0, action=DeprecatedFlag, new="--no-progress",
+        parser.add_argument("--quiet", dest="no_progress", nargs=0, action=DeprecatedAlias, new="--no-progress",
                             help="deprecated: use --no-progress")
-
-
-class DeprecatedFlag(argparse.Action):
-    """An old on/off flag name: sets the new flag's ``dest`` to True with one warning line."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
-        self.new = new
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: Optional[str] = None) -> None:
-        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, True)
 
 
 # ---------------------------------------------------------------------- model source: a file or a zoo name
