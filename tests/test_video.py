@@ -16,7 +16,6 @@ from deeplab.cli import predict as predict_cli  # noqa: E402
 from deeplab.segmenter import Segmenter  # noqa: E402
 from deeplab.video import VideoError, VideoWriter, probe, read_frames, segment_video  # noqa: E402
 
-
 FPS = Fraction(5)  # 10 frames = a 2-second clip
 
 

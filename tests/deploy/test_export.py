@@ -58,7 +58,7 @@ def n_batchnorms(model: nn.Module) -> int:
 # --------------------------------------------------------------------------- BN folding
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50", "xception41"])
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", *(pytest.param(b, marks=pytest.mark.slow) for b in ("resnet50", "xception41"))])
 def test_fold_batchnorm_folds_every_bn_of_the_model_and_keeps_outputs(backbone: str) -> None:
     model = small_model(backbone=backbone)
     before = n_batchnorms(model)
@@ -141,7 +141,7 @@ def test_fold_batchnorm_inplace_and_training_flag_restored() -> None:
     assert same is model and isinstance(model.bn_ok, nn.Identity)
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v2", "resnet50", "xception41"])
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", *(pytest.param(b, marks=pytest.mark.slow) for b in ("resnet50", "xception41"))])
 def test_optimize_for_inference_fuses_activations(backbone: str) -> None:
     model = small_model(backbone=backbone)
     fast = optimize_for_inference(model, layout="channels_last", fuse=True)
