@@ -35,7 +35,7 @@ from deeplab.train import (
     poly_lr,
     train,
 )
-from deeplab.distributed import DeterministicBatchSampler
+from deeplab.train.sampling import DeterministicBatchSampler
 
 from tests.conftest import ToySegData
 
