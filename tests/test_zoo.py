@@ -172,7 +172,7 @@ def test_download_convert_predict_through_the_cli_then_a_cache_hit(server: ZooSe
     # Later calls make no request.
     assert zoo.pretrained_path(NAME) == home / f"{NAME}.pt"
     seg = Segmenter.from_pretrained(NAME, progress=False, pad_to=(25, 33))
-    assert seg.classes[15] == "person" and seg.pad_to == (25, 33)
+    assert seg.classes[15] == "person" and seg.inference.pad_to == (25, 33)
     assert len(server.requests) == 1
     np.testing.assert_array_equal(seg.predict(np.asarray(Image.open(photo))), mask)
 
@@ -278,7 +278,7 @@ def test_weights_list_shows_the_zoo_and_the_cache(server: ZooServer, home: Path,
 
 def test_eval_with_a_zoo_name_applies_its_setting_and_prints_the_zoo_figure(server: ZooServer, home: Path,
                                                                            tmp_path: Path, capsys) -> None:
-    from .data_fixtures import make_folder
+    from tests.data_fixtures import make_folder
 
     classes = "".join(f"c{i} {i} {i} {i}\n" for i in range(21)) + "__ignore__ 255 255 255\n"
     root = make_folder(tmp_path / "data", names=("a", "b"), classes_txt=classes, labels=(0, 15, 255))

@@ -534,7 +534,7 @@ def _image(seed: int, size: int, dtype=np.float32) -> np.ndarray:
 
 
 def generate(out_dir: str) -> None:
-    """Write checkpoints (TF's Saver) and TF's outputs for tests/test_convert_tf.py into ``out_dir``.
+    """Write checkpoints (TF's Saver) and TF's outputs for tests/tf/test_convert_tf.py into ``out_dir``.
 
     Runs in its own process, so TensorFlow never shares a process (threads, fork) with the test run.
     """
@@ -610,7 +610,7 @@ def generate(out_dir: str) -> None:
 
 def generate_resnet(out_dir: str) -> None:
     """Write a ``resnet_v1_101_beta`` and a ``resnet_v1_50`` ImageNet checkpoint (TF's Saver) with
-    training leftovers, and TF's float64 features, for tests/test_resnet_tf.py (its own process)."""
+    training leftovers, and TF's float64 features, for tests/models/test_resnet_tf.py (its own process)."""
     import tensorflow as tf
 
     out = Path(out_dir)

@@ -12,20 +12,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from types import ModuleType
-from typing import Any, List, Optional, Sequence, Type, Union
+from typing import Any, Iterator, List, Optional, Sequence, Type, Union
 
 import torch
 from torch import nn
 
 __all__ = [
     "ConfigError",
+    "atomic_write",
+    "fsync_dir",
+    "save_atomically",
     "DeeplabError",
     "FAULT_ENV",
     "fault_point",
@@ -112,21 +117,71 @@ def sha256_of(path: Union[str, "os.PathLike[str]"]) -> str:
     return digest.hexdigest()
 
 
-def save_atomically(obj: Any, path: Union[str, "os.PathLike[str]"]) -> None:
-    """``torch.save(obj)`` to a temporary file beside ``path``, then rename it over ``path``:
-    a reader never sees a half-written file, and a failed write leaves ``path`` as it was."""
+def fsync_dir(directory: Union[str, "os.PathLike[str]"]) -> None:
+    """Make a rename in ``directory`` durable (POSIX); a no-op where unsupported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Union[str, "os.PathLike[str]"], mode: Optional[str] = "wb", *,
+                 encoding: Optional[str] = None) -> Iterator[Any]:
+    """Write ``path`` all at once or not at all: the one atomic writer of the package.
+
+    The block writes a temporary file beside ``path`` whose name is unique per process and
+    call (``.<name>.<random>.tmp``, :func:`tempfile.mkstemp`, so concurrent writers never
+    clash); when the block ends it is flushed, fsynced, given a normal file's permissions and
+    renamed over ``path`` (then the folder is fsynced). If the block raises, the temporary
+    file is removed and ``path`` keeps what it held.
+
+    Args:
+        path: the destination; parent folders are created.
+        mode: ``"wb"`` / ``"w"``: the block gets an open handle; ``None``: it gets the
+            temporary :class:`~pathlib.Path` to write by name (exporters, copies, links).
+        encoding: text mode's encoding.
+    """
     import tempfile
 
-    target = os.fspath(path)
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=os.path.dirname(target) or ".")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+        umask = os.umask(0)  # mkstemp makes 0600 files; give the result a normal file's permissions
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        if mode is None:
+            os.close(fd)
+            tmp.unlink()  # writers by name create the file themselves (some refuse an existing one)
+            yield tmp
+            with open(tmp, "rb") as written:
+                os.fsync(written.fileno())
+        else:
+            with os.fdopen(fd, mode, encoding=encoding) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(target.parent)
+
+
+def save_atomically(obj: Any, path: Union[str, "os.PathLike[str]"]) -> None:
+    """``torch.save(obj)`` through :func:`atomic_write`: a reader never sees a half-written
+    file, and a failed write leaves ``path`` as it was."""
+    with atomic_write(path) as handle:
+        torch.save(obj, handle)
 
 
 def summarise_keys(keys: Sequence[str], limit: int = 8) -> str:

@@ -22,14 +22,13 @@ import dataclasses
 import os
 import random
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from deeplab._utils import DeeplabError, fault_point, load_state_dict_strict, optional_import
+from deeplab._utils import DeeplabError, atomic_write, fault_point, load_state_dict_strict, optional_import
 from deeplab.config import ModelConfig
 
 if TYPE_CHECKING:  # the model code is imported lazily, where a model is built
@@ -136,20 +135,6 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Make the rename itself durable (POSIX); harmless no-op where unsupported.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
@@ -200,34 +185,15 @@ def save_checkpoint(path: PathLike, payload: Mapping[str, Any]) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
-        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc}; check the directory is writable") from exc
-    tmp = Path(tmp_name)
-    try:
-        # mkstemp creates 0600 files; give the checkpoint the permissions of a normal file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_write(path) as handle:
             torch.save(data, handle)
             # Test-only: dies with the file half-flushed (the fault-tolerance tests).
             fault_point(f"write_{path.stem}", int(data["step"]) if isinstance(data.get("step"), int) else -1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(exc, (OSError, RuntimeError)):
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {exc}; the previous {path.name} (if any) is "
-                "untouched - free disk space or choose another run directory"
-            ) from exc
-        raise
-    _fsync_dir(path.parent)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {exc}; the previous {path.name} (if any) is "
+            "untouched - free disk space or choose another run directory"
+        ) from exc
     return path
 
 

@@ -51,7 +51,7 @@ class _PlainDict:
         known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known keys are {sorted(known)}")
         kwargs = dict(data)
         for key, kind in cls._TUPLES.items():
             if kwargs.get(key) is not None:
@@ -319,7 +319,7 @@ class TrainConfig(_PlainDict):
     dice_smooth: float = 1.0
     lovasz_per_image: bool = False
     augment: Optional[str] = None
-    dist_timeout: float = 600.0  # rationale: deeplab.train.distributed.DEFAULT_DIST_TIMEOUT_S
+    dist_timeout: float = 600.0  # rationale: deeplab.distributed.DEFAULT_DIST_TIMEOUT_S
 
     _TUPLES: ClassVar[Dict[str, type]] = {"scale_range": float, "class_weights": float}
 
@@ -348,7 +348,7 @@ class TrainConfig(_PlainDict):
         if not self.dist_timeout > 0:
             problems.append(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if problems:
-            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+            raise ConfigError("invalid TrainConfig: " + "; ".join(problems))
 
     def _loss_problems(self) -> List[str]:
         """Validate (and normalise) the loss fields; the loss names are checked by ``deeplab.losses``."""
@@ -378,7 +378,9 @@ class TrainConfig(_PlainDict):
 # ---------------------------------------------------------------------- inference
 INFERENCE_MODES = ("whole", "slide")
 # "auto": the fastest this CPU accelerates whose stored export parity is within bound.
-INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# The one precision tuple: what a model can run at; InferenceConfig adds "auto" (the policy).
+PRECISIONS = ("fp32", "bf16", "int8")
+INFERENCE_PRECISIONS = ("auto", *PRECISIONS)
 IntPair = Union[int, Tuple[int, int]]
 
 

@@ -50,6 +50,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from deeplab._utils import ConfigError
+
 __all__ = [
     "LOSSES",
     "Criterion",
@@ -295,19 +297,19 @@ def parse_loss_spec(spec: str) -> List[Tuple[str, float]]:
         name, _, factor = part.partition(":")
         name = name.strip().lower()
         if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r} in {spec!r}; choose from {sorted(LOSSES)} "
+            raise ConfigError(f"unknown loss {name!r} in {spec!r}; choose from {sorted(LOSSES)} "
                              "(a weighted sum is written 'ce:1,dice:0.5')")
         try:
             value = float(factor) if factor.strip() else 1.0
         except ValueError:
-            raise ValueError(f"loss factor {factor!r} of {name!r} in {spec!r} is not a number") from None
+            raise ConfigError(f"loss factor {factor!r} of {name!r} in {spec!r} is not a number") from None
         if not value > 0:
-            raise ValueError(f"loss factor of {name!r} in {spec!r} must be > 0, got {value}")
+            raise ConfigError(f"loss factor of {name!r} in {spec!r} must be > 0, got {value}")
         if any(n == name for n, _ in terms):
-            raise ValueError(f"loss {name!r} appears twice in {spec!r}")
+            raise ConfigError(f"loss {name!r} appears twice in {spec!r}")
         terms.append((name, value))
     if not terms:
-        raise ValueError(f"empty loss spec {spec!r}; e.g. 'ce' or 'ce:1,dice:0.5'")
+        raise ConfigError(f"empty loss spec {spec!r}; e.g. 'ce' or 'ce:1,dice:0.5'")
     return terms
 
 
@@ -381,12 +383,12 @@ def build_criterion(
     """
     terms = parse_loss_spec(spec)
     if not 0 < topk_percent <= 1:
-        raise ValueError(f"topk_percent must be in (0, 1], got {topk_percent}")
+        raise ConfigError(f"topk_percent must be in (0, 1], got {topk_percent}")
     weight = None
     if class_weights is not None:
         weight = torch.tensor([float(w) for w in class_weights], dtype=torch.float32)
         if weight.numel() == 0 or bool((weight < 0).any()) or not bool(torch.isfinite(weight).all()):
-            raise ValueError(f"class weights must be finite and >= 0, got {list(class_weights)}")
+            raise ConfigError(f"class weights must be finite and >= 0, got {list(class_weights)}")
     options = {
         "ohem": {"thresh": float(ohem_thresh), "min_kept": int(ohem_min_kept)},
         "topk": {"percent": float(topk_percent)},

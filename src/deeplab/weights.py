@@ -24,7 +24,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._utils import DeeplabError, load_state_dict_strict, sha256_of
+from ._utils import DeeplabError, atomic_write, load_state_dict_strict, sha256_of
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -110,15 +110,8 @@ def _pretrained_entries(backbone: str) -> List[WeightFile]:
 
 
 def _install_atomically(source: Path, dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    os.close(fd)
-    try:
+    with atomic_write(dest, mode=None) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 

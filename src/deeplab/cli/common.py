@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -15,10 +16,11 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeV
 import yaml
 
 from deeplab._utils import DeeplabError, one_line
-from deeplab.config import INFERENCE_MODES, InferenceConfig
+from deeplab.config import INFERENCE_MODES, INFERENCE_PRECISIONS, OUTPUT_STRIDES, InferenceConfig
 from deeplab.data import DATASETS, build_dataset
 from deeplab.data.base import SegmentationDataset, Transform
-from deeplab.zoo import ZOO, ZOO_BASE_URL, ZOO_URL_ENV, ZooEntry, pretrained_path
+from deeplab.deploy.open import BACKEND_ALIASES, BACKENDS, resolve_source
+from deeplab.zoo import ZOO, ZOO_BASE_URL, ZOO_URL_ENV, ZooEntry
 
 # Keys a preset may carry for people, not for the program.
 DOC_KEYS = ("notes", "expected_miou", "paper")
@@ -198,13 +200,18 @@ class _Unset:
 _UNSET = _Unset()
 
 
-def add_data_args(parser: argparse.ArgumentParser, *, split: Optional[str], with_split: bool = True) -> None:
+def add_data_args(parser: argparse.ArgumentParser, *, split: Optional[str], with_split: bool = True,
+                  label_map_help: Optional[str] = None) -> argparse._ArgumentGroup:
+    """The data flag group: ``--dataset --data-root [--split] [--label-map]``."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                        help="dataset layout (default: the checkpoint's, else voc)")
     group.add_argument("--data-root", default=None, help="dataset root directory")
     if with_split:
         group.add_argument("--split", default=split, help=f"split to use (default: {split})")
+    if label_map_help is not None:
+        group.add_argument("--label-map", default=None, help=label_map_help)
+    return group
 
 
 def make_dataset(name: str, root: Optional[str], split: Optional[str], transform: Optional[Transform],
@@ -232,7 +239,7 @@ PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 class DeprecatedAlias(argparse.Action):
     """An old flag name that still works for a release: stores into the new flag's ``dest``
-    and prints one warning line to stderr."""
+    (``True`` for an on/off flag, ``nargs=0``) and prints one warning line to stderr."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any) -> None:
         self.new = new
@@ -241,12 +248,33 @@ class DeprecatedAlias(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
                  values: Any, option_string: Optional[str] = None) -> None:
         print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)  # nargs=0: an old on/off flag
+
+
+# One argparse spec per InferenceConfig field: the flag group is generated from
+# dataclasses.fields(InferenceConfig), so a new field without a flag fails at import.
+def _inference_flag_specs(defaults: InferenceConfig) -> Dict[str, Dict[str, Any]]:
+    return {
+        "mode": dict(default=defaults.mode, choices=list(INFERENCE_MODES), help="whole image or sliding window"),
+        "scales": dict(type=float, nargs="+", default=list(defaults.scales),
+                       help=f"input scales whose softmax is averaged (paper: {' '.join(map(str, PAPER_SCALES))})"),
+        "flip": dict(action="store_true", help="also average the left-right flipped input"),
+        "crop_size": dict(type=int, default=defaults.crop_size, help="sliding-window size"),
+        "stride": dict(type=int, default=defaults.stride, help="sliding-window step"),
+        "output_stride": dict(type=int, default=None, choices=list(OUTPUT_STRIDES),
+                              help="rebuild the checkpoint at this output stride (default: the checkpoint's)"),
+        "pad_to": dict(type=int, nargs=2, default=None, metavar=("H", "W"),
+                       help="pad every image to this size first, as TF evaluates (VOC 513 513, Cityscapes 1025 2049)"),
+        "precision": dict(default=defaults.precision, choices=list(INFERENCE_PRECISIONS),
+                          help="auto: the fastest this CPU accelerates whose stored export parity is in bound "
+                               "(fp32 for a checkpoint; deeplab eval: the file's own)"),
+    }
 
 
 def add_inference_args(parser: argparse.ArgumentParser, *, deprecated_crop: bool = False) -> argparse._ArgumentGroup:
-    """Add the inference flags (``--mode --scales --flip --crop-size --stride --output-stride
-    --pad-to``), one per :class:`~deeplab.config.InferenceConfig` field, as one group.
+    """Add the inference flags, one per :class:`~deeplab.config.InferenceConfig` field
+    (``--mode --scales --flip --crop-size --stride --output-stride --pad-to --precision``), as one
+    group generated from ``dataclasses.fields(InferenceConfig)``.
 
     Args:
         parser: the subcommand's parser.
@@ -256,22 +284,13 @@ def add_inference_args(parser: argparse.ArgumentParser, *, deprecated_crop: bool
     Returns:
         The argument group.
     """
-    defaults = InferenceConfig()
+    specs = _inference_flag_specs(InferenceConfig())
     group = parser.add_argument_group("inference (the paper: --output-stride 8 --scales 0.5 ... 1.75 --flip)")
-    group.add_argument("--mode", default=defaults.mode, choices=list(INFERENCE_MODES),
-                       help="whole image or sliding window")
-    group.add_argument("--scales", type=float, nargs="+", default=list(defaults.scales),
-                       help=f"input scales whose softmax is averaged (paper: {' '.join(map(str, PAPER_SCALES))})")
-    group.add_argument("--flip", action="store_true", help="also average the left-right flipped input")
-    group.add_argument("--crop-size", type=int, default=defaults.crop_size, help="sliding-window size")
-    if deprecated_crop:
-        group.add_argument("--crop", dest="crop_size", type=int, action=DeprecatedAlias, new="--crop-size",
-                           help="deprecated: use --crop-size")
-    group.add_argument("--stride", type=int, default=defaults.stride, help="sliding-window step")
-    group.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32],
-                       help="rebuild the checkpoint at this output stride (default: the checkpoint's)")
-    group.add_argument("--pad-to", type=int, nargs=2, default=None, metavar=("H", "W"),
-                       help="pad every image to this size first, as TF evaluates (VOC 513 513, Cityscapes 1025 2049)")
+    for field in dataclasses.fields(InferenceConfig):
+        group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, **specs[field.name])
+        if field.name == "crop_size" and deprecated_crop:
+            group.add_argument("--crop", dest="crop_size", type=int, action=DeprecatedAlias, new="--crop-size",
+                               help="deprecated: use --crop-size")
     return group
 
 
@@ -282,15 +301,42 @@ def inference_config(args: argparse.Namespace) -> InferenceConfig:
         deeplab._utils.ConfigError: an invalid combination (e.g. ``--stride`` larger than
             ``--crop-size`` with ``--mode slide``); the message says what is allowed.
     """
-    return InferenceConfig(
-        mode=args.mode,
-        scales=tuple(args.scales),
-        flip=args.flip,
-        crop_size=args.crop_size,
-        stride=args.stride,
-        output_stride=args.output_stride,
-        pad_to=tuple(args.pad_to) if args.pad_to else None,
-    )
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(InferenceConfig)}
+    if values["pad_to"] is not None:
+        values["pad_to"] = tuple(values["pad_to"])
+    return InferenceConfig.from_dict(values)
+
+
+# ---------------------------------------------------------------------- runtime, progress
+# One vocabulary and one default per flag across subcommands.
+
+
+def backend_name(value: str) -> str:
+    """argparse type of ``--backend``: the one vocabulary, ``torchscript`` read as ``torch``."""
+    if value in BACKEND_ALIASES:
+        print(f"deeplab: warning: --backend {value} is deprecated; use --backend {BACKEND_ALIASES[value]}",
+              file=sys.stderr)
+        return BACKEND_ALIASES[value]
+    return value
+
+
+def add_runtime_args(parser: argparse.ArgumentParser, *, threads: bool = True) -> None:
+    """``--backend`` (:data:`deeplab.deploy.open.BACKENDS`, default ``auto``), ``--device``
+    (default ``auto``: CUDA where there is one for a checkpoint, else the CPU) and ``--threads``."""
+    parser.add_argument("--backend", default="auto", type=backend_name, choices=list(BACKENDS),
+                        help="auto: PyTorch for a checkpoint, ONNX Runtime for .onnx, OpenVINO for .xml, PyTorch "
+                             "for TorchScript; torch: a checkpoint or TorchScript file; onnxruntime/openvino: an .onnx file")
+    parser.add_argument("--device", default="auto", help="checkpoints: auto, cpu, cuda, cuda:N (exported files run on the CPU)")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+
+
+def add_progress_args(parser: argparse.ArgumentParser, *, quiet_alias: bool = False) -> None:
+    """``--no-progress`` (``--quiet`` as a deprecated alias where a subcommand had it)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if quiet_alias:
+        parser.add_argument("--quiet", dest="no_progress", nargs=0, action=DeprecatedAlias, new="--no-progress",
+                            help="deprecated: use --no-progress")
 
 
 # ---------------------------------------------------------------------- model source: a file or a zoo name
@@ -348,7 +394,7 @@ def resolve_model_source(args: argparse.Namespace, *, eval_settings: bool = Fals
     if entry.is_backbone:
         raise CLIError(f"--model {name} is an ImageNet backbone, not a segmentation model; train with "
                        f"--pretrained-backbone zoo:{name}")
-    path = pretrained_path(name, mirror=getattr(args, "mirror", None))
+    path, _ = resolve_source(name, mirror=getattr(args, "mirror", None))  # the zoo, as Segmenter.open fetches it
     args.checkpoint = str(path)
     if hasattr(args, "pad_to") and args.pad_to is None and entry.pad_to is not None:
         args.pad_to = list(entry.pad_to)

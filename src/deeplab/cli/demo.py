@@ -25,15 +25,16 @@ from typing import List, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
 
 from deeplab.checkpoint import load_model
 from deeplab.cli import train as train_cli
 from deeplab.cli.common import cli_command
 from deeplab.config import InferenceConfig
 from deeplab.data import EvalTransform, FolderSegmentation, colorize, fetch_demo_data
-from deeplab.eval.evaluate import write_report
-from deeplab.eval.inference import predict_mask
+from deeplab.eval.evaluate import KeepPredictions, evaluate
 from deeplab.eval.metrics import ConfusionMatrix
+from deeplab.eval.report import write_report
 from deeplab.viz import plot_curves, read_metrics
 from deeplab.weights import fetch_weights
 
@@ -101,16 +102,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     model, ckpt = load_model(out / "last.pt")
     norm = ckpt["normalization"]
     dataset = FolderSegmentation(root, split=None, transform=None)
-    transform = EvalTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
-    cm = ConfusionMatrix(dataset.num_classes)
-    whole_image = InferenceConfig(mode="whole")
+    normalised = FolderSegmentation(root, split=None, transform=EvalTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"])))
+    kept = KeepPredictions()
+    cm = evaluate(model, DataLoader(normalised, batch_size=1), [ConfusionMatrix(dataset.num_classes), kept],
+                  InferenceConfig(mode="whole"), distributed=False, progress=False)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    for i in range(len(dataset)):
+    for i, pred in enumerate(kept.predictions):
         image, mask = dataset[i]
-        x, target = transform(image, mask)
-        assert target is not None  # every demo photo has its mask
-        pred = predict_mask(model, x[None], whole_image)[0]
-        cm.update(pred, target)
         side_by_side(np.asarray(image), np.asarray(mask), pred.numpy().astype(np.uint8), dataset.palette,
                      dataset.classes).save(out / "overlays" / f"{dataset.names[i]}.png")
     elapsed = time.time() - start

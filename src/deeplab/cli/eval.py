@@ -19,22 +19,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from deeplab._utils import DeeplabError
-from deeplab.checkpoint import load_model
+from deeplab import distributed as dist_utils
 from deeplab.cli.common import (
     CLIError,
     add_data_args,
     add_inference_args,
     add_model_source_args,
+    add_progress_args,
+    add_runtime_args,
     cli_command,
     inference_config,
     make_dataset,
@@ -45,16 +43,13 @@ from deeplab.cli.common import (
 from deeplab.config import InferenceConfig
 from deeplab.data import EvalTransform
 from deeplab.data.base import SegmentationDataset
-from deeplab.deploy.format import ExportError, validate_metadata
-from deeplab.deploy.runtime import ExportedModel, OnnxRuntimeModel, OpenVINOModel, load_exported
-from deeplab.eval.evaluate import EvalResult, ShardSampler, evaluate_detailed, write_report
+from deeplab.deploy.format import sniff_format
+from deeplab.deploy.open import ModelCard, normalize_backend, open_model
+from deeplab.eval.evaluate import EvalResult, ShardSampler, evaluate_detailed
 from deeplab.eval.metrics import TRIMAP_SOURCES
-from deeplab.train import distributed as dist_utils
+from deeplab.eval.report import write_report
 from deeplab.viz import plot_trimap, render_triptych
 
-# Files that are exported models rather than deeplab checkpoints, by suffix.
-EXPORTED_SUFFIXES = (".onnx", ".xml", ".ts", ".torchscript", ".pts")
-EVAL_BACKENDS = ("auto", "onnxruntime", "openvino", "torchscript")
 # The paper's Fig. 5 widths (pixels).
 PAPER_TRIMAP = (0, 2, 4, 8, 12, 16, 20, 30, 40)
 
@@ -63,10 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplab eval", description=__doc__.split("\n\n")[0])
     add_model_source_args(parser, what="a deeplab checkpoint (best.pt / last.pt / converted) or an exported model "
                                        "(.onnx, OpenVINO .xml, TorchScript .ts from `deeplab export`)")
-    parser.add_argument("--backend", default="auto", choices=list(EVAL_BACKENDS),
-                        help="exported models: runtime (auto: onnxruntime for .onnx, openvino for .xml, "
-                             "torchscript for TorchScript)")
-    add_data_args(parser, split="val")
+    add_runtime_args(parser, threads=False)
+    add_data_args(parser, split="val",
+                  label_map_help="folder datasets: remap mask values first, e.g. 255:1 (default: the one training used)")
     add_inference_args(parser, deprecated_crop=True)  # --crop: the old name of --crop-size
     extra = parser.add_argument_group("beyond the paper's table")
     extra.add_argument("--trimap", type=int, nargs="+", default=None, metavar="W",
@@ -80,12 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--worst", type=int, default=0, metavar="N",
                        help="write image | ground truth | prediction triptychs of the N lowest-IoU images to worst/")
     parser.add_argument("--out", default=None, help="report folder (default: next to the checkpoint)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (smoke tests)")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--label-map", default=None,
-                        help="folder datasets: remap mask values first, e.g. 255:1 (default: the one training used)")
+    add_progress_args(parser)
     return parser
 
 
@@ -104,126 +95,27 @@ def default_out_dir(checkpoint: Path, split: str, inference: InferenceConfig, ou
     return checkpoint.parent / "_".join(parts)
 
 
-# --------------------------------------------------------------------------- exported models
+# --------------------------------------------------------------------------- the model
 
 
-def is_exported_file(path: Path) -> bool:
-    """An exported model (ONNX, OpenVINO IR, TorchScript) rather than a ``torch.save`` checkpoint."""
-    if path.suffix.lower() in EXPORTED_SUFFIXES:
-        return True
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return path.is_file() and path.suffix.lower() not in (".pt", ".pth", ".ckpt")
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    # TorchScript archives hold code/ and constants.pkl besides data.pkl; checkpoints do not.
-    return any("/code/" in n or n.endswith("constants.pkl") for n in names)
+def open_model_to_eval(args: argparse.Namespace, inference: InferenceConfig) -> Tuple[nn.Module, ModelCard]:
+    """The model to evaluate and its card, through :func:`deeplab.deploy.open.open_model`.
 
-
-def openvino_ir_metadata(path: Path) -> Dict[str, Any]:
-    """The deeplab metadata of an OpenVINO IR ``.xml`` (kept in its ``rt_info`` when the IR was
-    saved from one of our ONNX files)."""
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise ExportError(f"evaluating {path} needs OpenVINO: pip install 'deeplab[openvino]'") from exc
-    model = ov.Core().read_model(str(path))
-    for keys in (["framework", "deeplab"], ["deeplab"]):
-        if model.has_rt_info(keys):
-            value = model.get_rt_info(keys)
-            text = str(value.astype(str) if hasattr(value, "astype") else value)
-            return validate_metadata(json.loads(text), path)
-    raise ExportError(f"{path} carries no deeplab metadata; convert the ONNX file from `deeplab export` "
-                      "with openvino.save_model so its rt_info keeps it")
-
-
-def fixed_input_size(model: ExportedModel) -> Optional[Tuple[int, int]]:
-    """``(H, W)`` when the exported graph only accepts one input size, else ``None``."""
-    dims: List[Any] = []
-    if isinstance(model, OnnxRuntimeModel):
-        dims = list(model.session.get_inputs()[0].shape)
-    elif isinstance(model, OpenVINOModel):
-        shape = model.core.read_model(str(model.path)).inputs[0].get_partial_shape()
-        dims = [d.get_length() if d.is_static else None for d in shape]
-    if len(dims) == 4 and isinstance(dims[2], int) and isinstance(dims[3], int):
-        return int(dims[2]), int(dims[3])
-    return None
-
-
-class FixedInputModel(nn.Module):
-    """An exported model with a fixed input size behind the any-size contract: smaller inputs
-    are padded at the bottom/right with 0 (the mean pixel, as ``--pad-to`` does) and the logits
-    cropped back; larger ones are refused with the way out (sliding windows of that size)."""
-
-    def __init__(self, model: ExportedModel, size: Tuple[int, int]) -> None:
-        super().__init__()
-        self.model = model
-        self.size = size
-        self.output_stride = model.output_stride
-        self.align_corners = model.align_corners
-        self.num_classes = model.num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        fh, fw = self.size
-        if h > fh or w > fw:
-            raise DeeplabError(
-                f"{self.model.path} was exported for {fh}x{fw} inputs only and this image needs {h}x{w}; "
-                f"evaluate with --mode slide --crop-size {fh} {fw}, or re-export with `deeplab export` "
-                "(dynamic height and width)"
-            )
-        logits = self.model(F.pad(x, (0, fw - w, 0, fh - h), value=0.0))
-        return logits[..., :h, :w]
-
-
-def open_exported(path: Path, backend: str) -> Tuple[nn.Module, Dict[str, Any], Dict[str, Any]]:
-    """``(model, metadata, description)`` of an exported file opened with a runtime backend.
-
-    The description (``model_file``, ``format``, ``backend``, ``precision``, ``input_size``)
-    goes into the report.
+    An exported file runs at its own precision unless ``--precision`` names one (an evaluation
+    measures the file as exported), on the CPU; a graph of one input size is padded to it.
     """
-    is_ir = path.suffix.lower() == ".xml"
-    if is_ir:
-        if backend not in ("auto", "openvino"):
-            raise CLIError(f"{path} is an OpenVINO IR file; evaluate it with --backend openvino (or auto)")
-        runner: ExportedModel = OpenVINOModel(path, metadata=openvino_ir_metadata(path))
-    else:
-        runner = load_exported(path, backend=backend)
-    meta = runner.metadata
-    fixed = fixed_input_size(runner)
-    model: nn.Module = runner if fixed is None else FixedInputModel(runner, fixed)
-    description = {
-        "model_file": str(path),
-        "format": "openvino-ir" if is_ir else ("onnx" if runner.backend in ("onnxruntime", "openvino") else "torchscript"),
-        "backend": runner.backend,
-        "precision": meta.get("precision", "fp32"),
-        "input_size": list(fixed) if fixed else "dynamic",
-    }
-    return model, meta, description
-
-
-def open_model(args: argparse.Namespace, inference: InferenceConfig) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model to evaluate and what is known about it: ``config`` (ModelConfig dict),
-    ``classes``, ``normalization``, ``dataset`` (its training data, if recorded) and
-    ``exported`` (the description of an exported file, else ``None``)."""
     path = Path(args.checkpoint)
-    # A missing file falls through to the loader of its kind, whose message names it.
-    if is_exported_file(path):
-        if inference.output_stride is not None:
-            raise CLIError(f"{path} is an exported graph with its output stride built in; drop --output-stride "
-                           "(or export the checkpoint again at the output stride you want)")
-        model, meta, description = open_exported(path, args.backend)
-        config = dict(meta.get("config") or {})
-        config.setdefault("num_classes", int(meta["num_classes"]))
-        config.setdefault("arch", "?")
-        config.setdefault("backbone", "?")
-        return model, {"config": config, "classes": meta.get("classes"), "normalization": meta.get("normalization"),
-                       "palette": meta.get("palette"), "dataset": {}, "exported": description}
-    if args.backend != "auto":
+    kind = sniff_format(path)
+    if kind != "checkpoint" and inference.output_stride is not None:
+        raise CLIError(f"{path} is an exported graph with its output stride built in; drop --output-stride "
+                       "(or export the checkpoint again at the output stride you want)")
+    if kind == "checkpoint" and normalize_backend(args.backend) not in ("auto", "torch"):
         raise CLIError(f"{path} is a deeplab checkpoint (run with PyTorch); --backend is for exported files")
-    torch_model, ckpt = load_model(path, map_location="cpu", output_stride=inference.output_stride)
-    norm = ckpt.get("normalization") or torch_model.normalization.to_dict()
-    return torch_model, {"config": ckpt["config"], "classes": ckpt.get("classes"), "normalization": norm,
-                         "palette": None, "dataset": dict(ckpt.get("dataset") or {}), "exported": None}
+    if kind != "checkpoint" and args.device not in ("auto", "cpu"):
+        raise CLIError(f"{path} runs on the CPU through its runtime backend; drop --device {args.device}")
+    precision = None if inference.precision == "auto" else inference.precision
+    return open_model(path, backend=args.backend, precision=precision, output_stride=inference.output_stride,
+                      fixed_input=True)
 
 
 # --------------------------------------------------------------------------- outputs beyond the table
@@ -276,12 +168,12 @@ def check_options(args: argparse.Namespace) -> None:
         raise CLIError(f"--trimap takes distinct widths in pixels >= 0, got {args.trimap}")
 
 
-def open_dataset(args: argparse.Namespace, loaded: Dict[str, Any], checkpoint: Path) -> Tuple[str, SegmentationDataset]:
+def open_dataset(args: argparse.Namespace, loaded: ModelCard, checkpoint: Path) -> Tuple[str, SegmentationDataset]:
     """``(dataset name, dataset)`` the model is evaluated on, normalised as the model expects."""
-    config = loaded["config"]
-    data_info = loaded["dataset"]  # a zoo model's says voc / cityscapes / ade20k
+    config = loaded.config
+    data_info = loaded.dataset  # a zoo model's says voc / cityscapes / ade20k
     dataset_name = args.dataset or data_info.get("dataset") or "voc"
-    norm = loaded["normalization"]
+    norm = loaded.normalization
     transform = EvalTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
     label_map = args.label_map or (data_info.get("label_map") if dataset_name == "folder" else None)
     if label_map and dataset_name != "folder":
@@ -333,12 +225,12 @@ def resolved_settings(args: argparse.Namespace, *, checkpoint: Path, config: Dic
     return resolved
 
 
-def report_results(args: argparse.Namespace, result: EvalResult, *, loaded: Dict[str, Any], full_set: SegmentationDataset,
+def report_results(args: argparse.Namespace, result: EvalResult, *, loaded: ModelCard, full_set: SegmentationDataset,
                    resolved: Dict[str, Any], out_dir: Path, source: Any) -> None:
     """Print the tables and write report.json, confusion.png and the optional trimap / worst files."""
     cm = result.confusion
-    config, exported, checkpoint = loaded["config"], loaded["exported"], Path(resolved["checkpoint"])
-    class_names = list(loaded["classes"] or full_set.classes)
+    config, exported, checkpoint = loaded.config, loaded.exported, Path(resolved["checkpoint"])
+    class_names = list(loaded.classes or full_set.classes)
     sections = result.sections(class_names)
     for score in sections.get("per_image", []):
         score["name"] = full_set.names[score["index"]]
@@ -360,7 +252,8 @@ def report_results(args: argparse.Namespace, result: EvalResult, *, loaded: Dict
         bf = result.boundary_f
         print(f"boundary F @ {bf.tolerance} px: {100 * bf.mean:.2f} (mean over {int((bf.counts > 0).sum())} classes)")
     if result.worst:
-        palette = list(loaded["palette"] or full_set.palette)
+        # a checkpoint's worst images keep the dataset's colours (as before the model card)
+        palette = list((loaded.palette if exported is not None else None) or full_set.palette)
         paths = write_worst(result, full_set, palette, class_names, out_dir)
         print(f"worst {len(paths)} images (IoU = mean over the classes in the image):")
         for entry, path in zip(result.worst, paths):
@@ -379,10 +272,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     inference = inference_config(args)
     check_options(args)
     checkpoint = Path(args.checkpoint)
-    model, loaded = open_model(args, inference)
-    exported = loaded["exported"]
-    if exported is not None and args.device not in ("auto", "cpu"):
-        raise CLIError(f"{checkpoint} runs on the CPU through {exported['backend']}; drop --device {args.device}")
+    model, loaded = open_model_to_eval(args, inference)
+    exported = loaded.exported
     info = dist_utils.init_distributed(device="cpu" if exported is not None else args.device)
     model.to(info.device)
     dataset_name, full_set = open_dataset(args, loaded, checkpoint)
@@ -395,7 +286,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     trimap_source = args.trimap_source
     if trimap_source == "auto":
         trimap_source = "void" if dataset_name == "voc" else "boundary"
-    resolved = resolved_settings(args, checkpoint=checkpoint, config=loaded["config"], dataset_name=dataset_name,
+    resolved = resolved_settings(args, checkpoint=checkpoint, config=loaded.config, dataset_name=dataset_name,
                                  images=len(dataset), output_stride=output_stride, inference=inference, info=info,
                                  exported=exported, trimap_source=trimap_source)
     if info.is_main:
@@ -403,7 +294,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     result = evaluate_detailed(
         model,
         loader,
-        num_classes=loaded["config"]["num_classes"],
+        num_classes=loaded.num_classes,
         device=info.device,
         inference=inference,
         progress=info.is_main and not args.no_progress,

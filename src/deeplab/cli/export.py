@@ -23,9 +23,9 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
-from deeplab.cli.common import add_model_source_args, cli_command, resolve_model_source
+from deeplab.cli.common import CLIError, add_model_source_args, cli_command, resolve_model_source
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,12 +64,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     resolve_model_source(args)
     import torch
 
-    from deeplab.checkpoint import load_model
     from deeplab.deploy.export import export_model, model_metadata
-    from deeplab.deploy.format import ExportError
+    from deeplab.deploy.format import ExportError, sniff_format
+    from deeplab.deploy.open import open_model
     from deeplab.deploy.runtime import check_parity
+    from deeplab.models import DeepLabV3
 
-    model, ckpt = load_model(args.checkpoint, map_location="cpu", output_stride=args.output_stride)
+    kind = sniff_format(args.checkpoint)
+    if kind != "checkpoint":
+        raise CLIError(f"{args.checkpoint} is already an exported model ({kind}); export takes a deeplab checkpoint")
+    opened, card = open_model(args.checkpoint, backend="torch", device="cpu", output_stride=args.output_stride)
+    model = cast(DeepLabV3, opened)  # a checkpoint opens as its DeepLab model (not optimised)
     cfg = model.config
     assert cfg is not None  # load_model rebuilds the model from its config and keeps it there
     print(
@@ -78,8 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"fold_bn={not args.no_fold_bn}]",
         flush=True,
     )
-    meta = model_metadata(model, classes=ckpt.get("classes"), palette=ckpt.get("palette"),
-                          normalization=ckpt.get("normalization"))
+    meta = model_metadata(model, classes=card.classes, palette=card.palette, normalization=card.normalization)
     calibration = _calibration(args, meta, model.output_stride)
     start = time.perf_counter()
     path = export_model(model, args.out, format=args.format, metadata=meta, fold_bn=not args.no_fold_bn,

@@ -25,7 +25,6 @@ never clash); each rank writes its own outputs and rank 0 prints the one summary
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import sys
 import time
@@ -39,12 +38,13 @@ from deeplab.cli.common import (
     CLIError,
     add_inference_args,
     add_model_source_args,
+    add_progress_args,
+    add_runtime_args,
     cli_command,
     inference_config,
     resolve_model_source,
 )
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+from deeplab.data.base import IMAGE_SUFFIXES  # the one suffix list
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,22 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     add_model_source_args(parser, what="deeplab checkpoint (.pt) or exported model (.onnx / TorchScript)")
     parser.add_argument("--out", required=True, help="output directory (created)")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
-                        help="torch: a checkpoint or TorchScript file; onnxruntime/openvino: an .onnx file")
+    add_runtime_args(parser)
     parser.add_argument("--overlay", action="store_true", help="also write <name>_overlay.png with a legend")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay: weight of the mask colours")
     parser.add_argument("--no-legend", action="store_true", help="overlay without the class legend")
     parser.add_argument("--probs", action="store_true", help="also write <name>_probs.npy, (C, H, W) float32")
     add_inference_args(parser)
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
-                        help="auto: the fastest this CPU accelerates whose stored export parity is in bound (fp32 for a checkpoint)")
-    parser.add_argument("--device", default="cpu", help="torch backend: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     parser.add_argument("--recursive", action="store_true", help="folders: include sub-folders")
     parser.add_argument("--format", default=None, choices=["cityscapes", "voc", "ade20k", "coco-stuff"],
                         help="write in a benchmark server's format (label ids, file names, folders; overlays in "
                              "OUT/overlays): see deeplab.data.submission")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress_args(parser, quiet_alias=True)
     add_video_args(parser)
     return parser
 
@@ -98,7 +93,7 @@ def predict_video(segmenter: Any, path: Path, stem: str, out: Path, args: argpar
             target["overlay_out"] = out / f"{stem}_overlay.mp4"
         frames_dir = out / f"{stem}_frames" if args.frames else None
     result = segment_video(segmenter, path, frames_dir=frames_dir, alpha=args.alpha, batch_size=args.frame_batch,
-                           progress=not args.quiet, **target)
+                           progress=not args.no_progress, **target)
     info = result.info
     note = "; audio dropped (the outputs carry no audio)" if result.dropped_audio else ""
     tqdm_write(f"{path}: {result.frames} frames {info.width}x{info.height} at {float(info.fps):.3g} fps "
@@ -130,8 +125,8 @@ def shard_inputs(files: List[Path], device: str) -> Tuple[List[Path], Any]:
     the same on every rank (same arguments, sorted folders), so the shards are disjoint and cover
     it, and interleaving balances folders sorted by size.
     """
+    from deeplab.distributed import init_distributed
     from deeplab.eval.evaluate import shard_indices
-    from deeplab.train.distributed import init_distributed
 
     info = init_distributed(device=device)
     return [files[i] for i in shard_indices(len(files), info.world_size, info.rank)], info
@@ -144,7 +139,7 @@ def gather_summary(info: Any, done: int, failed: List[Path], elapsed: float) -> 
         return done, failed, elapsed
     import torch.distributed as dist
 
-    from deeplab.train.distributed import cleanup
+    from deeplab.distributed import cleanup
 
     parts: List[Any] = [None] * info.world_size
     dist.all_gather_object(parts, (done, [str(p) for p in failed], elapsed))
@@ -226,9 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
     from tqdm import tqdm
 
-    from deeplab.checkpoint import CheckpointError
     from deeplab.data.base import DatasetError
-    from deeplab.deploy.format import ExportError
+    from deeplab.deploy.format import sniff_format
     from deeplab.segmenter import Segmenter
     from deeplab.video import is_video
     from deeplab.viz import to_rgb_array
@@ -245,16 +239,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = output_names(files)  # on the whole list: the same names whichever rank writes a file
     all_files = len(files)
     files, dist_info = shard_inputs(files, args.device)
-    try:
-        inference = dataclasses.replace(inference_config(args), precision=args.precision)
-        if args.backend == "torch":
-            device = dist_info.device if dist_info.world_size > 1 else args.device
-            segmenter = Segmenter.load(args.checkpoint, backend="torch", device=device, inference=inference)
-        else:
-            segmenter = Segmenter.load(args.checkpoint, backend=args.backend, threads=args.threads, inference=inference)
-    except (CheckpointError, ExportError, FileNotFoundError, ValueError) as exc:
-        # Segmenter.load says "bad option / wrong file for this backend" with ValueError: a user error
-        raise CLIError(str(exc)) from exc
+    # under torchrun each rank runs a checkpoint on its own device
+    on_rank = dist_info.world_size > 1 and sniff_format(args.checkpoint) == "checkpoint"
+    segmenter = Segmenter.open(args.checkpoint, backend=args.backend, device=dist_info.device if on_rank else args.device,
+                               threads=args.threads, inference=inference_config(args))
     out = Path(args.out)
     (out.parent if is_video(out) else out).mkdir(parents=True, exist_ok=True)
     ranks = f" on {dist_info.world_size} ranks" if dist_info.world_size > 1 else ""
@@ -263,7 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"deeplab predict: {all_files} file(s){ranks} -> {out} | model {args.model or args.checkpoint} "
             f"({segmenter.backend}, {segmenter.num_classes} classes) | precision {segmenter.precision} "
             f"({args.precision}: {segmenter.precision_reason or 'asked for'}) | mode={args.mode} "
-            f"scales={list(segmenter.scales)} flip={args.flip}{' overlay' if args.overlay else ''}"
+            f"scales={list(segmenter.inference.scales)} flip={args.flip}{' overlay' if args.overlay else ''}"
             f"{' probs' if args.probs else ''}",
             flush=True,
         )
@@ -274,9 +262,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         writer = SubmissionWriter(args.format, out, segmenter.num_classes)
     done, failed = 0, []
     start = time.perf_counter()
-    args.quiet = args.quiet or not dist_info.is_main  # one progress bar: rank 0's
+    args.no_progress = args.no_progress or not dist_info.is_main  # one progress bar: rank 0's
     only_videos = bool(files) and all(is_video(p) for p in files)  # then the frame bars are the progress
-    bar = tqdm(files, unit="img", disable=args.quiet or only_videos, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(files, unit="img", disable=args.no_progress or only_videos, file=sys.stderr, dynamic_ncols=True)
     for path in bar:
         bar.set_postfix_str(path.name[-30:], refresh=False)
         if is_video(path):

@@ -22,6 +22,7 @@ from deeplab.cli.common import (
     CLIError,
     add_inference_args,
     add_model_source_args,
+    add_runtime_args,
     cli_command,
     inference_config,
     resolve_model_source,
@@ -40,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_source_args(parser, what="deeplab checkpoint (.pt) or exported model (.onnx / TorchScript)")
-    parser.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "openvino"],
-                        help="torch: a checkpoint or TorchScript file; onnxruntime/openvino: an .onnx file")
+    add_runtime_args(parser, threads=False)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default; 0.0.0.0 opens it to the network)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed)")
     parser.add_argument("--workers", type=int, default=1, help="server processes, each with its own model and queue")
@@ -49,7 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="largest upload in bytes (413 above)")
     parser.add_argument("--max-pixels", type=int, default=16_000_000, help="largest image, width x height (413 above)")
     add_inference_args(parser)
-    parser.add_argument("--device", default="cpu", help="torch backend: cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads per worker (default: all cores)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level (access lines at info)")
@@ -63,18 +62,11 @@ def load_segmenter(args: argparse.Namespace) -> Any:
     Raises:
         CLIError: a missing or unreadable model file, or a bad inference option.
     """
-    from deeplab.checkpoint import CheckpointError
-    from deeplab.deploy.format import ExportError
     from deeplab.segmenter import Segmenter
 
     resolve_model_source(args)  # --model NAME -> its cached checkpoint (fetched on first use)
-    try:
-        inference = inference_config(args)
-        if args.backend == "torch":
-            return Segmenter.load(args.checkpoint, backend="torch", device=args.device, inference=inference)
-        return Segmenter.load(args.checkpoint, backend=args.backend, threads=args.threads, inference=inference)
-    except (CheckpointError, ExportError, FileNotFoundError, ValueError) as exc:
-        raise CLIError(str(exc)) from exc
+    return Segmenter.open(args.checkpoint, backend=args.backend, device=args.device, threads=args.threads,
+                          inference=inference_config(args))
 
 
 def make_app(args: argparse.Namespace) -> Any:

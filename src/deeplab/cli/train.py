@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from deeplab import distributed as dist_utils
 from deeplab._utils import load_state_dict_strict
 from deeplab.checkpoint import load_checkpoint, strip_state_dict_prefixes
 from deeplab.cli.common import CLIError, add_data_args, cli_command, make_dataset, parse_with_preset, print_config
@@ -30,7 +31,6 @@ from deeplab.data.check import check_dataset, read_class_weights
 from deeplab.eval.evaluate import ShardSampler, evaluate
 from deeplab.models import build_model_from_config
 from deeplab.train import TrainResult, train
-from deeplab.train import distributed as dist_utils
 from deeplab.weights import resolve_pretrained
 
 # Flags whose name differs from their config field.
@@ -254,8 +254,9 @@ def run(args: argparse.Namespace) -> TrainResult:
     return result
 
 
-# TrainConfig and the model builders validate with plain ValueError: here they mean bad flags.
-@cli_command("train", user_errors=(ValueError,))
+# TrainConfig, the model builders, losses and the loop's argument checks raise ConfigError (a
+# DeeplabError): bad flags print as one line; any other ValueError is a bug and keeps its traceback.
+@cli_command("train")
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parse_with_preset(parser, argv)

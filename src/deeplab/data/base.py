@@ -24,7 +24,9 @@ Sample = Tuple[Path, Path]
 # transform(image, mask) or transform(image, mask, generator=g) -> anything
 Transform = Callable[..., Any]
 
-IMAGE_EXTENSIONS: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# The one image-suffix list (datasets, predict inputs, calibration folders).
+IMAGE_SUFFIXES: Tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES
 
 
 class DatasetError(DeeplabError, ValueError):

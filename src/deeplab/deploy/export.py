@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, 
 import torch
 from torch import nn
 
+from deeplab._utils import atomic_write
 from deeplab.deploy.format import (
     METADATA_FORMAT,
     METADATA_KEY,
@@ -142,14 +143,8 @@ def _atomic_target(path: Path) -> Iterator[Path]:
 
     A failed or interrupted export never leaves a half-written model under ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_write(path, mode=None) as tmp:  # unique per process: concurrent exports do not clash
         yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def export_onnx(

@@ -31,6 +31,7 @@ __all__ = [
     "TORCHSCRIPT_METADATA_FILE",
     "ExportError",
     "is_onnx",
+    "sniff_format",
     "quiet_tracing",
     "read_metadata",
     "validate_metadata",
@@ -81,6 +82,37 @@ def is_onnx(path: PathLike) -> bool:
     # TorchScript files are zip archives; an ONNX protobuf is not.
     with open(path, "rb") as handle:
         return handle.read(2) != b"PK"
+
+
+# Exported files by suffix; anything else is told apart by its content (see :func:`sniff_format`).
+EXPORTED_SUFFIXES = {".onnx": "onnx", ".xml": "openvino-ir", ".ts": "torchscript", ".torchscript": "torchscript",
+                     ".pts": "torchscript"}
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def sniff_format(path: PathLike) -> str:
+    """What a model file is: ``"checkpoint"`` (``torch.save``), ``"onnx"``, ``"torchscript"`` or
+    ``"openvino-ir"`` - the one place model files are told apart.
+
+    By suffix for the exported kinds, else by content: TorchScript and checkpoints are both zip
+    archives, but TorchScript holds ``code/`` and ``constants.pkl``. A missing file is named by
+    its suffix (a checkpoint unless the suffix says otherwise), so its own loader reports it.
+    """
+    import zipfile
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in EXPORTED_SUFFIXES:
+        return EXPORTED_SUFFIXES[suffix]
+    if not path.is_file():
+        return "checkpoint"
+    if not zipfile.is_zipfile(path):
+        return "checkpoint" if suffix in CHECKPOINT_SUFFIXES else "onnx"
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    return "checkpoint"
 
 
 def validate_metadata(meta: Any, path: PathLike) -> Dict[str, Any]:

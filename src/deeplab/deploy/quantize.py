@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from deeplab._utils import DeeplabError, optional_import
+from deeplab.data.base import IMAGE_SUFFIXES  # the one suffix list
 from deeplab.deploy.format import ExportError
 
 __all__ = [
@@ -69,8 +70,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 
 # name -> onnxruntime.quantization.CalibrationMethod member name ("nncf": OpenVINO NNCF's own)
 CALIBRATION_METHODS: Dict[str, str] = {

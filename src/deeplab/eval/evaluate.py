@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import (
     Any,
     Dict,
@@ -40,20 +36,21 @@ from torch import nn
 from torch.utils.data import DistributedSampler, Sampler
 from tqdm import tqdm
 
-from deeplab._utils import jsonable, unwrap_model
+from deeplab._utils import unwrap_model
 from deeplab.config import InferenceConfig
 from deeplab.eval.inference import predict_mask
-from deeplab.eval.metrics import BoundaryFScore, ConfusionMatrix, TrimapMeter, image_miou
+from deeplab.eval.metrics import BoundaryFScore, ConfusionMatrix, Meter, TrimapMeter, image_miou
 
 __all__ = [
     "EvalResult",
     "ImageScore",
+    "ImageScores",
+    "KeepPredictions",
     "ShardSampler",
     "WorstImage",
     "evaluate",
     "evaluate_detailed",
     "shard_indices",
-    "write_report",
 ]
 
 
@@ -228,18 +225,90 @@ def _set_eval(model: nn.Module) -> List[Tuple[nn.Module, bool]]:
     return modes
 
 
+class ImageScores:
+    """The per-image meter: every image's IoU (and boundary F, read from a
+    :class:`~deeplab.eval.boundary.BoundaryFScore` updated before it) and the ``worst`` lowest.
+
+    Args:
+        num_classes, ignore_index: as the confusion matrix's.
+        order: dataset index of each sample in the loader's order (``None``: 0, 1, ...).
+        worst: keep the predictions and masks of this many lowest-IoU images.
+        boundary: the boundary meter whose per-image scores go into each :class:`ImageScore`.
+    """
+
+    def __init__(self, num_classes: int, *, ignore_index: int = 255, order: Optional[List[int]] = None,
+                 worst: int = 0, boundary: Optional[BoundaryFScore] = None) -> None:
+        if worst < 0:
+            raise ValueError(f"worst must be >= 0, got {worst}")
+        self.num_classes, self.ignore_index, self.order, self.worst = num_classes, ignore_index, order, worst
+        self.boundary = boundary
+        self.scores: List[ImageScore] = []
+        self.heap: List[Tuple[float, int, WorstImage]] = []
+        self.seen = 0
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        for j in range(int(pred.shape[0])):
+            position = self.seen + j
+            index = self.order[position] if self.order is not None and position < len(self.order) else position
+            image_bf = self.boundary.last_batch[j] if self.boundary is not None else None
+            score = ImageScore(
+                index=index,
+                iou=_num_or_none(image_miou(pred[j], target[j], self.num_classes, self.ignore_index)),
+                pixels=int((target[j] != self.ignore_index).sum()),
+                boundary_f=_num_or_none(_nanmean_float(image_bf)) if image_bf is not None else None,
+            )
+            self.scores.append(score)
+            if self.worst > 0 and score.iou is not None:
+                _keep_worst(self.heap, self.worst, score, pred[j], target[j])
+        self.seen += int(pred.shape[0])
+
+    def all_reduce(self) -> "ImageScores":
+        """Gather every rank's scores and kept images on every rank."""
+        if dist.is_available() and dist.is_initialized():
+            gathered: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.scores, self.heap))
+            self.scores = [s for part, _ in gathered for s in part]
+            self.heap = [h for _, part in gathered for h in part]
+        return self
+
+    def worst_images(self) -> List[WorstImage]:
+        """The ``worst`` lowest-IoU images, worst first."""
+        return [entry for _, _, entry in sorted(self.heap, key=lambda h: (-h[0], -h[1]))][:self.worst]
+
+    def summary(self, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        return {"per_image": [s.to_dict() for s in sorted(self.scores, key=lambda s: s.index)]}
+
+
+class KeepPredictions:
+    """A meter that keeps every prediction (CPU ``(H, W)`` tensors, in loader order) for the overlays."""
+
+    def __init__(self) -> None:
+        self.predictions: List[torch.Tensor] = []
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.predictions.extend(p.cpu() for p in pred)
+
+    def all_reduce(self) -> "KeepPredictions":
+        return self
+
+    def summary(self, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        return {"images": len(self.predictions)}
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable[Any],
+    meters: Optional[Sequence[Meter]] = None,
+    inference: InferenceConfig = InferenceConfig(),
     *,
-    num_classes: int,
+    num_classes: Optional[int] = None,
     ignore_index: int = 255,
     device: Union[str, torch.device] = "cpu",
-    inference: InferenceConfig = InferenceConfig(),
     distributed: Optional[bool] = None,
     progress: bool = True,
 ) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over every sample of ``loader``.
+    """Run ``model`` over every sample of ``loader`` once and update every meter: the one
+    evaluation loop (``deeplab eval``, training's validation, the demo).
 
     The model is put in eval mode for the loop and every submodule's previous mode is
     restored afterwards. Predictions come from :func:`deeplab.eval.inference.predict_mask`
@@ -247,9 +316,9 @@ def evaluate(
 
     Distributed use (``torch.distributed`` initialised, more than one process): build the
     loader with :class:`ShardSampler` so each rank evaluates its own shard, call
-    ``evaluate`` on *every* rank; the matrices are summed with ``all_reduce`` and every
-    rank returns the full-dataset matrix. A ``DistributedSampler`` that would pad or drop
-    samples is refused. To evaluate on one rank only while a process group exists, pass
+    ``evaluate`` on *every* rank; every meter is all-reduced and every rank returns the
+    full-dataset figures. A ``DistributedSampler`` that would pad or drop samples is
+    refused. To evaluate on one rank only while a process group exists, pass
     ``distributed=False`` (otherwise the collective would wait for the other ranks forever).
 
     Args:
@@ -259,26 +328,104 @@ def evaluate(
         loader: yields ``(image, mask)`` (extra items ignored) or ``{"image", "mask"}``
             batches: ``image`` ``(B, 3, H, W)`` float normalised, ``mask`` ``(B, H, W)``
             integer class ids. Use batch size 1 for images of different sizes.
-        num_classes: ``C``.
-        ignore_index: mask label excluded from the metric.
-        device: where images, masks and the confusion matrix go.
+        meters: what to measure (:class:`~deeplab.eval.metrics.Meter`); a
+            :class:`~deeplab.eval.metrics.ConfusionMatrix` among them is the one returned,
+            else one of ``num_classes`` is added first.
         inference: how to predict (mode, scales, flip, windows, output stride, padding),
             see :func:`deeplab.eval.inference.predict_probs`.
+        num_classes: ``C`` (needed when ``meters`` holds no confusion matrix).
+        ignore_index: mask label excluded from the metric (of the confusion matrix added).
+        device: where images, masks and the confusion matrix go.
         distributed: sum over ranks; ``None`` = whenever a multi-process group exists.
         progress: show a tqdm bar (rank 0 only) with the running (local) mIoU.
 
     Returns:
-        The accumulated :class:`~deeplab.eval.metrics.ConfusionMatrix` on ``device``.
+        The accumulated :class:`~deeplab.eval.metrics.ConfusionMatrix`; the other meters are
+        updated in place.
 
     Raises:
         ValueError: model and ``device`` disagree, a DistributedSampler that pads/drops,
             masks whose size differs from their images, or labels outside the classes.
     """
-    return _evaluate(
-        model, loader, num_classes=num_classes, ignore_index=ignore_index, device=device,
-        inference=inference, distributed=distributed, progress=progress, stacklevel=3,
-    ).confusion
+    device = torch.device(device)
+    meters = list(meters or [])
+    cm = next((m for m in meters if isinstance(m, ConfusionMatrix)), None)
+    if cm is None:
+        if num_classes is None:
+            raise ValueError("evaluate needs num_classes or a ConfusionMatrix among the meters")
+        cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+        meters.insert(0, cm)
+    net = _checked_model(model, device)
+    _check_sampler(loader)
+    if distributed is None:
+        distributed = _dist_active()
+    rank = dist.get_rank() if distributed else 0
+    seen = 0
+    bar = tqdm(loader, total=len(loader) if isinstance(loader, Sized) else None, desc="eval", unit="batch",
+               disable=not progress or rank != 0, dynamic_ncols=True)
+    modes = _set_eval(model)
+    try:
+        for batch in bar:
+            image, mask = _batch_on(batch, device)
+            pred = predict_mask(net, image, inference, num_classes=cm.num_classes)
+            for meter in meters:
+                meter.update(pred, mask)
+            seen += int(image.shape[0])
+            if not bar.disable:
+                miou = cm.miou
+                bar.set_postfix(mIoU=f"{100 * miou:.2f}" if not math.isnan(miou) else "-")
+    finally:
+        bar.close()
+        for module, was_training in modes:
+            module.training = was_training
+    if distributed:
+        for meter in meters:
+            meter.all_reduce()
+        _check_coverage(loader, seen, device)
+    return cm
 
+
+def _checked_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """The unwrapped model, refused when its parameters are on another device type."""
+    net = unwrap_model(model)
+    param = next(net.parameters(), None)
+    if param is not None and param.device.type != device.type:
+        raise ValueError(
+            f"the model is on {param.device} but device={str(device)!r}; call "
+            f"model.to({str(device)!r}) first or pass device={str(param.device)!r}"
+        )
+    return net
+
+
+def _batch_on(batch: Any, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(image (B, C, H, W), mask (B, H, W))`` of a batch, on ``device``, shapes checked."""
+    image, mask = _split_batch(batch)
+    image = image.to(device, non_blocking=True)
+    mask = torch.as_tensor(mask).to(device, non_blocking=True)
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() != 3 or mask.shape[0] != image.shape[0] or mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(
+            f"mask {tuple(mask.shape)} does not match image {tuple(image.shape)}; "
+            "evaluation needs (B, H, W) masks at the image size (resize the image, "
+            "never the mask, in the validation transform)"
+        )
+    return image, mask
+
+
+def _check_coverage(loader: Iterable[Any], seen: int, device: torch.device) -> None:
+    """Warn when the ranks' samplers did not see every sample exactly once."""
+    count = torch.tensor([seen], dtype=torch.int64, device=device)
+    dist.all_reduce(count)
+    total = int(count.item())
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, Sized) and total != len(dataset):
+        warnings.warn(
+            f"distributed evaluation saw {total} samples in total for a dataset of "
+            f"{len(dataset)}: the ranks' samplers do not partition the dataset (use "
+            "ShardSampler), so pixels were counted more or fewer times than once",
+            stacklevel=3,
+        )
 
 
 def evaluate_detailed(
@@ -297,9 +444,9 @@ def evaluate_detailed(
     per_image: bool = False,
     worst: int = 0,
 ) -> EvalResult:
-    """:func:`evaluate` plus the boundary metrics and per-image scores, in the same one pass.
+    """:func:`evaluate` with the boundary meters and per-image scores, in the same one pass.
 
-    Every option off gives exactly :func:`evaluate`'s confusion matrix (it calls this).
+    Every option off gives exactly :func:`evaluate`'s confusion matrix.
 
     Args:
         model, loader, num_classes, ignore_index, device, inference, distributed, progress:
@@ -317,182 +464,16 @@ def evaluate_detailed(
     """
     if worst < 0:
         raise ValueError(f"worst must be >= 0, got {worst}")
-    return _evaluate(
-        model, loader, num_classes=num_classes, ignore_index=ignore_index, device=device,
-        inference=inference, distributed=distributed, progress=progress, trimap_widths=trimap_widths,
-        trimap_source=trimap_source, boundary_tolerance=boundary_tolerance, per_image=per_image,
-        worst=worst, stacklevel=3,
-    )
-
-
-def _evaluate(
-    model: nn.Module,
-    loader: Iterable[Any],
-    *,
-    num_classes: int,
-    ignore_index: int,
-    device: Union[str, torch.device],
-    inference: InferenceConfig,
-    distributed: Optional[bool],
-    progress: bool,
-    trimap_widths: Optional[Sequence[int]] = None,
-    trimap_source: str = "void",
-    boundary_tolerance: Optional[int] = None,
-    per_image: bool = False,
-    worst: int = 0,
-    stacklevel: int = 2,
-) -> EvalResult:
-    """The one evaluation loop behind :func:`evaluate` and :func:`evaluate_detailed`."""
     device = torch.device(device)
-    net = unwrap_model(model)
-    param = next(net.parameters(), None)
-    if param is not None and param.device.type != device.type:
-        raise ValueError(
-            f"the model is on {param.device} but device={str(device)!r}; call "
-            f"model.to({str(device)!r}) first or pass device={str(param.device)!r}"
-        )
-    _check_sampler(loader)
-    if distributed is None:
-        distributed = _dist_active()
-    rank = dist.get_rank() if distributed else 0
-
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    meters: List[Meter] = [cm]
     trimap = (TrimapMeter(trimap_widths, num_classes, source=trimap_source, ignore_index=ignore_index, device=device)
               if trimap_widths else None)
     bf = BoundaryFScore(num_classes, boundary_tolerance, ignore_index=ignore_index) if boundary_tolerance is not None else None
-    want_images = per_image or worst > 0
-    order = _sample_order(loader) if want_images else None
-    scores: List[ImageScore] = []
-    worst_heap: List[Tuple[float, int, WorstImage]] = []
-    seen = 0
-    bar = tqdm(
-        loader,
-        total=len(loader) if isinstance(loader, Sized) else None,
-        desc="eval",
-        unit="batch",
-        disable=not progress or rank != 0,
-        dynamic_ncols=True,
-    )
-    modes = _set_eval(model)
-    try:
-        for batch in bar:
-            image, mask = _split_batch(batch)
-            image = image.to(device, non_blocking=True)
-            mask = torch.as_tensor(mask).to(device, non_blocking=True)
-            if mask.dim() == 4 and mask.shape[1] == 1:
-                mask = mask[:, 0]
-            if mask.dim() != 3 or mask.shape[0] != image.shape[0] or mask.shape[-2:] != image.shape[-2:]:
-                raise ValueError(
-                    f"mask {tuple(mask.shape)} does not match image {tuple(image.shape)}; "
-                    "evaluation needs (B, H, W) masks at the image size (resize the image, "
-                    "never the mask, in the validation transform)"
-                )
-            pred = predict_mask(net, image, inference, num_classes=num_classes)
-            cm.update(pred, mask)
-            if trimap is not None:
-                trimap.update(pred, mask)
-            for j in range(int(image.shape[0])):
-                image_bf = bf.update(pred[j], mask[j]) if bf is not None else None
-                if not want_images:
-                    continue
-                position = seen + j
-                index = order[position] if order is not None and position < len(order) else position
-                score = ImageScore(
-                    index=index,
-                    iou=_num_or_none(image_miou(pred[j], mask[j], num_classes, ignore_index)),
-                    pixels=int((mask[j] != ignore_index).sum()),
-                    boundary_f=_num_or_none(_nanmean_float(image_bf)) if image_bf is not None else None,
-                )
-                scores.append(score)
-                if worst > 0 and score.iou is not None:
-                    _keep_worst(worst_heap, worst, score, pred[j], mask[j])
-            seen += int(image.shape[0])
-            if not bar.disable:
-                miou = cm.miou
-                bar.set_postfix(mIoU=f"{100 * miou:.2f}" if not math.isnan(miou) else "-")
-    finally:
-        bar.close()
-        for module, was_training in modes:
-            module.training = was_training
-
-    if distributed:
-        cm.all_reduce()
-        if trimap is not None:
-            trimap.all_reduce()
-        if bf is not None:
-            bf.all_reduce()
-        if want_images:
-            gathered: List[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (scores, worst_heap))
-            scores = [s for part, _ in gathered for s in part]
-            worst_heap = [h for _, part in gathered for h in part]
-        count = torch.tensor([seen], dtype=torch.int64, device=device)
-        dist.all_reduce(count)
-        seen = int(count.item())
-    dataset = getattr(loader, "dataset", None)
-    if distributed and isinstance(dataset, Sized) and seen != len(dataset):
-        warnings.warn(
-            f"distributed evaluation saw {seen} samples in total for a dataset of "
-            f"{len(dataset)}: the ranks' samplers do not partition the dataset (use "
-            "ShardSampler), so pixels were counted more or fewer times than once",
-            stacklevel=stacklevel,
-        )
-    scores.sort(key=lambda s: s.index)
-    worst_list = [entry for _, _, entry in sorted(worst_heap, key=lambda h: (-h[0], -h[1]))][:worst] if worst > 0 else []
-    return EvalResult(confusion=cm, trimap=trimap, boundary_f=bf, per_image=scores if per_image or worst > 0 else [],
-                      worst=worst_list)
-
-
-def write_report(
-    cm: ConfusionMatrix,
-    class_names: Optional[Sequence[str]],
-    out_dir: Union[str, Path],
-    extra: Optional[Dict[str, Any]] = None,
-    sections: Optional[Dict[str, Any]] = None,
-) -> Path:
-    """Write ``report.json`` and ``confusion.png`` into ``out_dir``; call on rank 0.
-
-    ``report.json`` holds ``{"config": extra, "metrics": cm.summary(class_names),
-    "class_names": [...], "confusion_matrix": [[int]] (rows = ground truth),
-    "created": ISO time}``; the raw matrix lets any metric be recomputed later. The JSON
-    is written to a temporary file and renamed, so an existing report is never left
-    half-written.
-
-    Args:
-        cm: the evaluated confusion matrix.
-        class_names: ``C`` names, or ``None`` for ``class_0 ..``.
-        out_dir: directory (created if missing).
-        extra: what produced the numbers (checkpoint, inference options, dataset...);
-            dataclasses, paths and tuples are converted to JSON.
-        sections: further top-level entries (e.g. :meth:`EvalResult.sections`: ``trimap``,
-            ``boundary_f``, ``per_image``), written after ``confusion_matrix``.
-
-    Returns:
-        Path of ``report.json``.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = cm.summary(class_names)
-    report = {
-        "config": jsonable(extra or {}),
-        "metrics": summary,
-        "class_names": list(summary["per_class"]),
-        "confusion_matrix": cm.matrix.cpu().tolist(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    for key, value in (sections or {}).items():
-        if key in report:
-            raise ValueError(f"report section {key!r} would overwrite a standard report.json key")
-        report[key] = jsonable(value)
-    path = out / "report.json"
-    tmp = out / f".report.json.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    cm.save_confusion_png(out / "confusion.png", class_names)  # drawn by deeplab.viz
-    return path
+    images = (ImageScores(num_classes, ignore_index=ignore_index, order=_sample_order(loader), worst=worst, boundary=bf)
+              if per_image or worst > 0 else None)
+    meters += [m for m in (trimap, bf, images) if m is not None]  # bf before images: they read its scores
+    evaluate(model, loader, meters, inference, device=device, distributed=distributed, progress=progress)
+    scores = sorted(images.scores, key=lambda s: s.index) if images is not None else []
+    return EvalResult(confusion=cm, trimap=trimap, boundary_f=bf, per_image=scores,
+                      worst=images.worst_images() if images is not None and worst > 0 else [])

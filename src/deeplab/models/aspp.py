@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deeplab._utils import ConfigError
+
 from ..nn.layers import HEAD_BN_EPS, ConvBNReLU, conv3x3_bn_relu
 
 DEFAULT_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
@@ -17,7 +19,7 @@ DEFAULT_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
 def default_aspp_rates(output_stride: int) -> Tuple[int, ...]:
     """The paper's ASPP rates for an output stride: 16 -> (6, 12, 18), 8 -> (12, 24, 36)."""
     if output_stride not in DEFAULT_RATES:
-        raise ValueError(f"no default ASPP rates for output_stride {output_stride}; choose from {sorted(DEFAULT_RATES)}")
+        raise ConfigError(f"no default ASPP rates for output_stride {output_stride}; choose from {sorted(DEFAULT_RATES)}")
     return DEFAULT_RATES[output_stride]
 
 

@@ -9,6 +9,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from deeplab._utils import ConfigError
+
 from ..config import ARCHS, ModelConfig
 from ..nn.layers import ConvBNReLU, conv3x3_bn_relu, resize
 from .aspp import ASPP, default_aspp_rates
@@ -111,14 +113,14 @@ class DeepLabV3(nn.Module):
         channels = getattr(self, "in_channels", 3)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(
+            raise ConfigError(
                 f"expected a float image batch of shape (B, {channels}, H, W), got {shape}; "
                 "add a batch dimension with x[None]"
                 + (" and convert grey images to RGB" if channels == 3 else
                    f" (this model was built with in_channels={channels})")
             )
         if not x.is_floating_point():
-            raise ValueError(
+            raise ConfigError(
                 f"expected a float tensor, got {x.dtype}; normalise pixels first "
                 "(x / 255 - mean) / std with the backbone's normalisation"
             )

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -37,19 +38,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Tuple
+from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, create_model, field_validator
 
 from deeplab._utils import ConfigError, DeeplabError, jsonable, one_line
-from deeplab.config import InferenceConfig
-from deeplab.eval.inference import predict_probs
+from deeplab.config import INFERENCE_MODES, InferenceConfig
 from deeplab.segmenter import Segmenter
 
 __all__ = ["ServeLimits", "SegmentQuery", "create_app", "decode_image", "describe_model", "rle_encode", "sniff_image"]
@@ -105,25 +104,26 @@ class RequestRejected(DeeplabError):
         self.headers = headers or {}
 
 
-class SegmentQuery(BaseModel):
-    """Query fields of ``POST /v1/segment``; any other field is rejected (422).
+# InferenceConfig fields fixed when the model is opened (they rebuild or re-open it): a request
+# cannot change them. Every other field is a query field, generated below.
+LOAD_TIME_FIELDS = ("output_stride", "precision")
+QUERY_TYPES: Dict[str, Any] = {
+    "mode": Literal[INFERENCE_MODES],
+    "scales": List[float],
+    "flip": bool,
+    "crop_size": int,
+    "stride": int,
+    "pad_to": List[int],
+}
 
-    The inference fields are those of ``deeplab predict`` (one :class:`InferenceConfig`);
-    a field left out keeps the server's default (``deeplab serve``'s flags).
-    """
 
+class _SegmentQueryBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: Optional[Literal["png", "json"]] = None
     mask: Literal["none", "rle", "png"] = "none"
-    mode: Optional[Literal["whole", "slide"]] = None
-    scales: Optional[List[float]] = None
-    flip: Optional[bool] = None
-    crop_size: Optional[int] = None
-    stride: Optional[int] = None
-    pad_to: Optional[List[int]] = None
 
-    @field_validator("scales", "pad_to", mode="before")
+    @field_validator("scales", "pad_to", mode="before", check_fields=False)
     @classmethod
     def split_commas(cls, value: Any) -> Any:
         """``scales=0.5,1.0`` as well as ``scales=0.5&scales=1.0``."""
@@ -140,17 +140,31 @@ class SegmentQuery(BaseModel):
             deeplab._utils.ConfigError: an invalid combination (the message says what is allowed).
         """
         changes: Dict[str, Any] = {}
-        for name in ("mode", "flip", "crop_size", "stride"):
+        for name in QUERY_FIELDS:
             value = getattr(self, name)
-            if value is not None:
-                changes[name] = value
-        if self.scales is not None:
-            changes["scales"] = tuple(self.scales)
-        if self.pad_to is not None:
-            if len(self.pad_to) not in (1, 2):
-                raise ConfigError(f"pad_to takes one or two ints (H,W), got {self.pad_to}")
-            changes["pad_to"] = tuple(self.pad_to * 2 if len(self.pad_to) == 1 else self.pad_to)
+            if value is None:
+                continue
+            if name == "pad_to":
+                if len(value) not in (1, 2):
+                    raise ConfigError(f"pad_to takes one or two ints (H,W), got {value}")
+                value = value * 2 if len(value) == 1 else value
+            changes[name] = tuple(value) if isinstance(value, list) else value
         return InferenceConfig.from_dict({**default.to_dict(), **changes})
+
+
+QUERY_FIELDS = tuple(f.name for f in dataclasses.fields(InferenceConfig) if f.name not in LOAD_TIME_FIELDS)
+# Query fields of ``POST /v1/segment``: ``format``, ``mask`` and one per InferenceConfig field
+# (those of ``deeplab predict``); a field left out keeps the server's default (``deeplab serve``'s
+# flags); any other field is rejected (422).
+if TYPE_CHECKING:
+    SegmentQuery = _SegmentQueryBase
+else:
+    SegmentQuery = create_model(
+        "SegmentQuery",
+        __base__=_SegmentQueryBase,
+        __doc__="Query fields of ``POST /v1/segment``; any other field is rejected (422).",
+        **{name: (Optional[QUERY_TYPES[name]], None) for name in QUERY_FIELDS},
+    )
 
 
 # Per-request options multiply the work of one image: bound them as the upload is bounded.
@@ -258,9 +272,7 @@ def class_shares(mask: np.ndarray, segmenter: Segmenter) -> List[Dict[str, Any]]
 def segment(segmenter: Segmenter, rgb: np.ndarray, inference: InferenceConfig) -> np.ndarray:
     """Class ids ``(H, W)`` uint8 of one image with per-request inference options (the
     segmenter's own :attr:`Segmenter.inference` is shared by all requests and left alone)."""
-    x = segmenter.preprocess(rgb)
-    probs = predict_probs(segmenter.model, x, inference, num_classes=segmenter.num_classes)[0]
-    return probs.argmax(0).to(torch.uint8).cpu().numpy()
+    return segmenter.predict(rgb, inference)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -280,9 +292,8 @@ def describe_model(segmenter: Segmenter, path: Optional[str] = None) -> Dict[str
         path: the file it came from; its model config is read from the checkpoint or from the
             export's embedded metadata (nothing is read when ``None``).
     """
-    config: Dict[str, Any] = {}
-    if path is not None:
-        config = model_config_of(Path(path))
+    card = segmenter.card
+    config: Dict[str, Any] = dict(card.config) if card is not None and path is not None else {}
     return {
         "source": Path(path).name if path else None,
         "backend": segmenter.backend,
@@ -299,23 +310,6 @@ def describe_model(segmenter: Segmenter, path: Optional[str] = None) -> Dict[str
         "config": config,
         "inference": jsonable(segmenter.inference.to_dict()),
     }
-
-
-def model_config_of(path: Path) -> Dict[str, Any]:
-    """The ``ModelConfig`` dict stored in a checkpoint or an exported file (``{}`` if none)."""
-    from deeplab.deploy.format import ExportError, read_metadata
-
-    try:
-        meta = read_metadata(path)
-        return dict(meta.get("config") or meta.get("model_config") or {})
-    except (ExportError, OSError, ValueError):
-        pass
-    from deeplab.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        return dict(load_checkpoint(path).get("config") or {})
-    except (CheckpointError, OSError):
-        return {}
 
 
 # --------------------------------------------------------------------------- the app
@@ -468,15 +462,7 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
 
     @app.exception_handler(RequestValidationError)
     async def invalid_query(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        parts = []
-        for error in errors:
-            field = ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"
-            if error.get("type") == "extra_forbidden":
-                parts.append(f"unknown query field {field!r}; allowed: {sorted(SegmentQuery.model_fields)}")
-            else:
-                parts.append(f"{field}: {error.get('msg')}")
-        return JSONResponse({"detail": "; ".join(parts), "errors": jsonable(errors)}, status_code=422)
+        return validation_response(exc)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -521,22 +507,7 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
         finally:
             worker.release(latency)
         timing["server_ms"] = latency * 1e3
-        height, width = mask.shape
-        headers = {"X-Latency-Ms": f"{timing['server_ms']:.1f}", "X-Inference-Ms": f"{timing['inference_ms']:.1f}",
-                   "Server-Timing": f"decode;dur={timing['decode_ms']:.1f}, infer;dur={timing['inference_ms']:.1f}"}
-        if not wants_json(query, request.headers.get("accept", "")):
-            return Response(png_bytes(segmenter.mask_image(mask)), media_type="image/png", headers=headers)
-        payload: Dict[str, Any] = {
-            "size": {"width": width, "height": height},
-            "classes": class_shares(mask, segmenter),
-            "latency_ms": {k: round(v, 2) for k, v in timing.items()},
-            "inference": jsonable(inference.to_dict()),
-        }
-        if query.mask == "rle":
-            payload["mask"] = {"encoding": "rle", **rle_encode(mask)}
-        elif query.mask == "png":
-            payload["mask"] = {"encoding": "png-base64", "data": base64.b64encode(png_bytes(segmenter.mask_image(mask))).decode()}
-        return JSONResponse(payload, headers=headers)
+        return segment_response(segmenter, mask, timing, inference, query, request.headers.get("accept", ""))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> Response:
@@ -549,6 +520,40 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
         return static_response(name)
 
     return app
+
+
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    """422 with one line per invalid or unknown query field."""
+    errors = exc.errors()
+    parts = []
+    for error in errors:
+        field = ".".join(str(p) for p in error.get("loc", ())[1:]) or "request"
+        if error.get("type") == "extra_forbidden":
+            parts.append(f"unknown query field {field!r}; allowed: {sorted(SegmentQuery.model_fields)}")
+        else:
+            parts.append(f"{field}: {error.get('msg')}")
+    return JSONResponse({"detail": "; ".join(parts), "errors": jsonable(errors)}, status_code=422)
+
+
+def segment_response(segmenter: Segmenter, mask: np.ndarray, timing: Dict[str, float], inference: InferenceConfig,
+                     query: SegmentQuery, accept: str) -> Response:
+    """The answer to ``POST /v1/segment``: the index PNG, or JSON with class shares and latency."""
+    height, width = mask.shape
+    headers = {"X-Latency-Ms": f"{timing['server_ms']:.1f}", "X-Inference-Ms": f"{timing['inference_ms']:.1f}",
+               "Server-Timing": f"decode;dur={timing['decode_ms']:.1f}, infer;dur={timing['inference_ms']:.1f}"}
+    if not wants_json(query, accept):
+        return Response(png_bytes(segmenter.mask_image(mask)), media_type="image/png", headers=headers)
+    payload: Dict[str, Any] = {
+        "size": {"width": width, "height": height},
+        "classes": class_shares(mask, segmenter),
+        "latency_ms": {k: round(v, 2) for k, v in timing.items()},
+        "inference": jsonable(inference.to_dict()),
+    }
+    if query.mask == "rle":
+        payload["mask"] = {"encoding": "rle", **rle_encode(mask)}
+    elif query.mask == "png":
+        payload["mask"] = {"encoding": "png-base64", "data": base64.b64encode(png_bytes(segmenter.mask_image(mask))).decode()}
+    return JSONResponse(payload, headers=headers)
 
 
 def static_response(name: str) -> Response:

@@ -3,7 +3,7 @@
 ``loop`` (:func:`train`), ``optim`` (SGD groups, poly LR, BN freezing, AMP settings),
 ``resume`` (exact resume, the checkpoint payload), ``logging`` (metrics.jsonl,
 TensorBoard, the progress bar), ``loader`` (seeded augmentation, the DataLoader) and
-``distributed`` (process group, DDP, sampling).
+(process group, DDP, sampling: :mod:`deeplab.distributed`, shared with eval and predict).
 """
 
 from deeplab.train.loader import SeededDataset, build_train_loader

@@ -1,7 +1,7 @@
 """The training data pipeline: per-sample seeded augmentation and the DataLoader.
 
 Which samples a step sees is decided by
-:class:`~deeplab.train.distributed.DeterministicBatchSampler`; how each is augmented by
+:class:`~deeplab.train.sampling.DeterministicBatchSampler`; how each is augmented by
 :class:`SeededDataset`, from ``(seed, epoch, index)`` alone. So the batches are the same
 for any ``num_workers``, rank or resume point.
 """
@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from deeplab.train.distributed import DeterministicBatchSampler, derive_seed
+from deeplab.train.sampling import DeterministicBatchSampler, derive_seed
 
 __all__ = ["SeededDataset", "build_train_loader", "close_loader"]
 
@@ -23,7 +23,7 @@ class SeededDataset(Dataset):
     """Wraps a dataset so each sample is augmented by its own seeded ``torch.Generator``.
 
     Keys are ``(epoch, index)`` pairs (as yielded by
-    :class:`~deeplab.train.distributed.DeterministicBatchSampler`) or plain indices
+    :class:`~deeplab.train.sampling.DeterministicBatchSampler`) or plain indices
     (epoch 0). Sample ``index`` of ``epoch`` is transformed with a generator seeded from
     ``(seed, epoch, index)``: the same crop and flip whichever worker process, rank or
     resume point loads it, and nothing touches the global RNGs.

@@ -12,7 +12,6 @@ the other ranks a :class:`RunLog` is inert.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import IO, Any, Dict, Mapping, Optional
@@ -20,7 +19,7 @@ from typing import IO, Any, Dict, Mapping, Optional
 import torch
 from tqdm import tqdm
 
-from deeplab._utils import jsonable
+from deeplab._utils import atomic_write, jsonable
 from deeplab.viz import plot_curves, read_metrics
 
 __all__ = ["STEP_KINDS", "RunLog", "open_tensorboard", "progress_bar", "scalars", "show_on_bar", "train_record",
@@ -84,9 +83,8 @@ def truncate_records(path: Path, *, after_step: int) -> int:
             continue
         kept.append(line + "\n")
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_write(path, "w", encoding="utf-8") as handle:
+            handle.write("".join(kept))
     return dropped
 
 

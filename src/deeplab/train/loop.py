@@ -17,7 +17,7 @@ and :func:`save_last`. What changes from step to step lives in one :class:`Train
 what is fixed for the run in one :class:`Run`. How a resumed run continues
 bit-identically is in :mod:`deeplab.train.resume`, how the loss is normalised over the
 global batch in :mod:`deeplab.losses`, how the global batch is split over processes in
-:mod:`deeplab.train.distributed`.
+:mod:`deeplab.distributed`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +37,10 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from deeplab._utils import fault_point
+from deeplab._utils import ConfigError, fault_point
 from deeplab.checkpoint import restore_rng_state, save_checkpoint
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.losses import Criterion, build_criterion
-from deeplab.train.distributed import (
-    DeterministicBatchSampler,
+from deeplab.distributed import (
     PeerFailureError,
     all_reduce_,
     barrier,
@@ -57,6 +53,8 @@ from deeplab.train.distributed import (
     restart_count,
     wrap_ddp,
 )
+from deeplab.losses import Criterion, build_criterion
+from deeplab.train.checks import StopOnSignal, check_arguments, check_batch
 from deeplab.train.loader import SeededDataset, build_train_loader, close_loader
 from deeplab.train.logging import RunLog, progress_bar, show_on_bar, train_record
 from deeplab.train.optim import (
@@ -72,12 +70,12 @@ from deeplab.train.resume import (
     Restored,
     checkpoint_payload,
     keep_previous,
-    model_config_dict,
     preserved_rng,
     resolve_resume,
     restore,
     seed_everything,
 )
+from deeplab.train.sampling import DeterministicBatchSampler
 
 __all__ = ["EvalFn", "Run", "TrainResult", "TrainState", "train"]
 
@@ -207,7 +205,7 @@ def train(
 ) -> TrainResult:
     """Train ``model`` for ``cfg.max_steps`` optimizer steps (or resume and finish).
 
-    Works alone or under ``torchrun`` (call :func:`deeplab.train.distributed.init_distributed`
+    Works alone or under ``torchrun`` (call :func:`deeplab.distributed.init_distributed`
     first): the model is moved to the device, BatchNorm converted to SyncBatchNorm when
     ``cfg.sync_bn`` and wrapped in DDP; ``cfg.batch_size`` is the global batch.
 
@@ -252,12 +250,7 @@ def train(
         scheduler=scheduler, collate_fn=collate_fn, best_metric=best_metric, stop_at=stop_at, progress=progress,
         tensorboard=tensorboard, handle_signals=handle_signals,
     )
-    run.log.write({"kind": "resume" if resume_path else "start", "step": state.step, "time": run.start_time,
-                   "world_size": run.world_size, "from": str(resume_path) if resume_path else None,
-                   "restarts": restart_count(), "train_config": cfg.to_dict()})
-    result = TrainResult(step=state.step, reason="finished",
-                         best_checkpoint=run.best_path if run.best_path.exists() else None,
-                         best_metric=state.best.get("value"), last_eval=state.last_eval, restarts=restart_count())
+    result = start_result(run, state, cfg, resume_path)
     set_train_mode(run.ddp_model, freeze_bn=cfg.freeze_bn)
     state.last_log_time = time.time()
 
@@ -267,7 +260,7 @@ def train(
     else:
         seed_everything(cfg.seed)
     try:
-        with _StopOnSignal(handle_signals) as stopper:
+        with StopOnSignal(handle_signals) as stopper:
             train_loop(run, state, result, stopper)
     except RuntimeError as exc:
         if run.world_size > 1 and not isinstance(exc, PeerFailureError) and is_peer_failure(exc):
@@ -281,16 +274,31 @@ def train(
         run.log.close()
         close_loader(run.loader)
 
+    finish_result(run, state, result, cfg)
+    barrier()  # nobody returns (and e.g. destroys the group) while rank 0 still writes
+    return result
+
+
+def start_result(run: Run, state: TrainState, cfg: TrainConfig, resume_path: Optional[Path]) -> TrainResult:
+    """Log the start (or resume) of the run and the result as it stands before the first step."""
+    run.log.write({"kind": "resume" if resume_path else "start", "step": state.step, "time": run.start_time,
+                   "world_size": run.world_size, "from": str(resume_path) if resume_path else None,
+                   "restarts": restart_count(), "train_config": cfg.to_dict()})
+    return TrainResult(step=state.step, reason="finished",
+                       best_checkpoint=run.best_path if run.best_path.exists() else None,
+                       best_metric=state.best.get("value"), last_eval=state.last_eval, restarts=restart_count())
+
+
+def finish_result(run: Run, state: TrainState, result: TrainResult, cfg: TrainConfig) -> None:
+    """Why and where the loop ended, once it has."""
     if result.reason != "signal" and state.step < cfg.max_steps:
         result.reason = "stop_at"
     result.step = state.step
     if result.last_checkpoint is None and run.last_path.exists():
         result.last_checkpoint = run.last_path
-    barrier()  # nobody returns (and e.g. destroys the group) while rank 0 still writes
-    return result
 
 
-def train_loop(run: Run, state: TrainState, result: TrainResult, stopper: "_StopOnSignal") -> None:
+def train_loop(run: Run, state: TrainState, result: TrainResult, stopper: "StopOnSignal") -> None:
     """Optimizer steps from ``state`` to ``run.end_step``, epoch by epoch; logs, evaluates, saves."""
     cfg = run.cfg
     while state.step < run.end_step:
@@ -396,39 +404,11 @@ def criterion_from_config(cfg: TrainConfig, model_config: Optional[Mapping[str, 
     """The loss of ``cfg.loss`` with its options and class weights (see :mod:`deeplab.losses`)."""
     num_classes = None if model_config is None else model_config.get("num_classes")
     if cfg.class_weights is not None and num_classes is not None and len(cfg.class_weights) != num_classes:
-        raise ValueError(f"{len(cfg.class_weights)} class weights for {num_classes} classes; give one weight per class")
+        raise ConfigError(f"{len(cfg.class_weights)} class weights for {num_classes} classes; give one weight per class")
     return build_criterion(cfg.loss, ignore_index=cfg.ignore_index, class_weights=cfg.class_weights,
                            ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept, topk_percent=cfg.topk_percent,
                            focal_gamma=cfg.focal_gamma, dice_smooth=cfg.dice_smooth,
                            lovasz_per_image=cfg.lovasz_per_image)
-
-
-def check_arguments(
-    model: nn.Module,
-    model_config: Union[ModelConfig, Mapping[str, Any], None],
-    classes: Sequence[str],
-    palette: Sequence[Sequence[int]],
-    stop_at: Optional[int],
-) -> Optional[Dict[str, Any]]:
-    """Metadata checks before any work, so a mistake costs seconds, not a run.
-
-    Returns:
-        The model config as a dict (``None``, with a warning, when not given).
-    """
-    # stacklevel 3: the warning points at whoever called train().
-    config_dict = model_config_dict(model_config, stacklevel=3)
-    if classes and config_dict is not None and len(classes) != config_dict["num_classes"]:
-        raise ValueError(
-            f"{len(classes)} class names given but model_config.num_classes={config_dict['num_classes']}; "
-            "they must agree"
-        )
-    if palette and classes and len(palette) != len(classes):
-        raise ValueError(f"{len(palette)} palette colours for {len(classes)} classes; give one colour per class")
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        raise ValueError("pass the bare model to train(); it converts BatchNorm and wraps it in DDP itself")
-    if stop_at is not None and stop_at < 1:
-        raise ValueError(f"stop_at must be >= 1, got {stop_at}")
-    return config_dict
 
 
 def setup_model(
@@ -518,7 +498,7 @@ def forward_backward(run: Run, state: TrainState, images: torch.Tensor, masks: t
     return loss
 
 
-def stop_requested(run: Run, stopper: "_StopOnSignal") -> bool:
+def stop_requested(run: Run, stopper: "StopOnSignal") -> bool:
     """Whether a signal asked to stop, agreed by all ranks (every rank must stop together)."""
     if run.world_size > 1 and run.handle_signals:
         flag = torch.tensor([1.0 if stopper.requested else 0.0], device=run.device)
@@ -595,58 +575,3 @@ def payload(run: Run, state: TrainState) -> Dict[str, Any]:
         cfg=run.cfg, step=state.step, epoch=state.epoch, pos=state.pos, steps_per_epoch=run.steps_per_epoch,
         num_samples=len(run.dataset), world_size=run.world_size, last_eval=state.last_eval, best=state.best,
     )
-
-
-def check_batch(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> None:
-    """Catch the two classic data bugs with a readable message (once per run).
-
-    Raises:
-        ValueError: logits and masks do not line up, or a label is outside the classes.
-    """
-    if logits.dim() != 4 or target.dim() != 3 or logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
-        raise ValueError(
-            f"model output {tuple(logits.shape)} does not match masks {tuple(target.shape)}: the model must "
-            "return logits (B, C, H, W) at the input size and masks must be (B, H, W)"
-        )
-    labels = target[target != ignore_index]
-    if labels.numel():
-        low, high = int(labels.min()), int(labels.max())
-        num_classes = logits.shape[1]
-        if low < 0 or high >= num_classes:
-            bad = high if high >= num_classes else low
-            raise ValueError(
-                f"training masks contain label {bad} but the model predicts {num_classes} classes "
-                f"(0..{num_classes - 1}; {ignore_index} = ignore); fix the dataset's label mapping or "
-                "the model's num_classes"
-            )
-
-
-class _StopOnSignal:
-    """Turn the first SIGINT/SIGTERM into a request to stop after the current step.
-
-    Killing a run mid-step would lose everything since the last checkpoint; stopping at
-    the step boundary lets the loop write ``last.pt`` first. A second signal restores
-    the previous handler and re-delivers the signal (Ctrl-C twice really stops).
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is not None:
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-            return
-        self.requested = signum
-
-    def __enter__(self) -> "_StopOnSignal":
-        if self.enabled:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)

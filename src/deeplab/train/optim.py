@@ -15,6 +15,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim import SGD, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from deeplab._utils import ConfigError
+
 __all__ = [
     "AmpSettings",
     "PolyLR",
@@ -80,7 +82,7 @@ def build_optimizer(
                 wanted = param.ndim > 1 and not _is_norm(module) and (decay_depthwise or not _is_depthwise(module))
             (decay if wanted else no_decay).append(param)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+        raise ConfigError("the model has no trainable parameters (all requires_grad=False)")
     groups = [
         {"params": decay, "weight_decay": float(weight_decay), "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
@@ -112,7 +114,7 @@ class PolyLR(LRScheduler):
 
     def __init__(self, optimizer: Optimizer, *, max_steps: int, power: float = 0.9, last_epoch: int = -1) -> None:
         if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+            raise ConfigError(f"max_steps must be >= 1, got {max_steps}")
         self.max_steps = int(max_steps)
         self.power = float(power)
         super().__init__(optimizer, last_epoch)
@@ -194,16 +196,16 @@ def amp_settings(
     if not enabled:
         return AmpSettings(False, None, False)
     if dtype not in ("auto", "bf16", "fp16"):
-        raise ValueError(f"unknown amp dtype {dtype!r}; choose from ['auto', 'bf16', 'fp16']")
+        raise ConfigError(f"unknown amp dtype {dtype!r}; choose from ['auto', 'bf16', 'fp16']")
     if device_type == "cpu":
         if dtype == "fp16":
-            raise ValueError("amp_dtype='fp16' is not supported on CPU; use 'bf16' or 'auto' (bf16)")
+            raise ConfigError("amp_dtype='fp16' is not supported on CPU; use 'bf16' or 'auto' (bf16)")
         return AmpSettings(True, torch.bfloat16, False)
     if device_type == "cuda":
         if bf16_supported is None:
             bf16_supported = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if dtype == "bf16" and not bf16_supported:
-            raise ValueError("this GPU does not support bf16; use amp_dtype='fp16' or 'auto'")
+            raise ConfigError("this GPU does not support bf16; use amp_dtype='fp16' or 'auto'")
         if dtype == "auto":
             dtype = "bf16" if bf16_supported else "fp16"
     elif dtype == "auto":

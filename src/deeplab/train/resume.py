@@ -25,7 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from deeplab._utils import load_state_dict_strict, unwrap_model
+from deeplab._utils import atomic_write, load_state_dict_strict, unwrap_model
 from deeplab.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -38,7 +38,8 @@ from deeplab.checkpoint import (
     to_plain,
 )
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.train.distributed import broadcast_object, derive_seed, get_rank
+from deeplab.distributed import broadcast_object, get_rank
+from deeplab.train.sampling import derive_seed
 
 __all__ = [
     "RESUME_FREE",
@@ -174,15 +175,11 @@ def keep_previous(last_path: Path) -> None:
     """
     if not last_path.exists():
         return
-    prev = previous_path(last_path)
-    tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    try:
-        os.link(last_path, tmp)
-    except OSError:
-        shutil.copy2(last_path, tmp)
-    os.replace(tmp, prev)
+    with atomic_write(previous_path(last_path), mode=None) as tmp:
+        try:
+            os.link(last_path, tmp)
+        except OSError:
+            shutil.copy2(last_path, tmp)
 
 
 def complete_checkpoint(last_path: Path) -> Optional[Path]:

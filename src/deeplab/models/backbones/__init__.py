@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
+from deeplab._utils import ConfigError
+
 from ...config import BACKBONE_NAMES
 from .base import Backbone, FeatureSpec, Normalization, check_output_stride
 from .mobilenetv2 import MobileNetV2, mobilenet_v2
@@ -39,7 +41,7 @@ def build_backbone(
     already TF's; ResNet is unchanged; the resnet_v1_* backbones are TF's layout already).
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
+        raise ConfigError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}")
     check_output_stride(output_stride)
     return BACKBONES[name](output_stride=output_stride, multi_grid=multi_grid, tf_compat=tf_compat)
 

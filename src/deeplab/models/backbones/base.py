@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from deeplab._utils import ConfigError
+
 from ...config import OUTPUT_STRIDES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,7 +84,7 @@ def inflate_stem(backbone: nn.Module, in_channels: int) -> nn.Conv2d:
             name = full_name
             break
     if not name:
-        raise ValueError(f"{type(backbone).__name__} has no Conv2d to inflate")
+        raise ConfigError(f"{type(backbone).__name__} has no Conv2d to inflate")
     *path, leaf = name.split(".")
     for part in path:
         parent = getattr(parent, part)
@@ -119,7 +121,7 @@ def init_conv_bn(module: nn.Module) -> None:
 
 def check_output_stride(output_stride: int) -> None:
     if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be one of {list(OUTPUT_STRIDES)}, got {output_stride!r}")
+        raise ConfigError(f"output_stride must be one of {list(OUTPUT_STRIDES)}, got {output_stride!r}")
 
 
 def stride_to_dilation(
@@ -150,7 +152,7 @@ def stride_to_dilation(
             result.append((stride, dilation))
             current_stride *= stride
     if current_stride != output_stride:
-        raise ValueError(
+        raise ConfigError(
             f"output_stride {output_stride} cannot be reached; the backbone's natural stride is {current_stride}"
         )
     return result
@@ -161,7 +163,7 @@ def validate_multi_grid(multi_grid: Optional[Sequence[int]], units: int, backbon
         return None
     grid = tuple(int(m) for m in multi_grid)
     if len(grid) != units or any(m < 1 for m in grid):
-        raise ValueError(
+        raise ConfigError(
             f"multi_grid for {backbone} needs {units} positive integers (one per unit of the last stage, "
             f"e.g. (1, 2, 4)); got {tuple(multi_grid)!r}"
         )

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence, cast
 import torch
 from torch import nn
 
+from deeplab._utils import ConfigError
+
 from ...nn.layers import Conv2dSame
 from .base import (
     IMAGENET_MEAN,
@@ -164,5 +166,5 @@ def mobilenet_v2(
 ) -> MobileNetV2:
     """MobileNetV2 (torchvision layout). ``multi_grid`` is not defined for it."""
     if multi_grid is not None:
-        raise ValueError("multi_grid applies to resnet50/resnet101/xception* backbones, not mobilenet_v2")
+        raise ConfigError("multi_grid applies to resnet50/resnet101/xception* backbones, not mobilenet_v2")
     return MobileNetV2(output_stride=output_stride, tf_compat=tf_compat)

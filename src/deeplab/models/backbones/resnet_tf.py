@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deeplab._utils import ConfigError
+
 from ...nn.layers import tf_same_padding
 from .base import INCEPTION_MEAN, INCEPTION_STD, Backbone, FeatureSpec, Normalization, init_conv_bn, validate_multi_grid
 
@@ -129,7 +131,7 @@ def unit_plan(
         multi_grid: ``block4``'s ``unit_rate`` per unit (default all 1).
     """
     if output_stride % 4:
-        raise ValueError(f"output_stride must be a multiple of 4 for ResNet, got {output_stride}")
+        raise ConfigError(f"output_stride must be a multiple of 4 for ResNet, got {output_stride}")
     target = output_stride // 4  # resnet_v1_beta: the root block takes 4 out first
     grid = tuple(multi_grid) if multi_grid is not None else (1,) * units[3]
     current, rate = 1, 1
@@ -147,7 +149,7 @@ def unit_plan(
                 current *= stride
         plan.append(row)
     if current != target:
-        raise ValueError(f"output_stride {output_stride} cannot be reached; the ResNet's natural stride is {current * 4}")
+        raise ConfigError(f"output_stride {output_stride} cannot be reached; the ResNet's natural stride is {current * 4}")
     return plan
 
 
@@ -169,7 +171,7 @@ class ResNetTF(Backbone):
                  multi_grid: Optional[Sequence[int]] = None, name: str = "resnet_v1") -> None:
         super().__init__()
         if depth not in RESNET_TF_UNITS:
-            raise ValueError(f"depth must be one of {sorted(RESNET_TF_UNITS)}, got {depth!r}")
+            raise ConfigError(f"depth must be one of {sorted(RESNET_TF_UNITS)}, got {depth!r}")
         units = RESNET_TF_UNITS[depth]
         grid = validate_multi_grid(multi_grid, units[3], name)
         self.depth = depth
