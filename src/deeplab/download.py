@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-from ._utils import DeeplabError
+from ._utils import DeeplabError, atomic_write
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -192,5 +192,6 @@ def download(url: str, dest: PathLike, *, md5: Optional[str] = None, sha1: Optio
     except ChecksumError:
         part.unlink(missing_ok=True)  # a wrong file must not be resumed from
         raise
-    os.replace(part, target)
+    with atomic_write(target, mode=None) as tmp:  # fsynced, and a crash leaves no complete-looking DEST
+        os.replace(part, tmp)
     return digest

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+from .._utils import atomic_write
 from ..download import DownloadError, check_disk_space, download, verify
 from .base import DatasetError
 
@@ -161,10 +162,8 @@ def _load_state(root: Path) -> Dict[str, Any]:
 
 
 def _save_state(root: Path, state: Dict[str, Any]) -> None:
-    path = root / STATE_FILE
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(root / STATE_FILE, mode="w", encoding="utf-8") as handle:
+        handle.write(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def _log(progress: bool, message: str) -> None:

@@ -16,7 +16,7 @@ from deeplab.data.base import DatasetError
 from deeplab.data.palettes import CITYSCAPES_ID_TO_TRAINID, COCO_STUFF_UNUSED
 from deeplab.data.submission import SubmissionWriter, cityscapes_trainid_to_id
 
-from .data_fixtures import make_cityscapes, make_folder
+from tests.data_fixtures import make_cityscapes, make_folder
 
 TINY = ["--backbone", "mobilenet_v2", "--pretrained-backbone", "none", "--crop-size", "33", "--batch-size", "2",
         "--num-workers", "0", "--device", "cpu", "--no-progress"]
