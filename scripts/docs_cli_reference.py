@@ -1,4 +1,5 @@
-"""MkDocs hook: the CLI reference, generated from the argparse parsers themselves.
+"""MkDocs hooks: the CLI reference, generated from the argparse parsers themselves (and Sphinx
+roles in docstrings shown as plain code).
 
 ``docs/cli.md`` holds the marker ``<!-- cli-reference -->``; at build time it is replaced by one
 section per ``deeplab`` subcommand (and per sub-subcommand, e.g. ``deeplab data check``): usage,
@@ -103,3 +104,11 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     if MARKER in markdown:
         return markdown.replace(MARKER, render())
     return markdown
+
+
+_SPHINX_ROLE = __import__("re").compile(r":(?:meth|class|func|mod|data|attr|exc|obj|const):(<code>)~?")
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """MkDocs hook: the docstrings' Sphinx roles (``:class:`X```) render as plain code, not ``:class:X``."""
+    return _SPHINX_ROLE.sub(r"\1", html)
