@@ -307,3 +307,14 @@ def test_cli_reference_covers_every_subcommand() -> None:
         assert f"## `deeplab {name}`" in text
     assert "`--multi-grid` `M` ..." in text and "`--paper`" in text
     assert docs_cli_reference.MARKER in (ROOT / "docs" / "cli.md").read_text()
+
+
+def test_readme_is_a_front_page() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 150
+    # the two commands, exactly as .ci/run runs the second
+    assert "pip install -c constraints.txt -e . && deeplab demo" in text
+    assert 'pip install -c constraints.txt -e ".[test]" && python -m pytest' in text
+    assert 'pip install -c constraints.txt -e ".[test]" && python -m pytest' in (ROOT / ".ci" / "run").read_text()
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (ROOT / link).is_file(), f"README links to {link}, which does not exist"
