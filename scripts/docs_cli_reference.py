@@ -94,7 +94,7 @@ def render() -> str:
     lines = ["| subcommand | what it does |", "|---|---|"]
     lines += [f"| [`deeplab {name}`](#deeplab-{name}) | {_cell(help_)} |" for name, (_, help_) in SUBCOMMANDS.items()]
     lines.append("")
-    for name, (module_name, _) in SUBCOMMANDS.items():
+    for module_name, _ in SUBCOMMANDS.values():
         lines += render_parser(capture_parser(module_name))
     return "\n".join(lines)
 

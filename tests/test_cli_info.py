@@ -21,8 +21,8 @@ def test_xception65_separable_mult_adds_match_paper() -> None:
 
 def test_mobilenet_v2_released_head_mult_adds_match_paper() -> None:
     # The released mobile DeepLabv3 (image pooling + 1x1 only): 2.75B Mult-Adds at OS 16, 513x513.
-    from torch.utils.flop_counter import FlopCounterMode
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from deeplab.models import build_model
 

@@ -86,7 +86,7 @@ def parse(path: Path) -> tuple[List[Block], List[str]]:
             j = i + 1
             while j < len(lines) and not lines[j].strip().startswith("```"):
                 j += 1
-            code = textwrap.dedent("\n".join(l[indent:] if l[:indent].strip() == "" else l for l in lines[i + 1:j]))
+            code = textwrap.dedent("\n".join(row[indent:] if row[:indent].strip() == "" else row for row in lines[i + 1:j]))
             block = Block(path, i + 1, fence.group("lang").lower(), code, dict(pending))
             pending = {}
             if block.lang == "text" and last_command is not None and last_command.output is None:
@@ -105,7 +105,7 @@ def parse(path: Path) -> tuple[List[Block], List[str]]:
 
 
 def normalise(text: str) -> List[str]:
-    return [l.rstrip() for l in text.strip("\n").split("\n")] if text.strip() else []
+    return [row.rstrip() for row in text.strip("\n").split("\n")] if text.strip() else []
 
 
 def matches(expected: List[str], actual: List[str]) -> bool:
