@@ -217,8 +217,7 @@ def build_model(
             backbone from the torch hub cache, see :mod:`deeplab.weights`) or a file path.
         aspp_rates: ASPP 3x3 rates; ``None`` derives them from ``output_stride``.
         multi_grid: rate multipliers for the last backbone stage, e.g. ``(1, 2, 4)``.
-        image_pooling, aspp_channels, low_level_channels, decoder_channels, dropout, tf_compat,
-        in_channels, input_mean, input_std: see :class:`deeplab.config.ModelConfig`.
+        image_pooling, aspp_channels, low_level_channels, decoder_channels, dropout, tf_compat, in_channels, input_mean, input_std: see :class:`deeplab.config.ModelConfig`.
 
     Returns:
         The model; ``model(images (B, 3, H, W)) -> logits (B, num_classes, H, W)``. It carries
