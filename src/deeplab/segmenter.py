@@ -11,9 +11,9 @@ Inference itself is :func:`deeplab.eval.inference.predict_probs` (whole image pa
 with one :class:`deeplab.config.InferenceConfig`; the pictures come from :mod:`deeplab.viz`.
 
 Precision (``InferenceConfig.precision``, default ``"auto"``; :func:`choose_precision`): ``auto``
-takes the fastest precision that this CPU accelerates (int8 with AMX-INT8 / AVX-512 VNNI /
-AVX-VNNI, bf16 with AMX-BF16 / AVX-512 BF16, see :mod:`deeplab.cpu`) and that the file was
-exported at with a stored parity within :data:`PARITY_BOUNDS`; otherwise fp32. A checkpoint
+takes the precision the file was exported at where this CPU accelerates it enough to matter and
+its stored mIoU parity is within :data:`PARITY_BOUNDS` (the policy: :mod:`deeplab.deploy.precision`);
+otherwise fp32 (an int8 file it would not pick is refused with the reason). A checkpoint
 carries no measured parity, so ``auto`` runs it in fp32 (``precision="bf16"`` asks for bf16
 autocast). The choice and its reason are logged and kept as :attr:`Segmenter.precision` /
 :attr:`Segmenter.precision_reason`.
@@ -36,70 +36,15 @@ from deeplab.config import InferenceConfig, IntPair
 from deeplab.data.base import load_image_array
 from deeplab.data.palettes import RGB, colorize, default_palette
 from deeplab.data.transforms import to_unit_float
+from deeplab.deploy.precision import PARITY_BOUNDS, choose_precision
 from deeplab.eval.inference import predict_probs
 from deeplab.viz import ImageInput, index_png, overlay_mask, to_rgb_array
 
-__all__ = ["BACKENDS", "PARITY_BOUNDS", "Segmenter", "choose_precision"]
+__all__ = ["BACKENDS", "PARITY_BOUNDS", "Segmenter", "choose_precision"]  # the policy: deeplab.deploy.precision
 
 PathLike = Union[str, "os.PathLike[str]"]
 BACKENDS = ("torch", "onnxruntime", "openvino")
 log = logging.getLogger(__name__)
-
-# The least mean pixel agreement with fp32 (on the export's held-out images) that ``auto``
-# accepts per precision. int8 is looser: on the demo model (MobileNetV2 after 100 steps on 4
-# photos, many near-tied logits) int8 agrees with fp32 on 91-94% of a held-out photo's pixels
-# (within 0.5 mIoU on it; benchmarks/deploy_precision.py), bf16 on 98.8%.
-PARITY_BOUNDS: Dict[str, float] = {"bf16": 0.98, "int8": 0.90}
-# fastest first, by measurement on AVX-512 BF16/VNNI and AMX CPUs (README, Speed)
-PRECISION_ORDER = ("int8", "bf16", "fp32")
-
-
-def choose_precision(
-    metadata: Optional[Mapping[str, Any]],
-    backend: str,
-    *,
-    flags: Optional[Mapping[str, bool]] = None,
-) -> Tuple[str, str]:
-    """The precision ``"auto"`` runs a model at, and why (one sentence).
-
-    Args:
-        metadata: an exported file's metadata (``precision``, ``parity``); ``None`` for a checkpoint.
-        backend: ``"torch"``, ``"onnxruntime"``, ``"openvino"`` or ``"torchscript"``.
-        flags: ISA flags (default this CPU's, :func:`deeplab.cpu.cpu_flags`; tests pass their own).
-
-    Returns:
-        ``(precision, reason)``.
-    """
-    from deeplab.cpu import precision_support
-
-    if metadata is None:
-        return "fp32", "a checkpoint carries no measured bf16/int8 parity (export with --precision to measure one)"
-    stored = str(metadata.get("precision") or "fp32")
-    parity = metadata.get("parity") or {}
-    if stored == "fp32":
-        return "fp32", "the file was exported at fp32"
-    accelerated, why = precision_support(stored, flags)
-    agreement = parity.get("pixel_agreement")
-    bound = PARITY_BOUNDS[stored]
-    within = agreement is not None and agreement >= bound
-    parity_text = (f"stored parity {100 * agreement:.1f}% pixel agreement (bound {100 * bound:.0f}%)"
-                   if agreement is not None else "no stored parity")
-    if stored == "int8":
-        # an int8 file has no float weights to fall back to: say when it is not the fast choice
-        if not accelerated:
-            return "int8", f"the file holds int8 weights; this CPU does not accelerate int8 ({why}): expect fp32 to be faster"
-        if not within:
-            return "int8", f"the file holds int8 weights but its {parity_text} is out of bound: re-export or use fp32"
-        return "int8", f"int8 accelerated by {why}, {parity_text}"
-    # bf16: fp32 weights, bf16 at run time where it is fast, safe and the backend has it
-    if backend == "onnxruntime":
-        return "fp32", "ONNX Runtime's CPU provider has no bf16 path (use backend openvino)"
-    if not accelerated:
-        return "fp32", f"this CPU does not accelerate bf16 ({why})"
-    if not within:
-        return "fp32", f"bf16 {parity_text} is out of bound"
-    return "bf16", f"bf16 accelerated by {why}, {parity_text}"
-
 
 class Segmenter:
     """Semantic segmentation of single images with a trained DeepLab model.
