@@ -333,14 +333,15 @@ def test_cli_export_calibration_errors(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_bench_paths_declare_their_precision_and_filter_by_it(capsys: pytest.CaptureFixture[str]) -> None:
-    from deeplab.cli import bench
+    from deeplab.cli import bench as bench_cli
+    from deeplab.deploy import bench
 
     by_precision = {p: [k for k, s in bench.PATH_SPECS.items() if s.precision == p] for p in bench.PRECISIONS}
     assert {"eager_bf16", "openvino_bf16"} <= set(by_precision["bf16"])
     assert {"onnxruntime_int8", "openvino_int8"} <= set(by_precision["int8"])
     assert set(bench.PATHS) == set(bench.PATH_SPECS)
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--paths", "eager", "--precision", "int8"])
+        bench_cli.main(["--paths", "eager", "--precision", "int8"])
     assert exit_info.value.code == 2 and "no path of --paths runs at --precision int8" in capsys.readouterr().err
     # a row is divided by the limit of its own precision
     limits = {"fp32": {"peak": 100.0}, "bf16": {"peak": 200.0}, "int8": {"peak": None}}
