@@ -172,8 +172,9 @@ def _report_precision(path: Path) -> int:
         print(f"true mIoU on the held-out masks: {parity['true_miou']:.2f} vs fp32 {parity['true_miou_fp32']:.2f}")
     bound = PARITY_BOUNDS[precision]
     if not parity_within_bound(parity, precision):
-        fix = ("calibrate on more images like the deployment's (--calib-images, --dataset with masks), or fine-tune with "
-               "quantization-aware training (deeplab train ... --qat) and export that, or deploy fp32/bf16"
+        fix = ("calibrate on more images like the deployment's (--calib-images, --dataset with masks for the true delta), "
+               "let more layers stay float (--int8-float-fraction, up to 1), or deploy fp32/bf16 "
+               "(quantization-aware fine-tuning is not implemented yet)"
                if precision == "int8" else "deploy fp32 (bf16 rounds this model's near-tied logits)")
         print(f"deeplab export: {path} loses more than {bound:g} mIoU at {precision} "
               f"({parity_text(parity, precision)}); precision auto will not run it. Fix: {fix}", file=sys.stderr)
