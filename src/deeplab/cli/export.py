@@ -141,8 +141,11 @@ def _calibration(args: argparse.Namespace, meta: Dict[str, Any], output_stride: 
         return None
     calib = calibration_set(folder=args.calib_data, dataset=args.dataset, data_root=args.data_root, split=args.split,
                             count=args.calib_images, normalization=meta["normalization"], output_stride=output_stride)
-    fewer = (f" (the source has {len(calib.arrays)} of the {args.calib_images} asked for: fewer than 32 calibration "
-             "images make the int8 ranges and the parity noisier)" if len(calib.arrays) < args.calib_images else "")
+    fewer = ""
+    if len(calib.arrays) < args.calib_images:
+        fewer = f" (the source has {len(calib.arrays)} of the {args.calib_images} asked for" + (
+            ": fewer than 32 calibration images make the int8 ranges and the parity noisier)"
+            if args.precision == "int8" else ")")
     print(f"calibration: {len(calib.calibration)} image(s) from {calib.source}, {calib.held_out} held out for parity"
           f"{fewer}", flush=True)
     return calib

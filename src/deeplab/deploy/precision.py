@@ -115,7 +115,7 @@ def gain_on_this_cpu(precision: str, flags: Optional[Mapping[str, bool]] = None)
         return accelerated, (f"{precision} accelerated by {why}" if accelerated else f"this CPU does not accelerate {precision} ({why})")
     if gain < MIN_GAIN:
         return False, (f"{precision} gains only {gain:.2f}x over fp32 on a CPU like this one "
-                       f"({why if accelerated else why}; measured: {where}), under the {MIN_GAIN:.2f}x that pays for its error")
+                       f"({why}; measured: {where}), under the {MIN_GAIN:.2f}x that pays for its error")
     return True, f"{precision} accelerated by {why} ({gain:.2f}x fp32 measured: {where})"
 
 
