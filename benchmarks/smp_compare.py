@@ -65,8 +65,8 @@ def import_smp(target: Path) -> Any:
     if target.is_dir():
         sys.path.insert(0, str(target))
     with guarded_register_fake():
-        import torchvision  # noqa: F401  (imported under the guard)
         import segmentation_models_pytorch as smp
+        import torchvision  # noqa: F401  (imported under the guard)
     return smp
 
 
