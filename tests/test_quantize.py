@@ -259,8 +259,8 @@ def test_quantize_rejects_unknown_method(tmp_path: Path, fp32_file: Path) -> Non
 def test_histogram_methods_accept_images_of_different_sizes(tmp_path: Path, fp32_file: Path, method: str) -> None:
     g = torch.Generator().manual_seed(0)
     arrays = [torch.randn(1, 3, 33, 49, generator=g).numpy(), torch.randn(1, 3, 49, 33, generator=g).numpy()]
-    quantize_onnx(fp32_file, tmp_path / f"{method}.onnx", arrays, method=method)
-    runner = OnnxRuntimeModel(tmp_path / f"{method}.onnx", metadata={"precision": "int8"})
+    info = quantize_onnx(fp32_file, tmp_path / f"{method}.onnx", arrays, method=method)
+    runner = OnnxRuntimeModel(tmp_path / f"{method}.onnx", metadata={"precision": "int8", "quantization": info})
     assert runner(torch.from_numpy(arrays[0])).shape == (1, 3, 33, 49)
 
 

@@ -799,10 +799,10 @@ class _CachedReference:
         return self.cache[key]
 
 
-def _latency(path: Path, x: np.ndarray, runs: int = 3) -> float:
+def _latency(path: Path, info: Mapping[str, Any], x: np.ndarray, runs: int = 3) -> float:
     import time
 
-    runner = OnnxRuntimeModel(path, metadata={"precision": "int8"})
+    runner = OnnxRuntimeModel(path, metadata={"precision": "int8", "quantization": dict(info)})
     t = torch.from_numpy(x)
     runner(t)
     times = []
@@ -893,7 +893,7 @@ def quantize_to_bound(
         if ranking:
             info["sensitivity"] = [{"node": name, "score": round(score, 6)} for name, score in ranking[:10]]
         if extra:
-            base, mixed = _latency(first[0], arrays[0]), _latency(path, arrays[0])
+            base, mixed = _latency(first[0], first[1], arrays[0]), _latency(path, info, arrays[0])
             info["float_cost"] = {"all_int8_s": base, "mixed_s": mixed, "slowdown": mixed / base if base else None}
         Path(dst).write_bytes(path.read_bytes())
     return info, parity
