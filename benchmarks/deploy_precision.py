@@ -91,7 +91,9 @@ def main() -> None:
             parity = meta_file.get("parity") or {}
             rows.append({"path": label, "precision": precision, "miou": miou(runner, dataset, model.num_classes),
                          "miou_held_out": miou(runner, held_set, model.num_classes),
-                         "pixel_agreement": parity.get("pixel_agreement"), "max_logit_diff": parity.get("max_logit_diff")})
+                         "pixel_agreement": parity.get("pixel_agreement"), "max_logit_diff": parity.get("max_logit_diff"),
+                         "pseudo_miou_delta": parity.get("miou_delta"), "true_miou_delta": parity.get("true_miou_delta"),
+                         "sensitive_float": len((meta_file.get("quantization") or {}).get("sensitive_float") or [])})
             runners[label] = runner
         times: Dict[str, List[float]] = {label: [] for label in runners}
         with torch.inference_mode():
@@ -106,15 +108,18 @@ def main() -> None:
     base_miou = rows[0]["miou"]
     print(f"\nlatency: min of {args.repeat} interleaved runs, 1x3x{args.size}x{args.size}; "
           "ratio = onnxruntime fp32 time / path time; parity on the held-out image(s)\n")
-    print("| path | min (s) | speed vs ORT fp32 | mIoU (all) | Δ mIoU | mIoU (held-out) | pixel agreement | max logit diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| path | min (s) | speed vs ORT fp32 | mIoU (all) | Δ mIoU | mIoU (held-out) | stored pseudo-label Δ | "
+          "stored true Δ | float layers | pixel agreement |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         row["min_s"] = min(times[row["path"]])
         row["speedup_vs_ort_fp32"] = base_time / row["min_s"]
         agree = f"{100 * row['pixel_agreement']:.1f}%" if row["pixel_agreement"] is not None else "-"
-        diff = f"{row['max_logit_diff']:.2f}" if row["max_logit_diff"] is not None else "-"
+        pseudo = f"{row['pseudo_miou_delta']:.2f}" if row["pseudo_miou_delta"] is not None else "-"
+        true = f"{row['true_miou_delta']:+.2f}" if row["true_miou_delta"] is not None else "-"
         print(f"| {row['path']} | {row['min_s']:.3f} | {row['speedup_vs_ort_fp32']:.2f}x | {row['miou']:.2f} | "
-              f"{row['miou'] - base_miou:+.2f} | {row['miou_held_out']:.2f} | {agree} | {diff} |")
+              f"{row['miou'] - base_miou:+.2f} | {row['miou_held_out']:.2f} | {pseudo} | {true} | "
+              f"{row['sensitive_float'] or '-'} | {agree} |")
     Path(args.json).write_text(json.dumps({"checkpoint": args.checkpoint, "data_root": args.data_root, "images": n,
                                            "held_out": calib.names[n - calib.held_out:], "size": args.size,
                                            "rows": rows}, indent=2))

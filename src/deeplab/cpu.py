@@ -12,6 +12,14 @@ Which instruction sets make a precision faster than fp32 on the CPU:
 * **int8**: AMX-INT8, AVX-512 VNNI or AVX-VNNI (``vpdpbusd``: one u8 x s8 -> s32 multiply-add
   per lane, ~2-4x fp32). Without VNNI, int8 convs are emulated with ``vpmaddubsw`` pairs and
   gain little or nothing over fp32 (and risk saturation).
+
+**int8 saturation** (:func:`int8_scheme`): without VNNI the u8 x s8 product is formed by
+``vpmaddubsw``, which adds two u8*s8 products into a *saturating* int16: 2 x 255 x 127 = 64770 >
+32767, so large activations times large weights clip. ONNX Runtime's quantizer documents
+``reduce_range`` (7-bit weights, |w| <= 63: 2 x 255 x 63 = 32130 fits) for exactly this. int8
+files built on a CPU without VNNI use it (scheme ``"u8s7"``); files built with full 8-bit
+weights (``"u8s8"``, on VNNI/AMX CPUs) are refused on a CPU without VNNI
+(:func:`int8_scheme_runs_here`).
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ __all__ = [
     "PRECISION_ISA",
     "accelerated_precisions",
     "cpu_flags",
+    "INT8_SCHEMES",
+    "int8_scheme",
+    "int8_scheme_runs_here",
     "machine_isa",
     "parse_cpuinfo",
     "precision_support",
@@ -124,3 +135,38 @@ def accelerated_precisions(flags: Optional[Mapping[str, bool]] = None) -> Dict[s
         if ok:
             out[precision] = why
     return out
+
+
+# int8 weight/activation schemes of an exported file -> what they are (see the module docstring)
+INT8_SCHEMES: Dict[str, str] = {
+    "u8s8": "uint8 activations x int8 weights (8-bit, VNNI/AMX: exact int32 accumulation)",
+    "u8s7": "uint8 activations x int8 weights reduced to 7 bits (|w| <= 63: no int16 saturation without VNNI)",
+}
+
+
+def int8_scheme(flags: Optional[Mapping[str, bool]] = None) -> Tuple[str, str]:
+    """The int8 scheme to quantize for on this CPU (or ``flags``), and why.
+
+    Returns:
+        ``("u8s8", why)`` where int8 multiplies natively (AMX-INT8 / AVX-512 VNNI / AVX-VNNI),
+        else ``("u8s7", why)``: 7-bit weights, saturation-safe on ``vpmaddubsw``.
+    """
+    ok, why = precision_support("int8", flags)
+    if ok:
+        return "u8s8", f"{why}: u8 x s8 products accumulate in int32 without saturation"
+    return "u8s7", f"{why}: u8 x s8 pairs add into a saturating int16, so weights are reduced to 7 bits"
+
+
+def int8_scheme_runs_here(scheme: str, flags: Optional[Mapping[str, bool]] = None) -> Tuple[bool, str]:
+    """Whether an int8 file of ``scheme`` runs without saturation on this CPU (or ``flags``), and why.
+
+    ``"u8s7"`` runs everywhere; ``"u8s8"`` needs VNNI/AMX. An unknown scheme (a file from before
+    schemes were recorded was built as ``"u8s8"``) is treated as ``"u8s8"``.
+    """
+    if scheme == "u8s7":
+        return True, "7-bit weights cannot saturate"
+    ok, why = precision_support("int8", flags)
+    if ok:
+        return True, why
+    return False, (f"its 8-bit weights saturate without VNNI ({why}); export it again on this machine "
+                   "(or anywhere with --int8-scheme u8s7)")

@@ -11,9 +11,9 @@ Inference itself is :func:`deeplab.eval.inference.predict_probs` (whole image pa
 with one :class:`deeplab.config.InferenceConfig`; the pictures come from :mod:`deeplab.viz`.
 
 Precision (``InferenceConfig.precision``, default ``"auto"``; :func:`choose_precision`): ``auto``
-takes the fastest precision that this CPU accelerates (int8 with AMX-INT8 / AVX-512 VNNI /
-AVX-VNNI, bf16 with AMX-BF16 / AVX-512 BF16, see :mod:`deeplab.cpu`) and that the file was
-exported at with a stored parity within :data:`PARITY_BOUNDS`; otherwise fp32. A checkpoint
+takes the precision the file was exported at where this CPU accelerates it enough to matter and
+its stored mIoU parity is within :data:`PARITY_BOUNDS` (the policy: :mod:`deeplab.deploy.precision`);
+otherwise fp32 (an int8 file it would not pick is refused with the reason). A checkpoint
 carries no measured parity, so ``auto`` runs it in fp32 (``precision="bf16"`` asks for bf16
 autocast). The choice and its reason are logged and kept as :attr:`Segmenter.precision` /
 :attr:`Segmenter.precision_reason`.
@@ -37,11 +37,12 @@ from deeplab.config import InferenceConfig, IntPair
 from deeplab.data.base import load_image_array
 from deeplab.data.palettes import RGB, colorize, default_palette
 from deeplab.data.transforms import normalize_image
-from deeplab.deploy.open import BACKENDS, PARITY_BOUNDS, ModelCard, choose_precision, open_model
+from deeplab.deploy.open import BACKENDS, ModelCard, open_model
+from deeplab.deploy.precision import PARITY_BOUNDS, choose_precision
 from deeplab.eval.inference import predict_probs
 from deeplab.viz import ImageInput, index_png, overlay_mask, to_rgb_array
 
-__all__ = ["BACKENDS", "PARITY_BOUNDS", "Segmenter", "choose_precision"]
+__all__ = ["BACKENDS", "PARITY_BOUNDS", "Segmenter", "choose_precision"]  # the policy: deeplab.deploy.precision
 
 PathLike = Union[str, "os.PathLike[str]"]
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from typing import Any, Dict
 
 import pytest
 
-from deeplab.cli import bench
+from deeplab.cli import bench as bench_cli
+from deeplab.deploy import bench
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +39,7 @@ avx512_fp16 amx_bf16 amx_tile amx_int8
 
 def test_bench_smoke_small_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
-    code = bench.main([
+    code = bench_cli.main([
         "--backbones", "mobilenet_v2", "--size", "65", "--repeat", "2", "--warmup", "1",
         "--paths", "eager", "eager_opt", "onnxruntime", "openvino", "--gemm-size", "256",
         "--json", str(out),
@@ -106,6 +107,37 @@ def test_int8_limit_is_an_int_mm() -> None:
     assert a.dtype == torch.int8
     out = spec.mm(a, b)
     assert out.dtype == torch.int32 and torch.equal(out, a.int() @ b.int())
+
+
+def test_no_path_is_ever_above_its_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A limit a path exceeds is not a limit: with a GEMM made slow on purpose every path beats it,
+    # and the report says "underestimated" instead of a figure above 100 %.
+    slow = {"fp32": {"a GEMM 1000x too slow": lambda n, repeat: 1e-3 * bench.gemm_throughput("fp32", n, 1)}}
+    report = bench.run_bench(backbones=["mobilenet_v2"], size=65, paths=["eager", "onnxruntime"], warmup=1, repeat=2,
+                             gemm_size=64, gemms=slow, log=lambda s: None)
+    limit = report["limits"]["fp32"]
+    assert limit["op"] == "a GEMM 1000x too slow" and limit["underestimated"] and limit["underestimated_by"] > 1
+    timed = [r for r in report["results"] if "gflops" in r]
+    assert timed
+    for r in timed:
+        assert r["fraction_of_limit"] is None and r["limit_underestimated"] > 1
+    json.dumps(report)
+    table = bench.markdown_table(report)
+    assert "limit underestimated" in table and "underestimated: a path ran at" in table
+    assert not any(cell.strip().endswith("%") and float(cell.strip().split("%")[0]) > 100
+                   for line in table.splitlines() for cell in line.split("|")[-2:-1] if "/" in cell)
+
+
+def test_the_limit_is_the_best_gemm_and_names_it() -> None:
+    gemms = {"fp32": {"slow": lambda n, repeat: 10.0, "fast": lambda n, repeat: 30.0,
+                      "broken": lambda n, repeat: (_ for _ in ()).throw(RuntimeError("not installed"))}}
+    limits = bench.Limits(threads=1, gemm_size=64, precisions=("fp32",), gemms=gemms)
+    limits.sample()
+    entry = limits.as_dict()["fp32"]
+    assert entry["peak"] == 30.0 and entry["op"] == "fast" and entry["gemms"] == {"slow": 10.0, "fast": 30.0}
+    assert "not installed" in entry["gemm_errors"]["broken"]
+    # the default candidates: MKL, oneDNN, ONNX Runtime, OpenVINO and numpy for fp32
+    assert len(bench.LIMIT_GEMMS["fp32"]) == 5 and any("oneDNN" in k for k in bench.LIMIT_GEMMS["fp32"])
 
 
 def test_limits_say_why_for_unsupported_or_emulated(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,18 +12,22 @@ import torch
 from PIL import Image
 
 import deeplab
+from deeplab import cpu
 from deeplab.deploy.export import export_onnx
+from deeplab.deploy.format import ExportError
 from deeplab.deploy.quantize import (
     CalibrationError,
+    CalibrationSet,
     calibration_set,
     float_node_names,
-    measure_parity,
     pad_to_common,
     prepare_image,
     quantize,
     quantize_onnx,
+    quantize_to_bound,
+    within_bound,
 )
-from deeplab.deploy.runtime import OnnxRuntimeModel, load_exported
+from deeplab.deploy.runtime import OnnxRuntimeModel, load_exported, measure_parity
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -51,6 +55,86 @@ def write_images(folder: Path, n: int = 4, size: tuple = (40, 56)) -> List[Path]
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return deeplab.build_model(arch="deeplabv3plus", backbone="mobilenet_v2", num_classes=3).eval()
+
+
+AMX_FLAGS = dict.fromkeys(cpu.CPU_FLAGS, True)
+AVX2_FLAGS = dict.fromkeys(cpu.CPU_FLAGS, False) | {"avx2": True}
+
+
+def colour_blocks(folder: Path, n: int = 5, size: tuple = (48, 64)) -> None:
+    """``n`` images of flat red / green / blue regions (a stripe and a disc): every pixel's class is
+    its colour, with no ambiguous pixels for int8 rounding to flip."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    colours = np.array([[230, 30, 40], [20, 220, 50], [40, 30, 210]], np.uint8)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        ids = np.zeros((h, w), np.int64)
+        ids[:, rng.integers(10, w - 10):] = 1
+        cy, cx = rng.integers(8, h - 8), rng.integers(8, w - 8)
+        ids[((yy - cy) ** 2 + (xx - cx) ** 2) < 36] = 2
+        Image.fromarray(colours[(ids + i) % 3]).save(folder / f"img_{i}.png")
+
+
+class ColourNet(torch.nn.Module):
+    """A per-pixel colour classifier built by hand (no training): near-identity convs with small
+    random weights, logits ``4 * (relu(x_c) - relu(-x_c))`` apart by several units on every pixel
+    of :func:`colour_blocks` - so a faithful int8 file agrees with it exactly, on any CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Conv2d(16, 3, 1)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for conv in [*self.body[::2], self.classifier]:
+                conv.weight.normal_(0, 0.02, generator=g)
+                conv.bias.zero_()
+            for c in range(3):
+                self.body[0].weight[c, c, 1, 1] += 1.0
+                self.body[0].weight[c + 3, c, 1, 1] -= 1.0
+                self.classifier.weight[c, c] += 4.0
+                self.classifier.weight[c, c + 3] -= 4.0
+            for conv in self.body[2::2]:
+                k = conv.weight.shape[-1] // 2
+                conv.weight[range(16), range(16), k, k] += 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x))
+
+
+def with_outlier(net: ColourNet, factor: float = 1000.0) -> ColourNet:
+    """The same function, made int8-hostile on purpose: channel 0 of ``body.4``'s output x1000 and
+    ``body.6``'s weights on it /1000. In float nothing changes; per-tensor uint8 activations of that
+    tensor round its 15 other channels to 0."""
+    import copy
+
+    bad = copy.deepcopy(net)
+    with torch.no_grad():
+        bad.body[4].weight[0] *= factor
+        bad.body[4].bias[0] *= factor
+        bad.body[6].weight[:, 0] /= factor
+    return bad
+
+
+def export_plain_onnx(model: torch.nn.Module, path: Path, example: np.ndarray) -> Path:
+    from deeplab.deploy.format import quiet_tracing
+
+    with quiet_tracing():
+        torch.onnx.export(model, (torch.from_numpy(example),), str(path), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}, "logits": {0: "b", 2: "h", 3: "w"}},
+                          dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def colour_calib(tmp_path_factory: pytest.TempPathFactory) -> CalibrationSet:
+    folder = tmp_path_factory.mktemp("colour") / "imgs"
+    colour_blocks(folder)
+    return calibration_set(folder=folder, normalization=NORM, max_side=64)
 
 
 # --------------------------------------------------------------------------- calibration data
@@ -175,8 +259,8 @@ def test_quantize_rejects_unknown_method(tmp_path: Path, fp32_file: Path) -> Non
 def test_histogram_methods_accept_images_of_different_sizes(tmp_path: Path, fp32_file: Path, method: str) -> None:
     g = torch.Generator().manual_seed(0)
     arrays = [torch.randn(1, 3, 33, 49, generator=g).numpy(), torch.randn(1, 3, 49, 33, generator=g).numpy()]
-    quantize_onnx(fp32_file, tmp_path / f"{method}.onnx", arrays, method=method)
-    runner = OnnxRuntimeModel(tmp_path / f"{method}.onnx", metadata={"precision": "int8"})
+    info = quantize_onnx(fp32_file, tmp_path / f"{method}.onnx", arrays, method=method)
+    runner = OnnxRuntimeModel(tmp_path / f"{method}.onnx", metadata={"precision": "int8", "quantization": info})
     assert runner(torch.from_numpy(arrays[0])).shape == (1, 3, 33, 49)
 
 
@@ -185,8 +269,121 @@ def test_measure_parity_of_identical_and_of_different_models() -> None:
     x = [torch.randn(1, 3, 33, 33, generator=torch.Generator().manual_seed(0)).numpy()]
     same = measure_parity(model, model, x)
     assert same["pixel_agreement"] == 1.0 and same["max_logit_diff"] == 0.0 and same["images"] == 1
+    assert same["pseudo_miou"] == 100.0 and same["miou_delta"] == 0.0 and "true_miou" not in same
     other = measure_parity(model, lambda t: -model(t), x)
-    assert other["pixel_agreement"] < 0.9 and other["max_logit_diff"] > 0
+    assert other["pixel_agreement"] < 0.9 and other["max_logit_diff"] > 0 and other["miou_delta"] > 10
+
+
+def _logits(ids: np.ndarray, classes: int = 3) -> torch.Tensor:
+    return torch.nn.functional.one_hot(torch.from_numpy(ids), classes).permute(2, 0, 1)[None].float()
+
+
+def test_measure_parity_pseudo_and_true_miou_by_hand() -> None:
+    ref_ids = np.zeros((10, 10), np.int64)
+    ref_ids[:, 5:] = 1
+    ref_ids[0, 0] = 2                      # one stray pixel of class 2: 1% of the pixels
+    out_ids = ref_ids.copy()
+    out_ids[0, 5:] = 0                     # 5 pixels of class 1 become 0
+    out_ids[0, 0] = 0
+    x = np.zeros((1, 3, 12, 12), np.float32)  # padded: only the top-left 10x10 counts
+    pad = lambda ids: np.pad(ids, ((0, 2), (0, 2)))  # noqa: E731
+    ref = lambda t: _logits(pad(ref_ids))  # noqa: E731
+    cand = lambda t: _logits(pad(out_ids))  # noqa: E731
+    mask = ref_ids.copy()
+    mask[0, 0] = 255                       # the ground truth ignores the stray pixel
+    parity = measure_parity(ref, cand, [x], sizes=[(10, 10)], masks=[mask], min_class_fraction=0.02)
+    # class 2 (1 pixel < 2%) is ignored; class 0: 49 | 49 + 5 -> 49/54; class 1: 45/50
+    assert parity["ignored_classes"] == [2]
+    assert parity["pseudo_miou"] == pytest.approx(100 * (49 / 54 + 45 / 50) / 2)
+    assert parity["miou_delta"] == pytest.approx(100 - parity["pseudo_miou"])
+    assert parity["pixel_agreement"] == pytest.approx(94 / 100)
+    assert parity["true_miou_fp32"] == pytest.approx(100.0) and parity["masks"] == 1
+    assert parity["true_miou_delta"] == pytest.approx(100 - parity["pseudo_miou"])
+
+
+# --------------------------------------------------------------------------- int8 scheme by ISA
+
+
+def test_int8_scheme_decision_by_isa() -> None:
+    assert cpu.int8_scheme(AMX_FLAGS)[0] == "u8s8"
+    assert cpu.int8_scheme(dict(AVX2_FLAGS, avx_vnni=True))[0] == "u8s8"
+    scheme, why = cpu.int8_scheme(AVX2_FLAGS)
+    assert scheme == "u8s7" and "saturat" in why
+    assert cpu.int8_scheme_runs_here("u8s7", AVX2_FLAGS)[0]
+    runs, why = cpu.int8_scheme_runs_here("u8s8", AVX2_FLAGS)
+    assert not runs and "saturate" in why and "u8s7" in why
+    assert cpu.int8_scheme_runs_here("u8s8", AMX_FLAGS)[0]
+
+
+def _int8_weights(path: Path) -> List[np.ndarray]:
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    return [numpy_helper.to_array(i) for i in proto.graph.initializer
+            if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("weight_quantized")]
+
+
+def test_quantizer_uses_the_saturation_safe_scheme_on_a_cpu_without_vnni(
+        tmp_path: Path, colour_calib: CalibrationSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = export_plain_onnx(ColourNet().eval(), tmp_path / "fp32.onnx", colour_calib.arrays[0])
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: dict(AVX2_FLAGS))
+    info = quantize_onnx(src, tmp_path / "u8s7.onnx", colour_calib.calibration, method="minmax")
+    assert info["scheme"] == "u8s7" and "7-bit" in info["weights"]
+    weights = _int8_weights(tmp_path / "u8s7.onnx")
+    # reduce_range: 7-bit weights, so 2 x 255 x |w| fits vpmaddubsw's int16 (|w| <= 64)
+    assert weights and max(int(np.abs(w).max()) for w in weights) <= 64
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: dict(AMX_FLAGS))
+    info = quantize_onnx(src, tmp_path / "u8s8.onnx", colour_calib.calibration, method="minmax")
+    assert info["scheme"] == "u8s8"
+    assert max(int(np.abs(w).max()) for w in _int8_weights(tmp_path / "u8s8.onnx")) == 127  # per-channel full range
+    # the 8-bit file is refused where it would saturate; the 7-bit one runs
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: dict(AVX2_FLAGS))
+    with pytest.raises(ExportError, match="saturate"):
+        OnnxRuntimeModel(tmp_path / "u8s8.onnx", metadata={"precision": "int8", "quantization": {"scheme": "u8s8"}})
+    runner = OnnxRuntimeModel(tmp_path / "u8s7.onnx", metadata={"precision": "int8", "quantization": {"scheme": "u8s7"}})
+    x = torch.from_numpy(colour_calib.parity[0])
+    assert measure_parity(ColourNet().eval(), runner, [x])["miou_delta"] <= 1.0
+
+
+# --------------------------------------------------------------------------- accuracy-aware int8
+
+
+def test_int8_of_a_decisive_model_meets_the_accuracy_contract(tmp_path: Path, colour_calib: CalibrationSet) -> None:
+    net = ColourNet().eval()
+    src = export_plain_onnx(net, tmp_path / "fp32.onnx", colour_calib.arrays[0])
+    info, parity = quantize_to_bound(src, tmp_path / "int8.onnx", colour_calib, net, bound=1.0, method="minmax")
+    assert within_bound(parity, 1.0) and parity["miou_delta"] <= 1.0 and info["sensitive_float"] == []
+    # the stored figure is what the file does, measured again
+    runner = OnnxRuntimeModel(tmp_path / "int8.onnx", metadata={"precision": "int8", "quantization": info})
+    again = measure_parity(net, runner, colour_calib.parity, sizes=colour_calib.parity_sizes)
+    assert again["miou_delta"] == pytest.approx(parity["miou_delta"])
+
+
+def test_int8_made_lossy_on_purpose_is_out_of_bound(tmp_path: Path, colour_calib: CalibrationSet) -> None:
+    bad = with_outlier(ColourNet()).eval()
+    x = torch.from_numpy(colour_calib.parity[0])
+    with torch.no_grad():  # the same function in float ...
+        assert (bad(x) - ColourNet().eval()(x)).abs().max().item() < 1e-3
+    src = export_plain_onnx(bad, tmp_path / "fp32.onnx", colour_calib.arrays[0])
+    # ... but int8 of every layer (no search) loses it
+    info, parity = quantize_to_bound(src, tmp_path / "int8.onnx", colour_calib, bad, bound=1.0, method="minmax",
+                                     max_float_fraction=0.0)
+    assert not within_bound(parity, 1.0) and parity["miou_delta"] > 10 and len(info["attempts"]) == 1
+
+
+def test_mixed_precision_keeps_the_sensitive_layer_float(tmp_path: Path, colour_calib: CalibrationSet) -> None:
+    bad = with_outlier(ColourNet()).eval()
+    src = export_plain_onnx(bad, tmp_path / "fp32.onnx", colour_calib.arrays[0])
+    lines: List[str] = []
+    info, parity = quantize_to_bound(src, tmp_path / "int8.onnx", colour_calib, bad, bound=1.0, method="minmax",
+                                     report=lines.append)
+    assert within_bound(parity, 1.0)
+    # the conv reading the outlier tensor ranks first, and it stays float with its producer
+    assert info["sensitivity"][0]["node"] == "/body/body.6/Conv"
+    assert set(info["sensitive_float"]) == {"/body/body.6/Conv", "/body/body.4/Conv"}
+    assert "/body/body.6/Conv" in info["float_nodes"] and "/body/body.0/Conv" not in info["float_nodes"]
+    assert info["attempts"][0]["miou_delta"] > 10 and info["float_cost"]["slowdown"] > 0
+    assert len(lines) == len(info["attempts"]) and "sensitive layer(s) float" in lines[-1]
 
 
 def test_int8_loads_in_onnxruntime_and_openvino(tmp_path: Path, fp32_file: Path) -> None:

@@ -9,11 +9,15 @@ Modules, in the direction imports flow:
 * :mod:`~deeplab.deploy.export` - :func:`export_onnx`, :func:`export_torchscript`,
   :func:`export_model` with embedded metadata, at fp32 / bf16 / int8 (parity stored).
 * :mod:`~deeplab.deploy.quantize` - calibration images, int8 QDQ by ONNX Runtime or NNCF,
-  :func:`~deeplab.deploy.quantize.measure_parity` (pixel agreement, max logit diff).
+  the saturation-safe scheme by ISA, accuracy-aware int8 with sensitive layers kept float
+  (:func:`~deeplab.deploy.quantize.quantize_to_bound`).
 * :mod:`~deeplab.deploy.runtime` - ONNX Runtime / OpenVINO / TorchScript backends behind the
-  ``model(x) -> logits`` contract (:func:`load_exported`, with the precision it runs at) and
-  :func:`check_parity`. It reads files through ``format`` only and imports neither ``export``
-  nor ``optimize``.
+  ``model(x) -> logits`` contract (:func:`load_exported`, with the precision it runs at) and the
+  one parity measure, :func:`~deeplab.deploy.runtime.measure_parity` (pseudo-label and true mIoU
+  delta; :func:`check_parity` is its max logit difference). It reads files through ``format``
+  only and imports neither ``export`` nor ``optimize``.
+* :mod:`~deeplab.deploy.precision` - the policy: bounds, the gate, what ``precision="auto"`` runs.
+* :mod:`~deeplab.deploy.bench` - ``deeplab bench``'s measurements: paths, machine limits.
 """
 
 from deeplab.deploy.export import export_model, export_onnx, export_torchscript

@@ -21,9 +21,11 @@ Precision (:data:`EXPORT_PRECISIONS`, ``export_model(precision=...)``):
   (:mod:`deeplab.deploy.quantize`).
 
 For bf16 and int8 the parity against the fp32 PyTorch model on the held-out calibration
-images (mean pixel agreement, max logit diff) is measured after writing and stored in the
-metadata (``"parity"``), with the calibration set and method; ``Segmenter``'s
-``precision="auto"`` reads it.
+images (pseudo-label mIoU delta, true mIoU delta where the images have masks, pixel agreement,
+max logit diff: :func:`deeplab.deploy.runtime.measure_parity`) is measured and stored in the
+metadata (``"parity"``), with the calibration set and method; int8 keeps its most sensitive
+layers float until the delta is within bound (:func:`deeplab.deploy.quantize.quantize_to_bound`).
+The policy (:mod:`deeplab.deploy.precision`) reads it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -258,6 +260,9 @@ def export_model(
     precision: str = "fp32",
     calibration: Optional["CalibrationSet"] = None,
     calib_method: Optional[str] = None,
+    int8_scheme: Optional[str] = None,
+    int8_float_fraction: float = 0.5,
+    report: Optional[Callable[[str], None]] = None,
 ) -> Path:
     """:func:`export_onnx` or :func:`export_torchscript` by ``format`` (``"onnx"``/``"torchscript"``),
     at ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``; see the module docstring).
@@ -267,6 +272,10 @@ def export_model(
             on them; bf16 and int8 measure parity on the held-out ones. Required for int8.
         calib_method: int8 only, a key of :data:`deeplab.deploy.quantize.CALIBRATION_METHODS`
             (default :func:`deeplab.deploy.quantize.default_calibration_method`).
+        int8_scheme: int8 only, ``"u8s8"`` or ``"u8s7"`` (default :func:`deeplab.cpu.int8_scheme`).
+        int8_float_fraction: int8 only, the largest share of the convs kept float to reach the
+            accuracy bound (0: quantize all but the ``KEEP_FLOAT`` groups, no search).
+        report: int8 only, called with a line per quantization attempt (progress).
 
     Returns:
         ``path``; :func:`~deeplab.deploy.format.read_metadata` gives ``precision``,
@@ -293,15 +302,22 @@ def export_model(
             raise ExportError("int8 export writes ONNX (QDQ) files only; pass --format onnx")
         if calibration is None or not calibration.calibration:
             raise ExportError("int8 export needs calibration images: pass --calib-data DIR or --dataset NAME --data-root ROOT")
+        from deeplab.deploy.precision import PARITY_BOUNDS
+
         method = calib_method or quantize.default_calibration_method()
         path = Path(path)
         with tempfile.TemporaryDirectory(prefix="deeplab-int8-") as tmp:
             float_path = export_onnx(model, Path(tmp) / "fp32.onnx", metadata=meta, example_input=example_input,
                                      fold_bn=fold_bn, opset=opset)
             with _atomic_target(path) as target:
-                meta["quantization"] = quantize.quantize(float_path, target, calibration.calibration, method=method)
+                # accuracy-aware: the most sensitive layers stay float until the mIoU bound holds
+                meta["quantization"], parity = quantize.quantize_to_bound(
+                    float_path, target, calibration, _prepare(model, fold_bn), bound=PARITY_BOUNDS["int8"],
+                    method=method, scheme=int8_scheme, max_float_fraction=int8_float_fraction, report=report)
         meta["calibration"] = calibration.describe()
-        backend = "onnxruntime"
+        _, which = _parity_inputs(model, calibration)
+        parity.update(backend="onnxruntime", precision=precision, inputs=which, reference="fp32 PyTorch")
+        meta["parity"] = parity
     else:  # bf16: the float graph, run at bf16 by the runtime
         if format == "onnx":
             path = export_onnx(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn, opset=opset)
@@ -310,7 +326,7 @@ def export_model(
         if calibration is not None:
             meta["calibration"] = calibration.describe()
         backend = "openvino" if format == "onnx" else "torchscript"
-    meta["parity"] = _measure_parity(model, path, meta, calibration, backend, precision, fold_bn)
+        meta["parity"] = _measure_parity(model, path, meta, calibration, backend, precision, fold_bn)
     if format == "onnx":
         write_onnx_metadata(path, meta)
     else:
@@ -331,13 +347,14 @@ def _parity_inputs(model: nn.Module, calibration: Optional["CalibrationSet"]) ->
 
 def _measure_parity(model: nn.Module, path: PathLike, meta: Dict[str, Any], calibration: Optional["CalibrationSet"],
                     backend: str, precision: str, fold_bn: bool) -> Dict[str, Any]:
-    from deeplab.deploy.quantize import measure_parity
-    from deeplab.deploy.runtime import load_exported
+    from deeplab.deploy.runtime import load_exported, measure_parity
 
     arrays, which = _parity_inputs(model, calibration)
     runner = load_exported(path, backend=backend, precision=precision, metadata=meta)
     reference = _prepare(model, fold_bn)
-    result = measure_parity(reference, runner, arrays)
+    real = calibration if calibration is not None and calibration.parity else None
+    result = measure_parity(reference, runner, arrays, sizes=real.parity_sizes if real else None,
+                            masks=real.parity_masks if real else None)
     result.update(backend=backend, precision=precision, inputs=which, reference="fp32 PyTorch")
     return result
 

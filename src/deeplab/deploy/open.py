@@ -22,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import nn
 
 from deeplab._utils import ConfigError, DeeplabError
 from deeplab.deploy.format import ExportError, sniff_format, validate_metadata
+from deeplab.deploy.precision import PARITY_BOUNDS, choose_precision
 from deeplab.deploy.runtime import (
     ExportedModel,
     OnnxRuntimeModel,
@@ -57,15 +58,6 @@ log = logging.getLogger(__name__)
 # checkpoint or a TorchScript file with PyTorch; "torchscript" is its old spelling in eval.
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 BACKEND_ALIASES = {"torchscript": "torch"}
-
-# The least mean pixel agreement with fp32 (on the export's held-out images) that ``auto``
-# accepts per precision. int8 is looser: on the demo model (MobileNetV2 after 100 steps on 4
-# photos, many near-tied logits) int8 agrees with fp32 on 91-94% of a held-out photo's pixels
-# (within 0.5 mIoU on it; benchmarks/deploy_precision.py), bf16 on 98.8%.
-PARITY_BOUNDS: Dict[str, float] = {"bf16": 0.98, "int8": 0.90}
-# fastest first, by measurement on AVX-512 BF16/VNNI and AMX CPUs (README, Speed)
-PRECISION_ORDER = ("int8", "bf16", "fp32")
-
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -125,53 +117,6 @@ def normalize_backend(backend: str) -> str:
 
 
 # --------------------------------------------------------------------------- precision policy
-
-
-def choose_precision(
-    metadata: Optional[Mapping[str, Any]],
-    backend: str,
-    *,
-    flags: Optional[Mapping[str, bool]] = None,
-) -> Tuple[str, str]:
-    """The precision ``"auto"`` runs a model at, and why (one sentence).
-
-    Args:
-        metadata: an exported file's metadata (``precision``, ``parity``); ``None`` for a checkpoint.
-        backend: ``"torch"``, ``"onnxruntime"``, ``"openvino"`` or ``"torchscript"``.
-        flags: ISA flags (default this CPU's, :func:`deeplab.cpu.cpu_flags`; tests pass their own).
-
-    Returns:
-        ``(precision, reason)``.
-    """
-    from deeplab.cpu import precision_support
-
-    if metadata is None:
-        return "fp32", "a checkpoint carries no measured bf16/int8 parity (export with --precision to measure one)"
-    stored = str(metadata.get("precision") or "fp32")
-    parity = metadata.get("parity") or {}
-    if stored == "fp32":
-        return "fp32", "the file was exported at fp32"
-    accelerated, why = precision_support(stored, flags)
-    agreement = parity.get("pixel_agreement")
-    bound = PARITY_BOUNDS[stored]
-    within = agreement is not None and agreement >= bound
-    parity_text = (f"stored parity {100 * agreement:.1f}% pixel agreement (bound {100 * bound:.0f}%)"
-                   if agreement is not None else "no stored parity")
-    if stored == "int8":
-        # an int8 file has no float weights to fall back to: say when it is not the fast choice
-        if not accelerated:
-            return "int8", f"the file holds int8 weights; this CPU does not accelerate int8 ({why}): expect fp32 to be faster"
-        if not within:
-            return "int8", f"the file holds int8 weights but its {parity_text} is out of bound: re-export or use fp32"
-        return "int8", f"int8 accelerated by {why}, {parity_text}"
-    # bf16: fp32 weights, bf16 at run time where it is fast, safe and the backend has it
-    if backend == "onnxruntime":
-        return "fp32", "ONNX Runtime's CPU provider has no bf16 path (use backend openvino)"
-    if not accelerated:
-        return "fp32", f"this CPU does not accelerate bf16 ({why})"
-    if not within:
-        return "fp32", f"bf16 {parity_text} is out of bound"
-    return "bf16", f"bf16 accelerated by {why}, {parity_text}"
 
 
 def checkpoint_precision(requested: Optional[str], device: Union[str, torch.device]) -> Tuple[str, str]:
