@@ -250,13 +250,18 @@ class Segmenter:
         the reference's eval crop (VOC 513x513, Cityscapes 1025x2049), one scale, output stride 16.
 
         Args:
-            name: a zoo name, e.g. ``"xception65_coco_voc_trainaug"``.
+            name: a zoo name, e.g. ``"xception65_coco_voc_trainaug"``, or a Hugging Face Hub id
+                (``hf://org/repo[@revision]``; see :mod:`deeplab.hub`).
             device, inference, **options: as :meth:`from_checkpoint`.
             mirror: base URL to download from instead of the official one.
             progress: show the download's progress bar.
         """
         from deeplab import zoo
 
+        if name not in zoo.ZOO and ("/" in name or name.startswith("hf://")):  # a Hugging Face Hub id
+            from deeplab.hub import checkpoint_for
+
+            return cls.from_checkpoint(checkpoint_for(name), device, inference=inference, **options)
         entry = zoo.get_entry(name)
         if entry.is_backbone:
             raise ValueError(f"{name} is an ImageNet backbone, not a segmentation model; build a model with "
