@@ -76,9 +76,9 @@ class FrameSlot:
         return frame
 
 
-def _png(image: Any) -> bytes:
+def _mask_png(segmenter: Segmenter, mask: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # fast: a mask compresses well anyway
+    segmenter.mask_image(mask).save(buffer, format="PNG", compress_level=1)  # fast: a mask compresses well anyway
     return buffer.getvalue()
 
 
@@ -151,7 +151,7 @@ async def _process(socket: WebSocket, slot: FrameSlot, worker: Any, segmenter: S
             await socket.send_text(json.dumps({"frame": number, "error": str(exc).splitlines()[0] if str(exc) else
                                                type(exc).__name__}))
             continue
-        png = await loop.run_in_executor(None, lambda m=mask: _png(segmenter.mask_image(m)))
+        png = await loop.run_in_executor(None, _mask_png, segmenter, mask)
         stats.frames += 1
         height, width = mask.shape
         header: Dict[str, Any] = {
