@@ -450,8 +450,8 @@ def model_card(config: Mapping[str, Any]) -> str:
     if figures:
         lines += ["| metric | value | split | setting | by |", "|---|---|---|---|---|"]
         for key, value in figures:
-            lines.append(f"| {key} | {value:.2f} | {evaluation.get('split', '?')} | {_setting_text(evaluation)} | "
-                         f"{evaluation.get('by', '?')} |")
+            lines.append(f"| {key} | {value:.2f} | {evaluation.get('split', 'not recorded')} | {_setting_text(evaluation)} | "
+                         f"{evaluation.get('by', 'not recorded')} |")
         if evaluation.get("note"):
             lines += ["", str(evaluation["note"])]
         if evaluation.get("step") is not None:
