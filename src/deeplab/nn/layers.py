@@ -116,7 +116,7 @@ def tf_same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1)
     shifts every output pixel by half an input pixel.
     """
     effective = dilation * (kernel_size - 1) + 1
-    out = -(-size // stride)
+    out = (size + stride - 1) // stride  # ceil, written as slicing x[::stride] sizes it (traced shapes then match)
     total = (out - 1) * stride + effective - size
     if effective < stride:  # only then can it be negative; no max() on a traced size otherwise
         total = max(total, 0)
