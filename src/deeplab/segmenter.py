@@ -190,13 +190,18 @@ class Segmenter:
         the reference's eval crop (VOC 513x513, Cityscapes 1025x2049), one scale, output stride 16.
 
         Args:
-            name: a zoo name, e.g. ``"xception65_coco_voc_trainaug"``.
+            name: a zoo name, e.g. ``"xception65_coco_voc_trainaug"``, or a Hugging Face Hub id
+                (``hf://org/repo[@revision]``; see :mod:`deeplab.hub`).
             device, inference, **options: as :meth:`from_checkpoint`.
             mirror: base URL to download from instead of the official one.
             progress: show the download's progress bar.
         """
         from deeplab import zoo
 
+        if name not in zoo.ZOO and ("/" in name or name.startswith("hf://")):  # a Hugging Face Hub id
+            source = name if name.startswith("hf://") else f"hf://{name}"
+            return cls.open(source, backend="torch", device=device, progress=progress,
+                            inference=inference_with(inference, **options))
         entry = zoo.get_entry(name)  # an unknown name: the zoo's error with the choices
         if inference is None and "pad_to" not in options:
             options["pad_to"] = entry.pad_to

@@ -30,7 +30,7 @@ from deeplab.eval.inference import predict_probs
 from deeplab.segmenter import Segmenter
 from deeplab.viz import overlay_mask
 
-__all__ = ["VIDEO_SUFFIXES", "VideoError", "VideoInfo", "VideoResult", "VideoWriter", "is_video", "probe", "read_frames",
+__all__ = ["STREAM_PREFIXES", "VIDEO_SUFFIXES", "VideoError", "VideoInfo", "VideoResult", "VideoWriter", "is_stream", "is_video", "probe", "read_frames",
            "segment_video"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -44,6 +44,26 @@ class VideoError(DeeplabError):
 def is_video(path: PathLike) -> bool:
     """True for a file name with a video suffix (:data:`VIDEO_SUFFIXES`)."""
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+# Live or remote sources FFmpeg opens by URL; a camera device by its /dev/video path (V4L2).
+STREAM_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
+STREAM_OPEN_TIMEOUT_S = 15.0
+
+
+def is_stream(source: Union[str, "os.PathLike[str]"]) -> bool:
+    """True for a stream URL (:data:`STREAM_PREFIXES`) or a camera device (``/dev/videoN``)."""
+    text = os.fspath(source)
+    return text.lower().startswith(STREAM_PREFIXES) or text.startswith("/dev/video")
+
+
+def _open(av: Any, source: str) -> Any:
+    if source.startswith("/dev/video"):
+        return av.open(source, format="v4l2")
+    if is_stream(source):
+        options = {"rtsp_transport": "tcp"} if source.lower().startswith(("rtsp://", "rtsps://")) else {}
+        return av.open(source, options=options, timeout=STREAM_OPEN_TIMEOUT_S)
+    return av.open(source)
 
 
 def require_av() -> Any:
@@ -81,11 +101,11 @@ def probe(path: PathLike) -> VideoInfo:
         VideoError: no such file, not a video, or no video stream.
     """
     av = require_av()
-    path = Path(path)
-    if not path.is_file():
+    if not is_stream(path) and not Path(path).is_file():
         raise VideoError(f"video not found: {path}")
+    path = os.fspath(path)
     try:
-        with av.open(str(path)) as container:
+        with _open(av, path) as container:
             if not container.streams.video:
                 raise VideoError(f"{path} has no video stream")
             stream = container.streams.video[0]
@@ -97,8 +117,9 @@ def probe(path: PathLike) -> VideoInfo:
         raise VideoError(f"cannot read {path} as a video: {exc}") from exc
 
 
-def read_frames(path: PathLike) -> Iterator[np.ndarray]:
-    """The frames of ``path``'s first video stream, in order, as ``(H, W, 3)`` uint8 RGB.
+def read_frames(path: PathLike, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+    """The frames of ``path``'s first video stream (a file, a stream URL or a camera device), in
+    order, as ``(H, W, 3)`` uint8 RGB; at most ``max_frames``.
 
     Raises:
         VideoError: the file cannot be opened or decoding fails part-way (names the frame).
@@ -106,10 +127,12 @@ def read_frames(path: PathLike) -> Iterator[np.ndarray]:
     av = require_av()
     index = 0
     try:
-        with av.open(str(path)) as container:
+        with _open(av, os.fspath(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"  # decode on several threads; frame order is kept
             for frame in container.decode(stream):
+                if max_frames is not None and index >= max_frames:
+                    break
                 yield frame.to_ndarray(format="rgb24")
                 index += 1
     except av.FFmpegError as exc:
@@ -177,6 +200,7 @@ class VideoResult:
         outputs: files and folders written.
         seconds: wall time.
         dropped_audio: the input had audio, which the outputs do not carry.
+        interrupted: Ctrl-C ended it; the outputs hold the frames segmented until then.
     """
 
     frames: int
@@ -184,6 +208,7 @@ class VideoResult:
     outputs: List[Path] = field(default_factory=list)
     seconds: float = 0.0
     dropped_audio: bool = False
+    interrupted: bool = False
 
 
 def segment_batch(segmenter: Segmenter, frames: Sequence[np.ndarray]) -> np.ndarray:
@@ -203,8 +228,12 @@ def segment_video(
     alpha: float = 0.5,
     batch_size: int = 4,
     progress: bool = True,
+    max_frames: Optional[int] = None,
 ) -> VideoResult:
-    """Segment every frame of a video.
+    """Segment every frame of a video, a stream URL or a camera device (see :func:`is_stream`).
+
+    A live source runs until it ends, ``max_frames`` are done or Ctrl-C; Ctrl-C finishes the
+    batch in hand and closes the outputs properly (``result.interrupted``).
 
     Args:
         segmenter: the model (its :attr:`~Segmenter.inference` settings apply to every frame).
@@ -215,6 +244,7 @@ def segment_video(
         alpha: overlay weight of the mask colours.
         batch_size: frames per forward pass.
         progress: a progress bar by frame (tqdm, stderr).
+        max_frames: stop after this many frames.
 
     Raises:
         VideoError: unreadable input, no output asked for, or an unwritable output.
@@ -241,7 +271,9 @@ def segment_video(
     frame_folder = Path(frames_dir) if frames_dir is not None else None
     if frame_folder is not None:
         frame_folder.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=info.frames or None, unit="frame", disable=not progress, desc=Path(path).name, dynamic_ncols=True)
+    total = min(info.frames or max_frames or 0, max_frames or info.frames or 0) or None
+    label = os.fspath(path)[-40:] if is_stream(path) else Path(path).name
+    bar = tqdm(total=total, unit="frame", disable=not progress, desc=label, dynamic_ncols=True)
 
     def flush(batch: List[np.ndarray]) -> None:
         for rgb, mask in zip(batch, segment_batch(segmenter, batch)):
@@ -255,13 +287,16 @@ def segment_video(
             result.frames += 1
             bar.update(1)
 
+    batch: List[np.ndarray] = []
     try:
-        batch: List[np.ndarray] = []
-        for rgb in read_frames(path):
-            batch.append(rgb)
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
+        try:
+            for rgb in read_frames(path, max_frames=max_frames):
+                batch.append(rgb)
+                if len(batch) == batch_size:
+                    flush(batch)
+                    batch = []
+        except KeyboardInterrupt:  # a live source has no end: Ctrl-C is how it stops
+            result.interrupted = True
         if batch:
             flush(batch)
     finally:

@@ -327,12 +327,19 @@ def from_pretrained(name: str, *, output_stride: Optional[int] = None, mirror: O
     via :func:`pretrained_path` + :func:`deeplab.checkpoint.load_model`); ImageNet entries give the
     backbone.
 
+    A Hub id (``org/repo[@revision]`` or ``hf://...``) loads from the Hugging Face Hub instead
+    (:func:`deeplab.hub.from_pretrained`).
+
     Args:
-        name: a key of :data:`ZOO` (``deeplab weights list``).
+        name: a key of :data:`ZOO` (``deeplab weights list``), or a Hub id.
         output_stride: rebuild at this output stride (the weights do not depend on it).
         mirror: base URL instead of the official one.
         progress: show download progress.
     """
+    if name not in ZOO and ("/" in name or name.startswith("hf://")):
+        from .hub import from_pretrained as hub_from_pretrained
+
+        return hub_from_pretrained(name, output_stride=output_stride)
     entry = get_entry(name)
     path = pretrained_path(name, mirror=mirror, progress=progress)
     if entry.is_backbone:

@@ -364,7 +364,8 @@ def add_model_source_args(parser: argparse.ArgumentParser, *, what: str = "deepl
     one.add_argument("--checkpoint", default=None, help=what)
     one.add_argument("--model", default=None, metavar="NAME",
                      help="a model of the paper's zoo (deeplab weights list), downloaded from its official location "
-                          "on first use and cached; a file path here works like --checkpoint")
+                          "on first use and cached, or hf://ORG/NAME[@REV] from the Hugging Face Hub; a file path "
+                          "here works like --checkpoint")
     group.add_argument("--mirror", default=None, metavar="URL",
                        help=f"fetch zoo tarballs from this base URL or folder instead of {ZOO_BASE_URL} "
                             f"(or set ${ZOO_URL_ENV})")
@@ -384,6 +385,10 @@ def resolve_model_source(args: argparse.Namespace, *, eval_settings: bool = Fals
     name = getattr(args, "model", None)
     if name is None:
         return ModelSource(str(args.checkpoint))
+    if name.startswith("hf://"):  # a Hugging Face Hub model: fetched, verified, kept as a checkpoint
+        path, _ = resolve_source(name)
+        args.checkpoint = str(path)
+        return ModelSource(args.checkpoint)
     if name not in ZOO:
         if Path(name).expanduser().exists():  # the old `--model FILE` spelling of predict
             args.checkpoint = name

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_source_args(parser, what="deeplab checkpoint (.pt)")
-    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "hub"],
+                        help="hub: a folder of config.json + model.safetensors + README.md (deeplab push uploads it)")
     parser.add_argument("--out", required=True, help="output file, e.g. model.onnx / model.torchscript.pt")
     parser.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32],
                         help="rebuild at this output stride before exporting (default: the checkpoint's)")
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     resolve_model_source(args)
+    if args.format == "hub":
+        from deeplab.cli.push import save_and_check
+
+        save_and_check(Path(args.checkpoint), Path(args.out), name=None)
+        return 0
     import torch
 
     from deeplab.deploy.export import export_model, model_metadata

@@ -14,6 +14,7 @@ SUBCOMMANDS: Dict[str, Tuple[str, str]] = {
     "eval": ("deeplab.cli.eval", "evaluate a checkpoint: mIoU, per-class IoU, multi-scale + flip"),
     "predict": ("deeplab.cli.predict", "segment images with a checkpoint or an exported model"),
     "export": ("deeplab.cli.export", "export a checkpoint to ONNX or TorchScript"),
+    "push": ("deeplab.cli.push", "upload a model to the Hugging Face Hub with its model card"),
     "bench": ("deeplab.cli.bench", "latency / throughput benchmarks"),
     "demo": ("deeplab.cli.demo", "fine-tune on real VOC photos on the CPU, evaluate, write overlays"),
     "convert": ("deeplab.cli.convert", "convert the paper's TensorFlow checkpoints"),

@@ -17,6 +17,10 @@ batches: ``DIR/<name>.mp4`` is the colour-mask video, ``--overlay`` adds ``<name
 audio is dropped (with a note). ``--out clip_out.mp4`` with one video input writes that one file
 (the overlay with ``--overlay``, else the mask video).
 
+A live source works like a video: a stream URL (``rtsp://``, ``http(s)://``, ``udp://``, ...) or
+a camera device (``/dev/video0``), read by PyAV. It runs until the stream ends, ``--max-frames N``
+frames are done, or Ctrl-C, which closes the outputs properly (``DIR/<host_path>.mp4``).
+
 Under ``torchrun`` the inputs are sharded across ranks (rank r takes files r, r+W, r+2W, ...
 of the sorted, de-duplicated list; output names are decided on the whole list first, so they
 never clash); each rank writes its own outputs and rank 0 prints the one summary.
@@ -26,10 +30,11 @@ from __future__ import annotations
 
 import argparse
 import glob
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -78,9 +83,11 @@ def add_video_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("video inputs (pip install 'deeplab[video]')")
     group.add_argument("--frames", action="store_true", help="also write <name>_frames/NNNNNN.png, one index PNG per frame")
     group.add_argument("--frame-batch", type=int, default=4, help="frames per forward pass")
+    group.add_argument("--max-frames", type=int, default=None,
+                       help="stop a video or a live stream (rtsp://, http://, /dev/video0) after this many frames")
 
 
-def predict_video(segmenter: Any, path: Path, stem: str, out: Path, args: argparse.Namespace) -> None:
+def predict_video(segmenter: Any, path: Union[Path, str], stem: str, out: Path, args: argparse.Namespace) -> None:
     """Segment one video into the outputs its flags ask for (see the module docstring)."""
     from deeplab.video import is_video, segment_video
 
@@ -93,9 +100,11 @@ def predict_video(segmenter: Any, path: Path, stem: str, out: Path, args: argpar
             target["overlay_out"] = out / f"{stem}_overlay.mp4"
         frames_dir = out / f"{stem}_frames" if args.frames else None
     result = segment_video(segmenter, path, frames_dir=frames_dir, alpha=args.alpha, batch_size=args.frame_batch,
-                           progress=not args.no_progress, **target)
+                           progress=not args.no_progress, max_frames=args.max_frames, **target)
     info = result.info
     note = "; audio dropped (the outputs carry no audio)" if result.dropped_audio else ""
+    if result.interrupted:
+        note += "; stopped by Ctrl-C (the outputs hold the frames until then)"
     tqdm_write(f"{path}: {result.frames} frames {info.width}x{info.height} at {float(info.fps):.3g} fps "
                f"in {result.seconds:.1f} s ({result.frames / max(result.seconds, 1e-9):.2f} frames/s) -> "
                f"{', '.join(str(p) for p in result.outputs)}{note}")
@@ -107,11 +116,16 @@ def tqdm_write(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def check_video_out(files: List[Path], out: Path) -> None:
-    """``--out X.mp4`` takes exactly one video input."""
-    from deeplab.video import is_video
+def stream_stem(source: str) -> str:
+    """An output name for a stream: ``rtsp://cam.local:554/live`` -> ``cam.local_554_live``."""
+    return re.sub(r"[^\w.-]+", "_", source.split("://", 1)[-1]).strip("_")[:80] or "stream"
 
-    if is_video(out) and (len(files) != 1 or not is_video(files[0])):
+
+def check_video_out(files: Sequence[Union[Path, str]], out: Path) -> None:
+    """``--out X.mp4`` takes exactly one video input."""
+    from deeplab.video import is_stream, is_video
+
+    if is_video(out) and (len(files) != 1 or not (is_stream(files[0]) or is_video(files[0]))):
         raise CLIError(f"--out {out} names a video file: pass exactly one video input, or make --out a folder")
 
 
@@ -224,17 +238,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from deeplab.data.base import DatasetError
     from deeplab.deploy.format import sniff_format
     from deeplab.segmenter import Segmenter
-    from deeplab.video import is_video
+    from deeplab.video import is_stream, is_video
     from deeplab.viz import to_rgb_array
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    files, problems = collect_inputs(args.inputs, recursive=args.recursive)
+    streams = [source for source in args.inputs if is_stream(source)]
+    files, problems = collect_inputs([i for i in args.inputs if not is_stream(i)], recursive=args.recursive)
     for problem in problems:
         print(f"deeplab predict: {problem}", file=sys.stderr)
-    if not files:
-        raise CLIError("no input files; pass image files, folders or quoted glob patterns")
-    check_video_out(files, Path(args.out))
+    if not files and not streams:
+        raise CLIError("no input files; pass image files, folders, quoted glob patterns or a stream URL")
+    check_video_out([*files, *streams], Path(args.out))
     resolve_model_source(args)  # a zoo name becomes its cached checkpoint (downloaded once, before sharding)
     names = output_names(files)  # on the whole list: the same names whichever rank writes a file
     all_files = len(files)
@@ -298,6 +313,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             failed.append(path)
             tqdm.write(f"failed {path}: {exc}", file=sys.stderr)
     bar.close()
+    for source in streams if dist_info.is_main else []:  # a live source is read once, by rank 0
+        try:
+            predict_video(segmenter, source, stream_stem(source), out, args)
+            done += 1
+        except (DeeplabError, RuntimeError, ValueError, OSError) as exc:
+            failed.append(Path(stream_stem(source)))
+            tqdm.write(f"failed {source}: {one_line(exc)}", file=sys.stderr)
     elapsed = time.perf_counter() - start
     done, failed, elapsed = gather_summary(dist_info, done, failed, elapsed)
     if not dist_info.is_main:

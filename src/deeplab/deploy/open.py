@@ -236,7 +236,8 @@ def _open_exported(path: Path, kind: str, *, backend: str, precision: Optional[s
 
 def resolve_source(source: PathLike, *, mirror: Optional[str] = None, progress: bool = True) -> Tuple[Path, Any]:
     """``(file, zoo entry or None)`` of a source: a zoo name is fetched (a cache hit makes no
-    request); anything else is a path.
+    request); ``hf://ORG/NAME[@REV]`` is fetched from the Hugging Face Hub, verified and kept as a
+    checkpoint (:func:`deeplab.hub.checkpoint_for`); anything else is a path.
 
     Raises:
         ConfigError: a zoo name of an ImageNet backbone (not a segmentation model).
@@ -244,6 +245,10 @@ def resolve_source(source: PathLike, *, mirror: Optional[str] = None, progress: 
     from deeplab import zoo
 
     name = str(source)
+    if name.startswith("hf://"):
+        from deeplab.hub import checkpoint_for
+
+        return checkpoint_for(name), None
     if name in zoo.ZOO and not Path(name).expanduser().exists():
         entry = zoo.ZOO[name]
         if entry.is_backbone:

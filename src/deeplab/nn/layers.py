@@ -116,8 +116,10 @@ def tf_same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1)
     shifts every output pixel by half an input pixel.
     """
     effective = dilation * (kernel_size - 1) + 1
-    out = -(-size // stride)
-    total = max((out - 1) * stride + effective - size, 0)
+    out = (size + stride - 1) // stride  # ceil, written as slicing x[::stride] sizes it (traced shapes then match)
+    total = (out - 1) * stride + effective - size
+    if effective < stride:  # only then can it be negative; no max() on a traced size otherwise
+        total = max(total, 0)
     return total // 2, total - total // 2
 
 
@@ -138,7 +140,9 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
         left, right = tf_same_padding(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
-        if top or bottom or left or right:
+        # Traced (torch.export / torch.compile with dynamic sizes): always pad - a zero pad is a
+        # no-op, and branching on a symbolic size would pin the graph to one parity of H and W.
+        if torch.compiler.is_compiling() or top or bottom or left or right:
             x = F.pad(x, (left, right, top, bottom))
         return super().forward(x)
 

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, create_model, field_validator
 from deeplab._utils import ConfigError, DeeplabError, jsonable, one_line
 from deeplab.config import INFERENCE_MODES, InferenceConfig
 from deeplab.segmenter import Segmenter
+from deeplab.serve.camera import mount_camera
 
 __all__ = ["ServeLimits", "SegmentQuery", "create_app", "decode_image", "describe_model", "rle_encode", "sniff_image"]
 
@@ -459,6 +460,7 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
                   description="DeepLab semantic segmentation: upload an image, get its class-id mask.",
                   lifespan=lifespan)
     app.state.worker = worker
+    camera = mount_camera(app, worker, segmenter, max_frame_bytes=limits.max_bytes)  # GET /camera, WS /v1/camera
 
     @app.exception_handler(RequestValidationError)
     async def invalid_query(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -474,7 +476,7 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
     async def healthz() -> Dict[str, Any]:
         """Liveness, queue depth and counters."""
         return {"status": "ok", "queued": worker.pending, "queue_size": limits.queue_size,
-                "served": worker.served, "rejected": worker.rejected}
+                "served": worker.served, "rejected": worker.rejected, "cameras": camera.open}
 
     @app.get("/v1/model")
     async def model() -> Dict[str, Any]:

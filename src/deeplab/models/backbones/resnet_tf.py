@@ -89,7 +89,7 @@ class MaxPool2dSame(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = tf_same_padding(x.shape[-2], self.kernel_size, self.stride)
         left, right = tf_same_padding(x.shape[-1], self.kernel_size, self.stride)
-        if top or bottom or left or right:
+        if torch.compiler.is_compiling() or top or bottom or left or right:  # see Conv2dSame.forward
             # TF's max pool ignores padded positions: pad with -inf, not zeros.
             x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
         return F.max_pool2d(x, self.kernel_size, self.stride)
