@@ -12,10 +12,7 @@ ignore and ``k`` as class ``k - 1``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -23,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..base import DatasetError
+from .jobs import convert_into_place
 from .sbd import write_list
 
 # Detail category ids of the 59 classes, with 0 (background) first (mmseg's _mapping).
@@ -104,7 +102,6 @@ def convert_context(json_path: Path, voc2010: Path, *, workers: int = 2, progres
     Returns:
         ``{"train": n, "val": m}``.
     """
-    from tqdm import tqdm
 
     try:
         data = json.loads(Path(json_path).read_text(encoding="utf-8"))
@@ -127,19 +124,8 @@ def convert_context(json_path: Path, voc2010: Path, *, workers: int = 2, progres
         name = image_name(image)
         splits[phase].append(name)
         jobs.append((image, per_image.get(int(image["image_id"]), []), str(partial / f"{name}.png")))
-    bar = tqdm(total=len(jobs), desc="Context json -> 59-class masks", unit="mask", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    with bar:
-        if workers > 0 and len(jobs) > 64:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for _ in pool.map(_write_one, jobs, chunksize=16):
-                    bar.update(1)
-        else:
-            for job in jobs:
-                _write_one(job)
-                bar.update(1)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
+    convert_into_place(_write_one, jobs, partial, out, desc="Context json -> 59-class masks", workers=workers, progress=progress,
+                       chunksize=16)
     lists = voc2010 / "ImageSets" / "SegmentationContext"
     lists.mkdir(parents=True, exist_ok=True)
     for split, names in splits.items():

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, List, Sequence, Tuple
 
@@ -21,6 +19,7 @@ from PIL import Image
 
 from ..base import DatasetError, read_split_list
 from ..palettes import VOC_PALETTE
+from .jobs import convert_into_place
 
 
 def read_sbd_mask(path: Path) -> np.ndarray:
@@ -71,7 +70,6 @@ def convert_sbd(voc: Path, sbd_dataset: Path, *, workers: int = 2, progress: boo
     Returns:
         (number of train_aug ids, the list file).
     """
-    from tqdm import tqdm
 
     lists = voc / "ImageSets" / "Segmentation"
     voc_train, voc_val = read_split_list(lists / "train.txt"), read_split_list(lists / "val.txt")
@@ -95,19 +93,8 @@ def convert_sbd(voc: Path, sbd_dataset: Path, *, workers: int = 2, progress: boo
             if not mat.is_file():
                 raise DatasetError(f"{mat} is missing: neither VOC nor SBD has a mask for {i}; re-extract benchmark.tgz")
             jobs.append(("mat", str(mat), str(partial / f"{i}.png")))
-    bar = tqdm(total=len(jobs), desc="SBD .mat -> SegmentationClassAug", unit="mask", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    with bar:
-        if workers > 0 and len(jobs) > 64:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for _ in pool.map(_convert_one, jobs, chunksize=32):
-                    bar.update(1)
-        else:
-            for job in jobs:
-                _convert_one(job)
-                bar.update(1)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(partial, out)
+    convert_into_place(_convert_one, jobs, partial, out, desc="SBD .mat -> SegmentationClassAug", workers=workers, progress=progress,
+                       chunksize=32)
     list_file = lists / "train_aug.txt"
     write_list(list_file, ids)
     return len(ids), list_file
