@@ -9,7 +9,8 @@ The convention (docs/contributing.md, "Documentation"):
   blocks are ``$ command`` lines followed by their output.
 - A ````text```` block directly after a command block (only blank lines or a marker between) is
   that command's output (stdout and stderr together) and is compared after stripping trailing
-  spaces and surrounding blank lines; a line ``...`` stands for any number of lines.
+  spaces, surrounding blank lines and tqdm progress bars (their figures depend on time); a line
+  ``...`` stands for any number of lines.
 - Markers, an HTML comment directly above a fence (blank lines allowed between):
   ``<!-- skip: REASON -->`` (not run), ``<!-- output: not compared, REASON -->`` (above an
   output or console block: run, not compared), ``<!-- slow: REASON -->`` (run only by the
@@ -104,7 +105,13 @@ def parse(path: Path) -> tuple[List[Block], List[str]]:
     return blocks, setups
 
 
+# a tqdm bar ends in "[elapsed<remaining, rate]" or "[elapsed, rate]"; "\r" separates its redraws
+PROGRESS_BAR = re.compile(r"\[(\d+:)?\d\d:\d\d(<[^\]]*)?(, *[^\]]*)?\]\s*$")
+
+
 def normalise(text: str) -> List[str]:
+    rows = [row for row in re.split(r"\r\n|\r|\n", text) if not PROGRESS_BAR.search(row)]
+    text = "\n".join(rows)
     return [row.rstrip() for row in text.strip("\n").split("\n")] if text.strip() else []
 
 
