@@ -16,8 +16,10 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +40,7 @@ __all__ = [
     "optional_import",
     "load_state_dict_strict",
     "one_line",
+    "print_config",
     "sha256_of",
     "summarise_keys",
     "unwrap_model",
@@ -182,6 +185,16 @@ def save_atomically(obj: Any, path: Union[str, "os.PathLike[str]"]) -> None:
     file, and a failed write leaves ``path`` as it was."""
     with atomic_write(path) as handle:
         torch.save(obj, handle)
+
+
+def print_config(title: str, config: Mapping[str, Any], *, stream: Any = None) -> None:
+    """Print a resolved configuration, one ``key  json-value`` line per field, under ``title:``."""
+    stream = stream or sys.stdout
+    print(f"{title}:", file=stream)
+    width = max((len(k) for k in config), default=0)
+    for key, value in config.items():
+        print(f"  {key:<{width}}  {json.dumps(value, default=str)}", file=stream)
+    stream.flush()
 
 
 def summarise_keys(keys: Sequence[str], limit: int = 8) -> str:

@@ -319,6 +319,37 @@ def pretrained_path(name: str, *, mirror: Optional[str] = None, progress: bool =
     return dest
 
 
+def backbone_weights(backbone: str, spec: Optional[PathLike], *, fetch: bool = True) -> Optional[str]:
+    """Resolve a ``pretrained_backbone`` value to what :func:`deeplab.models.build_model_from_config`
+    loads: the one place training turns ``imagenet`` / ``zoo:NAME`` / a path / ``none`` into a file.
+
+    Args:
+        backbone: the ModelConfig's backbone name.
+        spec: ``"imagenet"`` (the backbone's public file; the TF zoo's ImageNet checkpoint for the
+            ``resnet_v1_*_beta`` backbones that have no public PyTorch file), ``"zoo:NAME"``, a
+            ``.pth`` path, or ``"none"``/``None`` (random initialisation).
+        fetch: download what is not cached yet (the main process of a distributed run fetches
+            first; the others call again with ``fetch=False`` after a barrier and read the cache).
+
+    Returns:
+        ``None`` for no pretrained backbone, else a value for ``pretrained_backbone``.
+
+    Raises:
+        ZooError: an unknown zoo name or a failed download.
+    """
+    if spec is None or str(spec).strip().lower() in ("none", ""):
+        return None
+    text = str(spec)
+    zoo_name = text[len("zoo:"):] if text.startswith("zoo:") else imagenet_entry(backbone) if text == "imagenet" else None
+    if zoo_name is not None:
+        return str(pretrained_path(zoo_name))  # cached after the first call: no request
+    if fetch:
+        from .weights import resolve_pretrained
+
+        resolve_pretrained(backbone, text)
+    return text
+
+
 def from_pretrained(name: str, *, output_stride: Optional[int] = None, mirror: Optional[str] = None,
                     progress: bool = True) -> nn.Module:
     """The zoo model ``name`` with the paper's weights, in eval mode.

@@ -91,13 +91,15 @@ def test_preset_fills_flags_and_command_line_wins(voc_root: Path, tmp_path: Path
 def test_every_shipped_preset_parses() -> None:
     from deeplab.cli.common import parse_with_preset
     from deeplab.cli.train import _model_config, _train_config, build_parser
+    from deeplab.config import ModelConfig
 
     presets = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
     assert len(presets) >= 4
     for preset in presets:
         args = parse_with_preset(build_parser(), ["--config", str(preset)])
         _train_config(args)
-        _model_config(args, 21)
+        values = _model_config(args)
+        ModelConfig(**{**values, "num_classes": values["num_classes"] or 21})
 
 
 @pytest.mark.parametrize(

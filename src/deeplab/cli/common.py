@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import re
 import sys
@@ -15,7 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeV
 
 import yaml
 
-from deeplab._utils import DeeplabError, one_line
+from deeplab._utils import DeeplabError, one_line, print_config  # noqa: F401 - print_config: re-exported for the subcommands
 from deeplab.config import INFERENCE_MODES, INFERENCE_PRECISIONS, OUTPUT_STRIDES, InferenceConfig
 from deeplab.data import DATASETS, build_dataset
 from deeplab.data.base import SegmentationDataset, Transform
@@ -219,16 +218,6 @@ def make_dataset(name: str, root: Optional[str], split: Optional[str], transform
     if not root:
         raise CLIError("--data-root is required: the folder holding the dataset (see README 'Datasets')")
     return build_dataset(name, root, split, transform, **kwargs)
-
-
-def print_config(title: str, config: Mapping[str, Any], *, stream: Any = None) -> None:
-    """Print the resolved configuration at the start of a run."""
-    stream = stream or sys.stdout
-    print(f"{title}:", file=stream)
-    width = max((len(k) for k in config), default=0)
-    for key, value in config.items():
-        print(f"  {key:<{width}}  {json.dumps(value, default=str)}", file=stream)
-    stream.flush()
 
 
 # ---------------------------------------------------------------------- inference flags

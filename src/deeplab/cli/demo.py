@@ -28,13 +28,13 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 from deeplab.checkpoint import load_model
-from deeplab.cli import train as train_cli
 from deeplab.cli.common import cli_command
-from deeplab.config import InferenceConfig
+from deeplab.config import InferenceConfig, TrainConfig
 from deeplab.data import EvalTransform, FolderSegmentation, colorize, fetch_demo_data
 from deeplab.eval.evaluate import KeepPredictions, evaluate
 from deeplab.eval.metrics import ConfusionMatrix
 from deeplab.eval.report import write_report
+from deeplab.train import DataSpec, run
 from deeplab.viz import plot_curves, read_metrics
 from deeplab.weights import fetch_weights
 
@@ -86,17 +86,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"  photos: {root}\n  weights: {weights}", flush=True)
 
     print("[2/3] fine-tuning DeepLabv3+ MobileNetV2 on the CPU", flush=True)
-    train_argv = [
-        "--dataset", "folder", "--data-root", str(root), "--train-split", "all", "--val-split", "all",
-        "--arch", "deeplabv3plus", "--backbone", "mobilenet_v2", "--output-stride", "16",
-        "--pretrained-backbone", str(weights), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-        "--crop-size", str(args.crop_size), "--lr", str(args.lr), "--weight-decay", "4e-5",
-        "--eval-every", str(args.eval_every), "--ckpt-every", str(args.eval_every), "--log-every", "5",
-        "--num-workers", "0", "--seed", "0", "--device", "cpu", "--out", str(out), "--resume", "auto",
-    ] + (["--no-progress"] if args.no_progress else [])
-    code = train_cli.main(train_argv)
-    if code != 0:
-        return code
+    run(
+        {"arch": "deeplabv3plus", "backbone": "mobilenet_v2", "output_stride": 16},  # num_classes: the data's
+        TrainConfig(max_steps=args.steps, batch_size=args.batch_size, crop_size=args.crop_size, lr=args.lr,
+                    weight_decay=4e-5, eval_every=args.eval_every, ckpt_every=args.eval_every, log_every=5,
+                    num_workers=0, seed=0, device="cpu", run_dir=str(out), resume_from="auto"),
+        DataSpec("folder", root=str(root), train_split="all", val_split="all"),
+        pretrained_backbone=str(weights), progress=not args.no_progress,
+    )
 
     print("[3/3] evaluating and writing overlays", flush=True)
     model, ckpt = load_model(out / "last.pt")

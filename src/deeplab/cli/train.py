@@ -13,25 +13,12 @@ import dataclasses
 import os
 import sys
 import typing
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
-
-import torch
-from torch.utils.data import DataLoader, Subset
+from typing import Any, Dict, List, Optional
 
 from deeplab import distributed as dist_utils
-from deeplab._utils import load_state_dict_strict
-from deeplab.checkpoint import load_checkpoint, strip_state_dict_prefixes
-from deeplab.cli.common import CLIError, add_data_args, cli_command, make_dataset, parse_with_preset, print_config
+from deeplab.cli.common import add_data_args, cli_command, parse_with_preset
 from deeplab.config import ModelConfig, TrainConfig
-from deeplab.data import EvalTransform, TrainTransform
-from deeplab.data.augment import AlbumentationsTransform
-from deeplab.data.base import SegmentationDataset
-from deeplab.data.check import check_dataset, read_class_weights
-from deeplab.eval.evaluate import ShardSampler, evaluate
-from deeplab.models import build_model_from_config
-from deeplab.train import TrainResult, train
-from deeplab.weights import resolve_pretrained
+from deeplab.train import DataSpec, TrainResult, run
 
 # Flags whose name differs from their config field.
 FLAG_NAMES = {"run_dir": "out", "resume_from": "resume", "hflip": "hflip"}
@@ -110,148 +97,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_config(args: argparse.Namespace, num_classes: int) -> ModelConfig:
-    values = {name: getattr(args, name) for name in MODEL_FLAGS if name != "num_classes"}
+def _model_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ModelConfig fields the flags give (``num_classes`` ``None``: the dataset's count)."""
+    values = {name: getattr(args, name) for name in MODEL_FLAGS}
     for key in ("aspp_rates", "multi_grid"):
         if values[key] is not None:
             values[key] = tuple(int(v) for v in values[key])
     for key in ("input_mean", "input_std"):
         if values[key] is not None:
             values[key] = tuple(float(v) for v in values[key])
-    return ModelConfig(num_classes=num_classes, **values)
+    return values
 
 
-def resolve_class_weights(value: Any, train_set: Any, *, progress: bool = True) -> Optional[tuple]:
-    """``--class-weights``: ``None``, ``auto`` (median frequency of ``train_set``'s masks), a file or
-    ``w0,w1,...``; a preset may give a list."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-        return None
-    if isinstance(value, (list, tuple)):
-        if len(value) == 1 and isinstance(value[0], str):
-            return resolve_class_weights(value[0], train_set, progress=progress)
-        return tuple(float(v) for v in value)
-    text = str(value).strip()
-    if text.lower() == "auto":
-        report = check_dataset(train_set, progress=progress, name="train")
-        return tuple(report["class_weights"])
-    if Path(text).is_file():
-        return read_class_weights(text)
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise CLIError(f"--class-weights {text!r}: not 'auto', an existing file or numbers w0,w1,...") from None
-
-
-def _train_config(args: argparse.Namespace, class_weights: Optional[tuple] = None) -> TrainConfig:
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     values = {name: getattr(args, name) for name in TRAIN_FLAGS}
-    values["class_weights"] = class_weights
+    values["class_weights"] = None  # --class-weights is resolved against the training set by run()
     values["scale_range"] = tuple(float(v) for v in values["scale_range"])
     if values["resume_from"] in ("none", "", None):
         values["resume_from"] = None
     return TrainConfig(**values)
 
 
-def init_from(model: torch.nn.Module, path: str) -> None:
-    """Load a deeplab checkpoint's weights into a freshly built model (strict keys and shapes)."""
-    ckpt = load_checkpoint(path)
-    theirs = ckpt.get("config") or {}
-    load_state_dict_strict(
-        model,
-        strip_state_dict_prefixes(ckpt["model"]),
-        source=(f"--init-from {path}: its weights do not fit this model ({theirs.get('arch')} / "
-                f"{theirs.get('backbone')}, {theirs.get('num_classes')} classes in the file)"),
-        fix="use the same arch, backbone and class count (output stride may differ)",
-        error=CLIError,
-    )
+def _data_spec(args: argparse.Namespace) -> DataSpec:
+    return DataSpec(dataset=args.dataset or "voc", root=args.data_root, train_split=args.train_split,
+                    val_split=args.val_split, eval_limit=args.eval_limit, label_map=args.label_map)
 
 
-def make_eval_fn(val_set: Any, *, num_classes: int, device: torch.device, world_size: int,
-                 num_workers: int) -> Callable[[torch.nn.Module], Dict[str, Any]]:
-    sampler = ShardSampler(val_set) if world_size > 1 else None
-    loader = DataLoader(val_set, batch_size=1, shuffle=False, sampler=sampler, num_workers=min(num_workers, 2))
-
-    def eval_fn(model: torch.nn.Module) -> Dict[str, Any]:
-        cm = evaluate(model, loader, num_classes=num_classes, device=device, progress=False)
-        return {"mIoU": cm.miou, "pixel_accuracy": cm.pixel_accuracy, "iou": [float(v) for v in cm.iou]}
-
-    return eval_fn
-
-
-def run(args: argparse.Namespace) -> TrainResult:
-    """Build everything from parsed flags and train."""
-    info = dist_utils.init_distributed(device=args.device, timeout_s=args.dist_timeout)
-    dataset_name = args.dataset or "voc"
-    data_kwargs: Dict[str, Any] = {}
-    if args.label_map:
-        if dataset_name != "folder":
-            raise CLIError(f"--label-map applies to the folder dataset, not {dataset_name!r}")
-        data_kwargs["label_map"] = args.label_map
-    train_set = make_dataset(dataset_name, args.data_root, args.train_split, None, **data_kwargs)
-    num_classes = args.num_classes or train_set.num_classes
-    if num_classes != train_set.num_classes:
-        raise CLIError(f"--num-classes {num_classes} but the {dataset_name} dataset has {train_set.num_classes} classes")
-    model_config = _model_config(args, num_classes)
-    weights = resolve_class_weights(args.class_weights, train_set, progress=info.is_main and not args.no_progress)
-    if weights is not None and len(weights) != num_classes:
-        raise CLIError(f"--class-weights gives {len(weights)} weights for {num_classes} classes; give one per class")
-    cfg = _train_config(args, weights)
-    pretrained = None if str(args.pretrained_backbone).lower() in ("none", "") else args.pretrained_backbone
-    zoo_name = str(pretrained)[len("zoo:"):] if str(pretrained).startswith("zoo:") else None
-    if pretrained == "imagenet":  # backbones whose ImageNet weights only the TF zoo has (resnet_v1_*_beta)
-        from deeplab.zoo import imagenet_entry
-
-        zoo_name = imagenet_entry(model_config.backbone)
-    if pretrained is not None and info.is_main:
-        if zoo_name is not None:  # the TF zoo's ImageNet backbones (resnet_v1_101_beta_imagenet, ...)
-            from deeplab.zoo import pretrained_path
-
-            pretrained_path(zoo_name)
-        else:
-            resolve_pretrained(model_config.backbone, pretrained)  # fetch once, before the other ranks look
-    dist_utils.barrier()
-    if zoo_name is not None:
-        from deeplab.zoo import pretrained_path
-
-        pretrained = str(pretrained_path(zoo_name))  # the cache now holds it: no request
-    # The same seed gives the same initial head on every rank and in every rerun.
-    torch.manual_seed(cfg.seed)
-    model = build_model_from_config(model_config, pretrained_backbone=pretrained)
-    if args.init_from:
-        init_from(model, args.init_from)
-    norm = model.normalization
-    transform: Any = TrainTransform(crop_size=cfg.crop_size, scale_range=cfg.scale_range, scale_step=cfg.scale_step,
-                                    mean=norm.mean, std=norm.std, flip=cfg.hflip, ignore_index=cfg.ignore_index)
-    if cfg.augment:
-        transform = AlbumentationsTransform(cfg.augment, then=transform, ignore_index=cfg.ignore_index)
-    eval_fn = None
-    if str(args.val_split).lower() != "none":
-        val_set: Union[SegmentationDataset, Subset[Any]] = make_dataset(dataset_name, args.data_root, args.val_split,
-                                        EvalTransform(mean=norm.mean, std=norm.std), **data_kwargs)
-        if args.eval_limit is not None:
-            val_set = Subset(val_set, range(min(args.eval_limit, len(val_set))))
-        eval_fn = make_eval_fn(val_set, num_classes=num_classes, device=info.device, world_size=info.world_size,
-                               num_workers=cfg.num_workers)
-    if info.is_main:
-        print_config("model", model_config.to_dict())
-        print_config("recipe", cfg.to_dict())
-        print_config("data", {"dataset": dataset_name, "data_root": args.data_root, "train_split": args.train_split,
-                              "train_images": len(train_set), "val_split": args.val_split,
-                              "pretrained_backbone": str(pretrained), "world_size": info.world_size,
-                              "device": str(info.device)})
-    result = train(
-        model, train_set, cfg, transform=transform, eval_fn=eval_fn, model_config=model_config,
-        classes=train_set.classes, palette=train_set.palette, normalization=norm.to_dict(),
-        dataset_info={"dataset": dataset_name, "root": str(args.data_root), "train_split": args.train_split,
-                      "val_split": args.val_split, **({"label_map": args.label_map} if args.label_map else {})},
-        progress=info.is_main and not args.no_progress,
-    )
-    if info.is_main:
-        best = f"{100 * result.best_metric:.2f}" if result.best_metric is not None else "n/a"
-        print(f"{result.reason} at step {result.step}; best mIoU {best}; last: {result.last_checkpoint}; "
-              f"best: {result.best_checkpoint}; metrics: {Path(cfg.run_dir) / 'metrics.jsonl'}; "
-              f"survived {result.restarts} restart(s)")
-    dist_utils.cleanup()
-    return result
+def run_from_args(args: argparse.Namespace) -> TrainResult:
+    """Parsed flags → :func:`deeplab.train.run`."""
+    return run(_model_config(args), _train_config(args), _data_spec(args),
+               pretrained_backbone=args.pretrained_backbone, init_from_checkpoint=args.init_from,
+               class_weights=args.class_weights, progress=not args.no_progress)
 
 
 # TrainConfig, the model builders, losses and the loop's argument checks raise ConfigError (a
@@ -265,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # blocked in a collective whose peer is gone, so the restart is not held up.
     with dist_utils.HardExitOnSignal(enabled=world_size > 1, label=f"deeplab train: rank {os.environ.get('RANK', 0)}: "):
         try:
-            run(args)
+            run_from_args(args)
         except RuntimeError as exc:
             if world_size > 1 and not isinstance(exc, dist_utils.PeerFailureError) and dist_utils.is_peer_failure(exc):
                 raise dist_utils.PeerFailureError(dist_utils.peer_failure_message(

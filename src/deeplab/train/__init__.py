@@ -1,11 +1,14 @@
-"""Training: the loop and the named steps it is composed of.
+"""Training: the entry point, the loop and the named steps it is composed of.
 
+:func:`run` (``entry``) composes data (a :class:`DataSpec`), model (a ``ModelConfig``) and
+recipe (a ``TrainConfig``) and trains: ``deeplab train`` and ``deeplab demo`` both call it.
 ``loop`` (:func:`train`), ``optim`` (SGD groups, poly LR, BN freezing, AMP settings),
 ``resume`` (exact resume, the checkpoint payload), ``logging`` (metrics.jsonl,
 TensorBoard, the progress bar), ``loader`` (seeded augmentation, the DataLoader) and
 (process group, DDP, sampling: :mod:`deeplab.distributed`, shared with eval and predict).
 """
 
+from deeplab.train.entry import DataSpec, run
 from deeplab.train.loader import SeededDataset, build_train_loader
 from deeplab.train.loop import TrainResult, train
 from deeplab.train.optim import (
@@ -20,6 +23,7 @@ from deeplab.train.optim import (
 
 __all__ = [
     "AmpSettings",
+    "DataSpec",
     "PolyLR",
     "SeededDataset",
     "TrainResult",
@@ -28,6 +32,7 @@ __all__ = [
     "build_train_loader",
     "freeze_batchnorm",
     "poly_lr",
+    "run",
     "set_train_mode",
     "train",
 ]

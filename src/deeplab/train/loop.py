@@ -23,6 +23,7 @@ global batch in :mod:`deeplab.losses`, how the global batch is split over proces
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -189,6 +190,7 @@ def train(
     *,
     transform: Optional[Callable[..., Any]] = None,
     eval_fn: Optional[EvalFn] = None,
+    meta: Optional[CheckpointMeta] = None,
     model_config: Union[ModelConfig, Mapping[str, Any], None] = None,
     classes: Sequence[str] = (),
     palette: Sequence[Sequence[int]] = (),
@@ -219,11 +221,12 @@ def train(
         eval_fn: called as ``eval_fn(model)`` (bare model, eval mode, no grad) every
             ``cfg.eval_every`` steps and at the end, on every rank (so it may all-reduce);
             returns metrics including ``best_metric``. RNG state is preserved around it.
-        model_config, classes, palette, normalization: stored in checkpoints so they
-            rebuild and describe the model on their own.
-        dataset_info: what the model was trained on (``{"dataset": "voc", "root": ...,
-            "train_split": ..., "val_split": ...}``), stored as ``"dataset"`` so evaluation
-            can default to it.
+        meta: what every checkpoint stores so it rebuilds and describes the model on its own
+            (model config, classes, palette, normalisation, dataset); checked before any work.
+        model_config, classes, palette, normalization, dataset_info: the fields of ``meta``
+            one by one, for callers without a :class:`CheckpointMeta` (not together with it).
+            ``dataset_info`` is what the model was trained on (``{"dataset": "voc", "root":
+            ..., "train_split": ..., "val_split": ...}``), so evaluation can default to it.
         optimizer, scheduler: override :func:`build_optimizer` / :class:`PolyLR`.
         collate_fn: DataLoader collate function.
         best_metric: metric (higher is better) deciding ``best.pt``.
@@ -243,8 +246,12 @@ def train(
         ValueError: inconsistent metadata, batch/world sizes, or labels out of range.
         FloatingPointError: the loss became NaN/inf (nothing is overwritten).
     """
-    meta = CheckpointMeta(check_arguments(model, model_config, classes, palette, stop_at), classes, palette,
-                          normalization, dict(dataset_info or {}))
+    if meta is None:
+        meta = CheckpointMeta(model_config, classes, palette, normalization, dict(dataset_info or {}))  # type: ignore[arg-type]
+    elif model_config is not None or classes or palette or normalization is not None or dataset_info is not None:
+        raise ConfigError("give train() either meta= or its fields (model_config=, classes=, ...), not both")
+    meta = dataclasses.replace(meta, config=check_arguments(model, meta.config, meta.classes, meta.palette, stop_at),
+                               dataset=dict(meta.dataset))
     run, state, restored, resume_path = build_run(
         model, train_set, cfg, meta=meta, transform=transform, eval_fn=eval_fn, optimizer=optimizer,
         scheduler=scheduler, collate_fn=collate_fn, best_metric=best_metric, stop_at=stop_at, progress=progress,
