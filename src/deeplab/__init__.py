@@ -7,7 +7,7 @@
 
 from ._version import __version__
 from .checkpoint import load_model
-from .config import InferenceConfig, ModelConfig, TrainConfig
+from .config import InferenceConfig, ModelConfig, RunSettings, TrainConfig, TrainRecipe
 from .models import BACKBONES, build_model, build_model_from_config
 from .segmenter import Segmenter
 from .zoo import from_pretrained
@@ -16,8 +16,10 @@ __all__ = [
     "BACKBONES",
     "InferenceConfig",
     "ModelConfig",
+    "RunSettings",
     "Segmenter",
     "TrainConfig",
+    "TrainRecipe",
     "build_model",
     "build_model_from_config",
     "from_pretrained",

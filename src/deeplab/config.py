@@ -221,11 +221,9 @@ AMP_DTYPES = ("auto", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
-class TrainConfig(_PlainDict):
-    """The training recipe; defaults are the paper's PASCAL VOC ``train_aug`` setting.
-
-    Stored verbatim in every training checkpoint (``"train_config"``) so a run can be
-    resumed, or audited, from the file alone.
+class TrainRecipe(_PlainDict):
+    """The training recipe: everything that decides the trained weights. Defaults are the
+    paper's PASCAL VOC ``train_aug`` setting.
 
     Attributes:
         lr: initial learning rate of the poly schedule (paper: 0.007; 1e-4 to fine-tune
@@ -255,15 +253,7 @@ class TrainConfig(_PlainDict):
             or when the per-device batch is too small to estimate statistics).
         sync_bn: synchronise BatchNorm statistics across processes in distributed runs.
         channels_last: NHWC memory format on CUDA (faster convs with tensor cores).
-        eval_every: evaluate every this many steps (0: only at the end).
-        ckpt_every: write ``last.pt`` every this many steps (0: only at the end).
-        log_every: log train metrics every this many steps.
         seed: seeds model-side randomness (dropout), shuffling and augmentation.
-        num_workers: DataLoader worker processes (results do not depend on it).
-        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        run_dir: where ``last.pt``, ``best.pt`` and ``metrics.jsonl`` go.
-        resume_from: checkpoint to resume from exactly; ``"auto"`` resumes from
-            ``run_dir/last.pt`` when it exists and starts fresh otherwise.
         loss: loss spec, one of ce|ohem|topk|focal|dice|lovasz or a weighted sum such as
             ``"ce:1,dice:0.5"`` (see ``deeplab.losses``).
         class_weights: one loss weight per class (``deeplab data check`` suggests
@@ -277,9 +267,6 @@ class TrainConfig(_PlainDict):
         lovasz_per_image: Lovász-softmax averaged per image instead of flat over the batch.
         augment: albumentations pipeline (YAML, ``A.save`` format) applied to image and mask
             before the paper's scale/crop/flip; ``None``: the paper's recipe only.
-        dist_timeout: seconds a rank waits in a collective (or for the others to join)
-            before it fails with a one-line error instead of hanging; must exceed the
-            longest wait of one rank for another (downloads, checkpoint writes).
     """
 
     lr: float = 0.007
@@ -302,14 +289,7 @@ class TrainConfig(_PlainDict):
     freeze_bn: bool = False
     sync_bn: bool = True
     channels_last: bool = True
-    eval_every: int = 2000
-    ckpt_every: int = 1000
-    log_every: int = 20
     seed: int = 0
-    num_workers: int = 4
-    device: str = "auto"
-    run_dir: str = "runs/deeplab"
-    resume_from: Optional[str] = None
     loss: str = "ce"
     class_weights: Optional[Tuple[float, ...]] = None
     ohem_thresh: float = 0.7
@@ -319,18 +299,17 @@ class TrainConfig(_PlainDict):
     dice_smooth: float = 1.0
     lovasz_per_image: bool = False
     augment: Optional[str] = None
-    dist_timeout: float = 600.0  # rationale: deeplab.distributed.DEFAULT_DIST_TIMEOUT_S
 
     _TUPLES: ClassVar[Dict[str, type]] = {"scale_range": float, "class_weights": float}
 
     def __post_init__(self) -> None:
+        _raise_problems(self, self._recipe_problems())
+
+    def _recipe_problems(self) -> List[str]:
         problems = []
-        for name in ("max_steps", "batch_size", "accum_steps", "crop_size", "log_every"):
+        for name in ("max_steps", "batch_size", "accum_steps", "crop_size"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "ckpt_every", "num_workers"):
-            if int(getattr(self, name)) < 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -344,11 +323,7 @@ class TrainConfig(_PlainDict):
             problems.append(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
         if self.amp_dtype not in AMP_DTYPES:
             problems.append(f"unknown amp_dtype {self.amp_dtype!r}; choose from {list(AMP_DTYPES)}")
-        problems += self._loss_problems()
-        if not self.dist_timeout > 0:
-            problems.append(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        if problems:
-            raise ConfigError("invalid TrainConfig: " + "; ".join(problems))
+        return problems + self._loss_problems()
 
     def _loss_problems(self) -> List[str]:
         """Validate (and normalise) the loss fields; the loss names are checked by ``deeplab.losses``."""
@@ -373,6 +348,88 @@ class TrainConfig(_PlainDict):
         if float(self.dice_smooth) < 0:
             problems.append(f"dice_smooth must be >= 0, got {self.dice_smooth}")
         return problems
+
+
+@dataclass(frozen=True)
+class RunSettings(_PlainDict):
+    """How a run is carried out: where it writes, how often it evaluates, logs and saves, on
+    which device and with how many workers. None of these changes the trained weights, so an
+    exact resume may change any of them.
+
+    Attributes:
+        eval_every: evaluate every this many steps (0: only at the end).
+        ckpt_every: write ``last.pt`` every this many steps (0: only at the end).
+        log_every: log train metrics every this many steps.
+        num_workers: DataLoader worker processes (results do not depend on it).
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        run_dir: where ``last.pt``, ``best.pt`` and ``metrics.jsonl`` go.
+        resume_from: checkpoint to resume from exactly; ``"auto"`` resumes from
+            ``run_dir/last.pt`` when it exists and starts fresh otherwise.
+        dist_timeout: seconds a rank waits in a collective (or for the others to join)
+            before it fails with a one-line error instead of hanging; must exceed the
+            longest wait of one rank for another (downloads, checkpoint writes).
+    """
+
+    eval_every: int = 2000
+    ckpt_every: int = 1000
+    log_every: int = 20
+    num_workers: int = 4
+    device: str = "auto"
+    run_dir: str = "runs/deeplab"
+    resume_from: Optional[str] = None
+    dist_timeout: float = 600.0  # rationale: deeplab.distributed.DEFAULT_DIST_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        _raise_problems(self, self._run_problems())
+
+    def _run_problems(self) -> List[str]:
+        problems = []
+        if int(self.log_every) < 1:
+            problems.append(f"log_every must be >= 1, got {self.log_every}")
+        for name in ("eval_every", "ckpt_every", "num_workers"):
+            if int(getattr(self, name)) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.dist_timeout > 0:
+            problems.append(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        return problems
+
+
+def _raise_problems(config: _PlainDict, problems: List[str]) -> None:
+    if problems:
+        raise ConfigError(f"invalid {type(config).__name__}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunSettings, TrainRecipe):
+    """A training run: the :class:`TrainRecipe` fields followed by the :class:`RunSettings`
+    fields, flat, as the ``deeplab train`` flags and the YAML presets spell them.
+
+    Stored verbatim in every training checkpoint (``"train_config"``) so a run can be
+    resumed, or audited, from the file alone; an exact resume checks the recipe and lets
+    the run settings change. :attr:`recipe` and :attr:`run` give the two halves, and
+    :meth:`compose` builds one from them.
+    """
+
+    _TUPLES: ClassVar[Dict[str, type]] = TrainRecipe._TUPLES
+
+    def __post_init__(self) -> None:
+        _raise_problems(self, self._recipe_problems() + self._run_problems())
+
+    @property
+    def recipe(self) -> TrainRecipe:
+        """The fields that decide the trained weights."""
+        return TrainRecipe(**{f.name: getattr(self, f.name) for f in fields(TrainRecipe)})
+
+    @property
+    def run(self) -> RunSettings:
+        """The fields a resume may change."""
+        return RunSettings(**{f.name: getattr(self, f.name) for f in fields(RunSettings)})
+
+    @classmethod
+    def compose(cls, recipe: TrainRecipe, run: Optional[RunSettings] = None) -> "TrainConfig":
+        """One config from a recipe and (default: :class:`RunSettings` ``()``) run settings."""
+        halves = (recipe, run if run is not None else RunSettings())
+        return cls(**{f.name: getattr(half, f.name) for half in halves for f in fields(half)})
 
 
 # ---------------------------------------------------------------------- inference

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from deeplab import distributed as dist_utils
 from deeplab.cli.common import add_data_args, cli_command, parse_with_preset
-from deeplab.config import ModelConfig, TrainConfig
+from deeplab.config import ModelConfig, RunSettings, TrainConfig, TrainRecipe
 from deeplab.train import DataSpec, TrainResult, run
 
 # Flags whose name differs from their config field.
@@ -85,12 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained-backbone", default="imagenet",
                        help="'imagenet' (the backbone's public file; `deeplab weights fetch NAME`; for resnet_v1_*_beta "
                             "without a public PyTorch file, the TF zoo's), 'zoo:NAME', a .pth path, or 'none'")
-    recipe = parser.add_argument_group("recipe (TrainConfig)")
-    _add_dataclass_flags(recipe, TrainConfig, skip=("class_weights",))
+    recipe = parser.add_argument_group("recipe (TrainRecipe: decides the weights)")
+    _add_dataclass_flags(recipe, TrainRecipe, skip=("class_weights",))
     recipe.add_argument("--class-weights", dest="class_weights", default=None,
                         help="loss weight per class: 'auto' (median-frequency, from the training masks), a FILE "
                              "(`deeplab data check` writes class_weights.txt) or w0,w1,...")
-    recipe.set_defaults(resume_from="auto")
+    run_group = parser.add_argument_group("run (RunSettings: a resume may change these)")
+    _add_dataclass_flags(run_group, RunSettings)
+    run_group.set_defaults(resume_from="auto")
     parser.add_argument("--label-map", default=None,
                         help="folder datasets: remap mask values first, e.g. 255:1 for 0/255 binary masks")
     parser.add_argument("--no-progress", action="store_true")

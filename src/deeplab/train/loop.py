@@ -246,12 +246,8 @@ def train(
         ValueError: inconsistent metadata, batch/world sizes, or labels out of range.
         FloatingPointError: the loss became NaN/inf (nothing is overwritten).
     """
-    if meta is None:
-        meta = CheckpointMeta(model_config, classes, palette, normalization, dict(dataset_info or {}))  # type: ignore[arg-type]
-    elif model_config is not None or classes or palette or normalization is not None or dataset_info is not None:
-        raise ConfigError("give train() either meta= or its fields (model_config=, classes=, ...), not both")
-    meta = dataclasses.replace(meta, config=check_arguments(model, meta.config, meta.classes, meta.palette, stop_at),
-                               dataset=dict(meta.dataset))
+    meta = checked_meta(model, meta, stop_at, model_config=model_config, classes=classes, palette=palette,
+                        normalization=normalization, dataset_info=dataset_info)
     run, state, restored, resume_path = build_run(
         model, train_set, cfg, meta=meta, transform=transform, eval_fn=eval_fn, optimizer=optimizer,
         scheduler=scheduler, collate_fn=collate_fn, best_metric=best_metric, stop_at=stop_at, progress=progress,
@@ -284,6 +280,26 @@ def train(
     finish_result(run, state, result, cfg)
     barrier()  # nobody returns (and e.g. destroys the group) while rank 0 still writes
     return result
+
+
+def checked_meta(
+    model: nn.Module,
+    meta: Optional[CheckpointMeta],
+    stop_at: Optional[int],
+    *,
+    model_config: Union[ModelConfig, Mapping[str, Any], None],
+    classes: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    normalization: Optional[Mapping[str, Sequence[float]]],
+    dataset_info: Optional[Mapping[str, Any]],
+) -> CheckpointMeta:
+    """``meta``, or one built from its loose fields (not both), checked against the model."""
+    if meta is None:
+        meta = CheckpointMeta(model_config, classes, palette, normalization, dict(dataset_info or {}))  # type: ignore[arg-type]
+    elif model_config is not None or classes or palette or normalization is not None or dataset_info is not None:
+        raise ConfigError("give train() either meta= or its fields (model_config=, classes=, ...), not both")
+    return dataclasses.replace(meta, config=check_arguments(model, meta.config, meta.classes, meta.palette, stop_at),
+                               dataset=dict(meta.dataset))
 
 
 def start_result(run: Run, state: TrainState, cfg: TrainConfig, resume_path: Optional[Path]) -> TrainResult:

@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
@@ -37,7 +37,7 @@ from deeplab.checkpoint import (
     strip_state_dict_prefixes,
     to_plain,
 )
-from deeplab.config import ModelConfig, TrainConfig
+from deeplab.config import ModelConfig, RunSettings, TrainConfig
 from deeplab.distributed import broadcast_object, get_rank
 from deeplab.train.sampling import derive_seed
 
@@ -61,9 +61,8 @@ __all__ = [
 # Settings an exact resume cannot change: the data order depends on seed and batch
 # size, the poly schedule on max_steps.
 RESUME_MUST_MATCH = ("seed", "batch_size", "max_steps")
-# Settings that change nothing about the optimisation trajectory.
-RESUME_FREE = ("run_dir", "resume_from", "num_workers", "device", "eval_every", "ckpt_every", "log_every",
-               "dist_timeout")
+# Settings that change nothing about the optimisation trajectory: the run half of TrainConfig.
+RESUME_FREE = tuple(f.name for f in fields(RunSettings))
 
 
 # --------------------------------------------------------------------------- what a checkpoint describes
