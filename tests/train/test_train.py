@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import types
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deeplab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from deeplab.config import ModelConfig, TrainConfig
+from deeplab._utils import ConfigError
+from deeplab.config import ModelConfig, RunSettings, TrainConfig, TrainRecipe
 from deeplab.losses import segmentation_loss
 from deeplab.train import (
     PolyLR,
@@ -35,6 +37,7 @@ from deeplab.train import (
     poly_lr,
     train,
 )
+from deeplab.train.resume import RESUME_FREE, RESUME_MUST_MATCH
 from deeplab.train.sampling import DeterministicBatchSampler
 
 from tests.conftest import ToySegData
@@ -415,6 +418,42 @@ def test_resume_rejects_changed_recipe_and_inference_checkpoints(tmp_path: Path)
     save_checkpoint(slim, {"model": ckpt["model"], "config": ckpt["config"]})
     with pytest.raises(CheckpointError, match=r"slim.pt lacks \['step', 'optimizer'"):
         run(make_cfg(tmp_path / "other", max_steps=6, resume_from=str(slim)))
+
+
+def test_train_config_is_a_recipe_and_run_settings() -> None:
+    cfg = TrainConfig(lr=0.01, max_steps=7, loss="ohem", class_weights=[1, 2], run_dir="r", eval_every=3)
+    recipe, settings = cfg.recipe, cfg.run
+    assert isinstance(recipe, TrainRecipe) and isinstance(settings, RunSettings)
+    assert (recipe.lr, recipe.max_steps, recipe.class_weights) == (0.01, 7, (1.0, 2.0))
+    assert (settings.run_dir, settings.eval_every) == ("r", 3)
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert names == [f.name for f in dataclasses.fields(TrainRecipe)] + [f.name for f in dataclasses.fields(RunSettings)]
+    assert not {f.name for f in dataclasses.fields(TrainRecipe)} & {f.name for f in dataclasses.fields(RunSettings)}
+    assert TrainConfig.compose(recipe, settings) == cfg
+    assert TrainConfig.compose(recipe) == dataclasses.replace(cfg, run_dir="runs/deeplab", eval_every=2000)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # checkpoints keep the flat form
+    assert set(RESUME_FREE) == {f.name for f in dataclasses.fields(RunSettings)}
+    assert not set(RESUME_MUST_MATCH) & set(RESUME_FREE)
+    with pytest.raises(ConfigError, match=r"invalid TrainConfig: lr must be > 0, got -1; log_every must be >= 1"):
+        TrainConfig(lr=-1, log_every=0)
+    with pytest.raises(ConfigError, match=r"invalid RunSettings: num_workers must be >= 0"):
+        RunSettings(num_workers=-1)
+    with pytest.raises(ConfigError, match=r"invalid TrainRecipe: batch_size=6 \(global\) must be divisible"):
+        TrainRecipe(batch_size=6, accum_steps=4)
+
+
+def test_resume_may_change_run_settings_exactly(tmp_path: Path) -> None:
+    """Every RunSettings field may change on resume without a warning, and the weights stay exact."""
+    _, whole = run(make_cfg(tmp_path / "whole", max_steps=4))
+    run(make_cfg(tmp_path / "split", max_steps=4), stop_at=2)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "split" / "last.pt").rename(moved / "start.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, resumed = run(make_cfg(moved, max_steps=4, resume_from=str(moved / "start.pt"), eval_every=1,
+                                  ckpt_every=3, log_every=2, dist_timeout=30.0))
+    assert_identical(whole.state_dict(), resumed.state_dict())
 
 
 def test_bad_labels_and_nan_loss_fail_clearly_without_losing_work(tmp_path: Path) -> None:
