@@ -160,11 +160,13 @@ def int8_scheme(flags: Optional[Mapping[str, bool]] = None) -> Tuple[str, str]:
 def int8_scheme_runs_here(scheme: str, flags: Optional[Mapping[str, bool]] = None) -> Tuple[bool, str]:
     """Whether an int8 file of ``scheme`` runs without saturation on this CPU (or ``flags``), and why.
 
-    ``"u8s7"`` runs everywhere; ``"u8s8"`` needs VNNI/AMX. An unknown scheme (a file from before
+    ``"u8s7"`` and LiteRT's ``"s8s8"`` run everywhere; ``"u8s8"`` needs VNNI/AMX. An unknown scheme (a file from before
     schemes were recorded was built as ``"u8s8"``) is treated as ``"u8s8"``.
     """
     if scheme == "u8s7":
         return True, "7-bit weights cannot saturate"
+    if scheme == "s8s8":  # LiteRT (XNNPACK) widens s8 x s8 products to int32 on every x86 ISA
+        return True, "LiteRT's s8 x s8 kernels accumulate in int32 on any CPU"
     ok, why = precision_support("int8", flags)
     if ok:
         return True, why

@@ -1,4 +1,4 @@
-"""``deeplab export --checkpoint CKPT --format onnx|torchscript --out FILE``.
+"""``deeplab export --checkpoint CKPT --format onnx|torchscript|tflite --out FILE``.
 
 BatchNorm is folded into the convs, batch/height/width stay dynamic, the class names,
 palette and normalisation are embedded in the file, and a parity check runs on export:
@@ -17,6 +17,11 @@ delta where they have masks) is printed and stored in the file; int8 keeps its m
 layers float until it is within 1.0 mIoU (bf16: 0.3, :mod:`deeplab.deploy.precision`), and where
 that cannot be reached the command exits 1 naming the fix. Needs the calibration flags for int8;
 for bf16 they are optional (parity on a random input otherwise).
+
+``--format tflite``: a LiteRT file for phones and edge boards, converted by litert-torch (install
+``deeplab[tflite]`` in an environment of its own), with one input size (``--input-size``, default
+513 x 513); fp32 (parity on two inputs of that size) or full-integer int8 (calibrated and gated as
+above, on the LiteRT interpreter).
 """
 
 from __future__ import annotations
@@ -33,12 +38,16 @@ from deeplab.cli.common import CLIError, add_model_source_args, cli_command, res
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deeplab export",
-        description="Export a checkpoint to ONNX or TorchScript (BN folded, dynamic shapes, parity-checked).",
+        description="Export a checkpoint to ONNX, TorchScript or LiteRT (BN folded, parity-checked).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_source_args(parser, what="deeplab checkpoint (.pt)")
-    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "hub"],
-                        help="hub: a folder of config.json + model.safetensors + README.md (deeplab push uploads it)")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "tflite", "hub"],
+                        help="tflite: LiteRT for phones and edge boards (converted by litert-torch; fixed --input-size); "
+                             "hub: a folder of config.json + model.safetensors + README.md (deeplab push uploads it)")
+    parser.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="tflite: the graph's one input size (default 513 513, the paper's eval crop); smaller "
+                             "images are padded to it")
     parser.add_argument("--out", required=True, help="output file, e.g. model.onnx / model.torchscript.pt")
     parser.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32],
                         help="rebuild at this output stride before exporting (default: the checkpoint's)")
@@ -97,17 +106,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"fold_bn={not args.no_fold_bn}]",
         flush=True,
     )
+    if args.input_size is not None and args.format != "tflite":
+        raise CLIError("--input-size applies to --format tflite (ONNX and TorchScript exports take any size)")
+    if args.format == "tflite" and args.precision == "bf16":
+        raise CLIError("--format tflite writes fp32 or int8; for bf16 export ONNX (OpenVINO) or TorchScript")
     meta = model_metadata(model, classes=card.classes, palette=card.palette, normalization=card.normalization)
     calibration = _calibration(args, meta, model.output_stride)
     start = time.perf_counter()
     path = export_model(model, args.out, format=args.format, metadata=meta, fold_bn=not args.no_fold_bn,
                         opset=args.opset, precision=args.precision, calibration=calibration,
                         calib_method=args.calib_method, int8_scheme=args.int8_scheme,
-                        int8_float_fraction=args.int8_float_fraction,
+                        int8_float_fraction=args.int8_float_fraction, input_size=args.input_size,
                         report=lambda line: print(line, flush=True))
     size_mb = Path(path).stat().st_size / 2**20
+    h, w = args.input_size or (513, 513)
+    shape = ("(batch, 3, height, width)", f"(batch, {model.num_classes}, height, width)") if args.format != "tflite" else (
+        f"(1, 3, {h}, {w})", f"(1, {model.num_classes}, {h}, {w})")
     print(f"wrote {path} ({size_mb:.1f} MiB, {args.precision}) in {time.perf_counter() - start:.1f} s; "
-          f"inputs 'image' (batch, 3, height, width) -> 'logits' (batch, {model.num_classes}, height, width)")
+          f"inputs 'image' {shape[0]} -> 'logits' {shape[1]}")
     if args.precision != "fp32":
         return _report_precision(path)
     if args.no_parity:
@@ -116,7 +132,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     s = args.parity_size
     real = torch.randn(1, 3, s, s, generator=generator)
     other = torch.randn(2, 3, max(s // 2, 33) | 1, max(s * 3 // 4, 33), generator=generator)
-    backend = "onnxruntime" if args.format == "onnx" else "torchscript"
+    backend = {"onnx": "onnxruntime", "tflite": "tflite"}.get(args.format, "torchscript")
+    if args.format == "tflite":  # its one input size; the batch of 2 runs image by image
+        real, other = torch.randn(1, 3, h, w, generator=generator), torch.randn(2, 3, h, w, generator=generator)
     worst = 0.0
     for x in (real, other):
         try:
@@ -185,10 +203,15 @@ def _report_precision(path: Path) -> int:
         print(f"true mIoU on the held-out masks: {parity['true_miou']:.2f} vs fp32 {parity['true_miou_fp32']:.2f}")
     bound = PARITY_BOUNDS[precision]
     if not parity_within_bound(parity, precision):
-        fix = ("calibrate on more images like the deployment's (--calib-images, --dataset with masks for the true delta), "
-               "let more layers stay float (--int8-float-fraction, up to 1), or deploy fp32/bf16 "
-               "(quantization-aware fine-tuning is not implemented yet)"
-               if precision == "int8" else "deploy fp32 (bf16 rounds this model's near-tied logits)")
+        if precision != "int8":
+            fix = "deploy fp32 (bf16 rounds this model's near-tied logits)"
+        elif parity["backend"] == "tflite":
+            fix = ("calibrate on more images like the deployment's (--calib-images, --dataset with masks for the true "
+                   "delta), or deploy the fp32 LiteRT file (LiteRT int8 is all-integer: no layer can stay float)")
+        else:
+            fix = ("calibrate on more images like the deployment's (--calib-images, --dataset with masks for the true "
+                   "delta), let more layers stay float (--int8-float-fraction, up to 1), or deploy fp32/bf16 "
+                   "(quantization-aware fine-tuning is not implemented yet)")
         print(f"deeplab export: {path} loses more than {bound:g} mIoU at {precision} "
               f"({parity_text(parity, precision)}); precision auto will not run it. Fix: {fix}", file=sys.stderr)
         return 1

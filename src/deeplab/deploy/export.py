@@ -17,8 +17,11 @@ Precision (:data:`EXPORT_PRECISIONS`, ``export_model(precision=...)``):
 * ``bf16`` - the same float graph, marked ``"precision": "bf16"``: OpenVINO runs it with
   ``INFERENCE_PRECISION_HINT=bf16``, TorchScript under ``torch.autocast`` (bfloat16). Weights
   stay fp32 in the file, so one file also runs in fp32 anywhere.
-* ``int8`` - ONNX only: static QDQ quantization of the float graph calibrated on real images
-  (:mod:`deeplab.deploy.quantize`).
+* ``int8`` - ONNX: static QDQ quantization of the float graph calibrated on real images
+  (:mod:`deeplab.deploy.quantize`); LiteRT: full-integer int8 (:mod:`deeplab.deploy.tflite`).
+
+LiteRT (``format="tflite"``, :mod:`deeplab.deploy.tflite`) has one input size
+(``input_size``) and runs fp32 or int8.
 
 For bf16 and int8 the parity against the fp32 PyTorch model on the held-out calibration
 images (pseudo-label mIoU delta, true mIoU delta where the images have masks, pixel agreement,
@@ -68,7 +71,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "torchscript", "tflite")
 EXPORT_PRECISIONS = ("fp32", "bf16", "int8")
 DEFAULT_OPSET = 17
 
@@ -263,9 +266,11 @@ def export_model(
     int8_scheme: Optional[str] = None,
     int8_float_fraction: float = 0.5,
     report: Optional[Callable[[str], None]] = None,
+    input_size: Optional[Tuple[int, int]] = None,
 ) -> Path:
-    """:func:`export_onnx` or :func:`export_torchscript` by ``format`` (``"onnx"``/``"torchscript"``),
-    at ``precision`` (``"fp32"``, ``"bf16"``, ``"int8"``; see the module docstring).
+    """:func:`export_onnx`, :func:`export_torchscript` or :func:`deeplab.deploy.tflite.export_tflite`
+    by ``format`` (``"onnx"``/``"torchscript"``/``"tflite"``), at ``precision`` (``"fp32"``,
+    ``"bf16"``, ``"int8"``; see the module docstring).
 
     Args:
         calibration: images (:func:`deeplab.deploy.quantize.calibration_set`): int8 calibrates
@@ -276,6 +281,7 @@ def export_model(
         int8_float_fraction: int8 only, the largest share of the convs kept float to reach the
             accuracy bound (0: quantize all but the ``KEEP_FLOAT`` groups, no search).
         report: int8 only, called with a line per quantization attempt (progress).
+        input_size: tflite only, the graph's fixed ``(H, W)`` (default 513 x 513).
 
     Returns:
         ``path``; :func:`~deeplab.deploy.format.read_metadata` gives ``precision``,
@@ -291,6 +297,8 @@ def export_model(
         raise ValueError(f"unknown export precision {precision!r}; choose from {list(EXPORT_PRECISIONS)}")
     meta = dict(metadata) if metadata is not None else model_metadata(model)
     meta["precision"] = precision
+    if format == "tflite":
+        return _export_tflite(model, Path(path), meta, fold_bn, precision, calibration, input_size)
     if precision == "fp32":
         if format == "onnx":
             return export_onnx(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn, opset=opset)
@@ -334,6 +342,29 @@ def export_model(
     return Path(path)
 
 
+def _export_tflite(model: nn.Module, path: Path, meta: Dict[str, Any], fold_bn: bool, precision: str,
+                   calibration: Optional["CalibrationSet"], input_size: Optional[Tuple[int, int]]) -> Path:
+    """A LiteRT file; an int8 one (or any given calibration images) gets its measured parity."""
+    from deeplab.deploy.tflite import DEFAULT_INPUT_SIZE, add_metadata, export_tflite
+
+    size = tuple(input_size or DEFAULT_INPUT_SIZE)
+    path = export_tflite(_prepare(model, fold_bn), path, metadata=meta, input_size=(size[0], size[1]),
+                         precision=precision, calibration=calibration)
+    if precision == "fp32" and calibration is None:
+        return path  # the caller checks fp32 logits against PyTorch (deeplab export prints it)
+    meta.update(precision=precision, input_size=list(size))
+    if calibration is not None:
+        meta["calibration"] = calibration.describe()
+    meta["parity"] = _measure_parity(model, path, meta, calibration, "tflite", precision, fold_bn)
+    from deeplab.deploy.format import read_metadata
+
+    meta = {**read_metadata(path), **meta}  # keeps what export_tflite recorded (quantization)
+    data = add_metadata(path.read_bytes(), meta)
+    with _atomic_target(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 def _parity_inputs(model: nn.Module, calibration: Optional["CalibrationSet"]) -> Tuple[List[Any], str]:
     if calibration is not None and calibration.parity:
         which = "held-out calibration images" if calibration.held_out else "calibration images (none held out)"
@@ -347,10 +378,12 @@ def _parity_inputs(model: nn.Module, calibration: Optional["CalibrationSet"]) ->
 
 def _measure_parity(model: nn.Module, path: PathLike, meta: Dict[str, Any], calibration: Optional["CalibrationSet"],
                     backend: str, precision: str, fold_bn: bool) -> Dict[str, Any]:
-    from deeplab.deploy.runtime import load_exported, measure_parity
+    from deeplab.deploy.runtime import FixedInputModel, TFLiteModel, load_exported, measure_parity
 
     arrays, which = _parity_inputs(model, calibration)
-    runner = load_exported(path, backend=backend, precision=precision, metadata=meta)
+    runner: nn.Module = load_exported(path, backend=backend, precision=precision, metadata=meta)
+    if isinstance(runner, TFLiteModel):  # one input size: images are padded to it
+        runner = FixedInputModel(runner, runner.input_size)
     reference = _prepare(model, fold_bn)
     real = calibration if calibration is not None and calibration.parity else None
     result = measure_parity(reference, runner, arrays, sizes=real.parity_sizes if real else None,

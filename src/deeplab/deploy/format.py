@@ -8,6 +8,8 @@ and :mod:`deeplab._utils` only - so neither side has to import the other.
   (``"deeplab"``), a JSON string.
 * TorchScript files carry the same JSON as the extra file :data:`TORCHSCRIPT_METADATA_FILE`
   (``deeplab.json``).
+* LiteRT (TFLite) files carry it as the flatbuffer's ``metadata`` entry :data:`METADATA_KEY`
+  (read with ``ai-edge-litert``'s schema).
 * The JSON is a dict with ``"format": METADATA_FORMAT`` and ``"version" <= METADATA_VERSION``.
 """
 
@@ -31,6 +33,7 @@ __all__ = [
     "TORCHSCRIPT_METADATA_FILE",
     "ExportError",
     "is_onnx",
+    "is_tflite",
     "sniff_format",
     "quiet_tracing",
     "read_metadata",
@@ -70,8 +73,23 @@ def quiet_tracing() -> Iterator[None]:
         yield
 
 
+TFLITE_IDENTIFIER = b"TFL3"  # the flatbuffer file identifier of every LiteRT / TFLite model
+
+
+def is_tflite(path: PathLike) -> bool:
+    """Whether ``path`` is a LiteRT (TFLite) flatbuffer: by suffix, else by its file identifier."""
+    path = Path(path)
+    if path.suffix.lower() == ".tflite":
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(8)[4:8] == TFLITE_IDENTIFIER
+
+
 def is_onnx(path: PathLike) -> bool:
-    """Whether ``path`` is an ONNX file (by suffix, else by content) rather than TorchScript.
+    """Whether ``path`` is an ONNX file (by suffix, else by content) rather than TorchScript
+    or LiteRT.
 
     Args:
         path: an existing exported file.
@@ -79,6 +97,8 @@ def is_onnx(path: PathLike) -> bool:
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return True
+    if is_tflite(path):
+        return False
     # TorchScript files are zip archives; an ONNX protobuf is not.
     with open(path, "rb") as handle:
         return handle.read(2) != b"PK"
@@ -86,13 +106,13 @@ def is_onnx(path: PathLike) -> bool:
 
 # Exported files by suffix; anything else is told apart by its content (see :func:`sniff_format`).
 EXPORTED_SUFFIXES = {".onnx": "onnx", ".xml": "openvino-ir", ".ts": "torchscript", ".torchscript": "torchscript",
-                     ".pts": "torchscript"}
+                     ".pts": "torchscript", ".tflite": "tflite"}
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 def sniff_format(path: PathLike) -> str:
-    """What a model file is: ``"checkpoint"`` (``torch.save``), ``"onnx"``, ``"torchscript"`` or
-    ``"openvino-ir"`` - the one place model files are told apart.
+    """What a model file is: ``"checkpoint"`` (``torch.save``), ``"onnx"``, ``"torchscript"``,
+    ``"openvino-ir"`` or ``"tflite"`` - the one place model files are told apart.
 
     By suffix for the exported kinds, else by content: TorchScript and checkpoints are both zip
     archives, but TorchScript holds ``code/`` and ``constants.pkl``. A missing file is named by
@@ -107,6 +127,8 @@ def sniff_format(path: PathLike) -> str:
     if not path.is_file():
         return "checkpoint"
     if not zipfile.is_zipfile(path):
+        if is_tflite(path):
+            return "tflite"
         return "checkpoint" if suffix in CHECKPOINT_SUFFIXES else "onnx"
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
@@ -134,10 +156,10 @@ def validate_metadata(meta: Any, path: PathLike) -> Dict[str, Any]:
 
 def read_metadata(path: PathLike) -> Dict[str, Any]:
     """The metadata embedded by :func:`~deeplab.deploy.export.export_onnx` /
-    :func:`~deeplab.deploy.export.export_torchscript`.
+    :func:`~deeplab.deploy.export.export_torchscript` / :func:`deeplab.deploy.tflite.export_tflite`.
 
     ONNX files are read with the ``onnx`` package when it is installed, else with OpenVINO
-    (``rt_info``); TorchScript files need only torch.
+    (``rt_info``); TorchScript files need only torch; LiteRT files ``ai-edge-litert``.
 
     Raises:
         FileNotFoundError: no such file.
@@ -146,7 +168,9 @@ def read_metadata(path: PathLike) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
-    if is_onnx(path):
+    if is_tflite(path):
+        text = tflite_metadata_text(path)
+    elif is_onnx(path):
         text = _onnx_metadata_text(path)
     else:
         extra = {TORCHSCRIPT_METADATA_FILE: ""}
@@ -182,4 +206,24 @@ def _onnx_metadata_text(path: Path) -> str:
         if model.has_rt_info(keys):
             value = model.get_rt_info(keys)
             return str(value.astype(str) if hasattr(value, "astype") else value)
+    return ""
+
+
+def tflite_metadata_text(path: PathLike) -> str:
+    """The :data:`METADATA_KEY` entry of a LiteRT file's ``metadata`` ("" when it has none)."""
+    schema = optional_import("ai_edge_litert.schema_py_generated")
+    if schema is None:
+        raise ExportError(f"reading {path} needs the LiteRT runtime: pip install ai-edge-litert (or 'deeplab[tflite]')")
+    data = Path(path).read_bytes()
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if entry.Name() == METADATA_KEY.encode():
+                buffer = model.Buffers(entry.Buffer())
+                if buffer.Offset() > 1:  # stored after the flatbuffer (large models)
+                    return data[buffer.Offset(): buffer.Offset() + buffer.Size()].decode("utf-8")
+                return buffer.DataAsNumpy().tobytes().decode("utf-8")
+    except Exception as exc:  # a truncated or foreign flatbuffer raises anything from struct to IndexError
+        raise ExportError(f"cannot read LiteRT file {path}: {exc}") from exc
     return ""

@@ -1,6 +1,6 @@
 """``open_model``: any model source -> ``(runner, ModelCard)``, the one way a model is opened.
 
-A source is a deeplab checkpoint (``torch.save``), a file from ``deeplab export`` (ONNX,
+A source is a deeplab checkpoint (``torch.save``), a file from ``deeplab export`` (ONNX, LiteRT,
 TorchScript, an OpenVINO IR ``.xml`` saved from our ONNX) or a name of the paper's zoo
 (downloaded, converted and cached on first use). ``deeplab predict``, ``eval``, ``export``,
 ``serve`` and :class:`deeplab.segmenter.Segmenter` all open their model here, so the same
@@ -25,16 +25,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from deeplab._utils import ConfigError, DeeplabError
+from deeplab._utils import ConfigError
 from deeplab.deploy.format import ExportError, sniff_format, validate_metadata
 from deeplab.deploy.precision import PARITY_BOUNDS, choose_precision
 from deeplab.deploy.runtime import (
     ExportedModel,
+    FixedInputModel,
     OnnxRuntimeModel,
     OpenVINOModel,
+    TFLiteModel,
     auto_backend,
     file_precision,
     load_exported,
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 # The one backend vocabulary of every entrance (predict, eval, serve, Segmenter). "torch" runs a
 # checkpoint or a TorchScript file with PyTorch; "torchscript" is its old spelling in eval.
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tflite")
 BACKEND_ALIASES = {"torchscript": "torch"}
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ def openvino_ir_metadata(path: Path) -> Dict[str, Any]:
 def fixed_input_size(model: ExportedModel) -> Optional[Tuple[int, int]]:
     """``(H, W)`` when the exported graph only accepts one input size, else ``None``."""
     dims: List[Any] = []
+    if isinstance(model, TFLiteModel):
+        return model.input_size
     if isinstance(model, OnnxRuntimeModel):
         dims = list(model.session.get_inputs()[0].shape)
     elif isinstance(model, OpenVINOModel):
@@ -166,32 +169,6 @@ def fixed_input_size(model: ExportedModel) -> Optional[Tuple[int, int]]:
     if len(dims) == 4 and isinstance(dims[2], int) and isinstance(dims[3], int):
         return int(dims[2]), int(dims[3])
     return None
-
-
-class FixedInputModel(nn.Module):
-    """An exported model with a fixed input size behind the any-size contract: smaller inputs
-    are padded at the bottom/right with 0 (the mean pixel, as ``--pad-to`` does) and the logits
-    cropped back; larger ones are refused with the way out (sliding windows of that size)."""
-
-    def __init__(self, model: ExportedModel, size: Tuple[int, int]) -> None:
-        super().__init__()
-        self.model = model
-        self.size = size
-        self.output_stride = model.output_stride
-        self.align_corners = model.align_corners
-        self.num_classes = model.num_classes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = int(x.shape[-2]), int(x.shape[-1])
-        fh, fw = self.size
-        if h > fh or w > fw:
-            raise DeeplabError(
-                f"{self.model.path} was exported for {fh}x{fw} inputs only and this image needs {h}x{w}; "
-                f"evaluate with --mode slide --crop-size {fh} {fw}, or re-export with `deeplab export` "
-                "(dynamic height and width)"
-            )
-        logits = self.model(F.pad(x, (0, fw - w, 0, fh - h), value=0.0))
-        return logits[..., :h, :w]
 
 
 def _exported_precision(path: Path, meta: Dict[str, Any], backend: str, precision: Optional[str]) -> Tuple[Optional[str], str]:
@@ -219,11 +196,12 @@ def _open_exported(path: Path, kind: str, *, backend: str, precision: Optional[s
         wanted, reason = _exported_precision(path, meta, backend, precision)
         runner = load_exported(path, backend=backend, threads=threads, static_shapes=static_shapes,
                                precision=wanted, metadata=meta)
-    fixed = fixed_input_size(runner) if fixed_input else None
+    # a LiteRT graph has one input size: it is always padded to it
+    fixed = fixed_input_size(runner) if fixed_input or kind == "tflite" else None
     model: nn.Module = runner if fixed is None else FixedInputModel(runner, fixed)
     description = {
         "model_file": str(path),
-        "format": "openvino-ir" if kind == "openvino-ir" else ("onnx" if runner.backend in ("onnxruntime", "openvino") else "torchscript"),
+        "format": kind if kind in ("openvino-ir", "tflite") else ("onnx" if runner.backend in ("onnxruntime", "openvino") else "torchscript"),
         "backend": runner.backend,
         "precision": meta.get("precision", "fp32"),
         "input_size": list(fixed) if fixed else "dynamic",

@@ -13,6 +13,9 @@ model.
   precision, the same thread count. Shapes stay dynamic unless ``static_shapes=True``, which
   compiles once per input shape (cached) - faster per call when sizes repeat.
 * ``torchscript``: ``torch.jit.load`` of a file written by ``deeplab export --format torchscript``.
+* ``tflite``: the LiteRT interpreter (``ai-edge-litert``, XNNPACK) on a ``.tflite`` file from
+  ``deeplab export --format tflite``: a fixed input size, one image per invoke; int8 files take
+  and give int8 tensors, (de)quantized here with the scales in the file.
 
 Precision (``load_exported(precision=...)``, default the file's own ``metadata["precision"]``,
 fp32 for files exported before precisions existed) is recorded on the loaded model
@@ -35,13 +38,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from deeplab._utils import optional_import
+from deeplab._utils import DeeplabError, optional_import
 from deeplab.deploy.format import (
     TORCHSCRIPT_METADATA_FILE,
     ExportError,
     is_onnx,
+    is_tflite,
     quiet_tracing,
     read_metadata,
 )
@@ -50,8 +55,10 @@ __all__ = [
     "AutocastBF16",
     "EXPORTED_BACKENDS",
     "ExportedModel",
+    "FixedInputModel",
     "OnnxRuntimeModel",
     "OpenVINOModel",
+    "TFLiteModel",
     "TorchScriptModel",
     "check_parity",
     "load_exported",
@@ -60,11 +67,11 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-EXPORTED_BACKENDS = ("onnxruntime", "openvino", "torchscript")
+EXPORTED_BACKENDS = ("onnxruntime", "openvino", "torchscript", "tflite")
 RUNTIME_PRECISIONS = ("fp32", "bf16", "int8")
 # which precisions each backend can run a file at
 BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8"),
-                      "torchscript": ("fp32", "bf16")}
+                      "torchscript": ("fp32", "bf16"), "tflite": ("fp32", "int8")}
 
 
 def file_precision(metadata: Dict[str, Any]) -> str:
@@ -271,10 +278,89 @@ class TorchScriptModel(ExportedModel):
             return self.module(x.float()).float()
 
 
+class TFLiteModel(ExportedModel):
+    """A LiteRT (TFLite) file from ``deeplab export --format tflite``, run by the LiteRT
+    interpreter. Its input size is fixed (:attr:`input_size`); :class:`FixedInputModel`
+    pads other sizes to it."""
+
+    backend = "tflite"
+
+    def __init__(self, path: PathLike, metadata: Optional[Dict[str, Any]] = None, *, threads: Optional[int] = None,
+                 precision: Optional[str] = None) -> None:
+        interpreter = optional_import("ai_edge_litert.interpreter")
+        if interpreter is None:
+            raise ExportError("the tflite backend needs the LiteRT interpreter: pip install ai-edge-litert")
+        super().__init__(path, read_metadata(path) if metadata is None else metadata)
+        self.precision = resolve_precision(path, self.metadata, self.backend, precision)
+        self.interpreter = interpreter.Interpreter(model_path=str(self.path), num_threads=_threads(threads))
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        shape = [int(v) for v in self.input["shape"]]
+        self.input_size: Tuple[int, int] = (shape[2], shape[3])
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        if tuple(x.shape[2:]) != self.input_size:
+            raise ValueError(f"{self.path} takes {self.input_size[0]}x{self.input_size[1]} inputs, got "
+                             f"{x.shape[2]}x{x.shape[3]}")
+        outputs = []
+        for item in x:  # the graph's batch is 1
+            self.interpreter.set_tensor(self.input["index"], _quantized(item[None], self.input))
+            self.interpreter.invoke()
+            outputs.append(_dequantized(self.interpreter.get_tensor(self.output["index"]), self.output))
+        return np.concatenate(outputs)
+
+
+class FixedInputModel(nn.Module):
+    """An exported model with a fixed input size behind the any-size contract: smaller inputs
+    are padded at the bottom/right with 0 (the mean pixel, as ``--pad-to`` does) and the logits
+    cropped back; larger ones are refused with the way out (sliding windows of that size)."""
+
+    def __init__(self, model: ExportedModel, size: Tuple[int, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.size = size
+        self.output_stride = model.output_stride
+        self.align_corners = model.align_corners
+        self.num_classes = model.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        fh, fw = self.size
+        if h > fh or w > fw:
+            raise DeeplabError(
+                f"{self.model.path} was exported for {fh}x{fw} inputs only and this image needs {h}x{w}; "
+                f"evaluate with --mode slide --crop-size {fh} {fw}, or re-export with `deeplab export` "
+                + ("--input-size H W (LiteRT graphs have one size)" if getattr(self.model, "backend", None) == "tflite"
+                   else "(dynamic height and width)")
+            )
+        logits = self.model(F.pad(x, (0, fw - w, 0, fh - h), value=0.0))
+        return logits[..., :h, :w]
+
+
+def _quantized(x: np.ndarray, detail: Dict[str, Any]) -> np.ndarray:
+    """``x`` as the tensor ``detail`` describes: float as is, int8/uint8 by its scale and zero point."""
+    dtype = np.dtype(detail["dtype"])
+    if dtype.kind == "f":
+        return x.astype(dtype, copy=False)
+    scale, zero = detail["quantization"]
+    info = np.iinfo(dtype)
+    return np.clip(np.round(x / scale) + zero, info.min, info.max).astype(dtype)
+
+
+def _dequantized(y: np.ndarray, detail: Dict[str, Any]) -> np.ndarray:
+    if np.dtype(detail["dtype"]).kind == "f":
+        return y.astype(np.float32, copy=False)
+    scale, zero = detail["quantization"]
+    return ((y.astype(np.float32) - zero) * scale).astype(np.float32)
+
+
 def auto_backend(path: PathLike, precision: str) -> str:
     """The runtime ``backend="auto"`` picks for an exported file run at ``precision``: ONNX Runtime
     for ONNX files (OpenVINO for bf16 where it is installed: ONNX Runtime's CPU provider has no bf16
-    path), TorchScript otherwise."""
+    path), LiteRT for ``.tflite`` files, TorchScript otherwise."""
+    if is_tflite(path):
+        return "tflite"
     if not is_onnx(path):
         return "torchscript"
     return "openvino" if precision == "bf16" and optional_import("openvino") is not None else "onnxruntime"
@@ -292,10 +378,10 @@ def load_exported(
     """Open an exported file with a runtime backend.
 
     Args:
-        path: an ``.onnx`` or TorchScript file written by :mod:`deeplab.deploy.export`.
-        backend: ``"onnxruntime"``, ``"openvino"``, ``"torchscript"`` or ``"auto"`` (ONNX
-            Runtime for ONNX files, TorchScript otherwise; OpenVINO for a bf16 ONNX file
-            where it is installed). ``"torch"`` is accepted as ``"torchscript"`` for
+        path: an ``.onnx``, TorchScript or ``.tflite`` file written by :mod:`deeplab.deploy.export`.
+        backend: ``"onnxruntime"``, ``"openvino"``, ``"torchscript"``, ``"tflite"`` or ``"auto"``
+            (ONNX Runtime for ONNX files, LiteRT for ``.tflite``, TorchScript otherwise; OpenVINO
+            for a bf16 ONNX file where it is installed). ``"torch"`` is accepted as ``"torchscript"`` for
             TorchScript files.
         threads: intra-op threads (default: torch's thread count).
         static_shapes: OpenVINO only - compile per input shape.
@@ -310,6 +396,10 @@ def load_exported(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported model not found: {path}")
+    if is_tflite(path) or backend == "tflite":
+        if not is_tflite(path) or backend not in ("auto", "tflite"):
+            raise ExportError(f"{path}: LiteRT (.tflite) files run with backend 'tflite' (or auto), and only they do")
+        return TFLiteModel(path, metadata, threads=threads, precision=precision)
     onnx_file = is_onnx(path)
     if backend == "auto":
         backend = auto_backend(path, precision or file_precision(metadata or read_metadata(path)))

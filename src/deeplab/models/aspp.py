@@ -57,9 +57,15 @@ class ImagePooling(nn.Sequential):
             )
         )
 
+    # LiteRT's BROADCAST_TO cannot run expand's shape; deeplab.deploy.tflite sets this on the copy it
+    # converts. ``y * 1`` is ``y`` exactly, so both forms give the same values.
+    broadcast_by_multiply = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
         y = super().forward(x)
+        if self.broadcast_by_multiply:
+            return y * x.new_ones((1, 1, size[0], size[1]))
         # Bilinear upsampling of a 1x1 map is a broadcast; expand avoids the interpolation kernel.
         return y.expand(-1, -1, size[0], size[1])
 
