@@ -282,7 +282,7 @@ def test_read_metadata_errors(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="no deeplab metadata"):
         read_metadata(tmp_path / "plain.ts")
     with pytest.raises(ValueError, match="unknown export format"):
-        export_model(small_model(), tmp_path / "x", format="coreml")
+        export_model(small_model(), tmp_path / "x", format="tensorrt")
 
 
 def test_load_exported_backend_checks(tmp_path: Path) -> None:

@@ -22,6 +22,9 @@ for bf16 they are optional (parity on a random input otherwise).
 ``deeplab[tflite]`` in an environment of its own), with one input size (``--input-size``, default
 513 x 513); fp32 (parity on two inputs of that size) or full-integer int8 (calibrated and gated as
 above, on the LiteRT interpreter).
+
+``--format coreml``: an ``.mlpackage`` (ML Program, fp32) through ``torch.export`` and coremltools,
+one input size; Core ML cannot run on Linux, so its specification is checked instead of its output.
 """
 
 from __future__ import annotations
@@ -42,12 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_model_source_args(parser, what="deeplab checkpoint (.pt)")
-    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "tflite", "hub"],
+    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript", "tflite", "coreml", "hub"],
                         help="tflite: LiteRT for phones and edge boards (converted by litert-torch; fixed --input-size); "
+                             "coreml: an .mlpackage for Apple devices (fixed --input-size; runs on macOS/iOS only); "
                              "hub: a folder of config.json + model.safetensors + README.md (deeplab push uploads it)")
     parser.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                        help="tflite: the graph's one input size (default 513 513, the paper's eval crop); smaller "
-                             "images are padded to it")
+                        help="tflite, coreml: the graph's one input size (default 513 513, the paper's eval crop); "
+                             "smaller images are padded to it")
     parser.add_argument("--out", required=True, help="output file, e.g. model.onnx / model.torchscript.pt")
     parser.add_argument("--output-stride", type=int, default=None, choices=[8, 16, 32],
                         help="rebuild at this output stride before exporting (default: the checkpoint's)")
@@ -106,8 +110,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"fold_bn={not args.no_fold_bn}]",
         flush=True,
     )
-    if args.input_size is not None and args.format != "tflite":
-        raise CLIError("--input-size applies to --format tflite (ONNX and TorchScript exports take any size)")
+    if args.input_size is not None and args.format not in ("tflite", "coreml"):
+        raise CLIError("--input-size applies to --format tflite and coreml (ONNX and TorchScript exports take any size)")
+    if args.format == "coreml" and args.precision != "fp32":
+        raise CLIError("--format coreml writes fp32 ML Programs (Core ML picks its own compute units on the device)")
     if args.format == "tflite" and args.precision == "bf16":
         raise CLIError("--format tflite writes fp32 or int8; for bf16 export ONNX (OpenVINO) or TorchScript")
     meta = model_metadata(model, classes=card.classes, palette=card.palette, normalization=card.normalization)
@@ -118,14 +124,23 @@ def main(argv: Optional[List[str]] = None) -> int:
                         calib_method=args.calib_method, int8_scheme=args.int8_scheme,
                         int8_float_fraction=args.int8_float_fraction, input_size=args.input_size,
                         report=lambda line: print(line, flush=True))
-    size_mb = Path(path).stat().st_size / 2**20
+    files = [p for p in Path(path).rglob("*") if p.is_file()] if Path(path).is_dir() else [Path(path)]  # .mlpackage: a folder
+    size_mb = sum(p.stat().st_size for p in files) / 2**20
     h, w = args.input_size or (513, 513)
-    shape = ("(batch, 3, height, width)", f"(batch, {model.num_classes}, height, width)") if args.format != "tflite" else (
-        f"(1, 3, {h}, {w})", f"(1, {model.num_classes}, {h}, {w})")
+    shape = ("(batch, 3, height, width)", f"(batch, {model.num_classes}, height, width)") if args.format in (
+        "onnx", "torchscript") else (f"(1, 3, {h}, {w})", f"(1, {model.num_classes}, {h}, {w})")
     print(f"wrote {path} ({size_mb:.1f} MiB, {args.precision}) in {time.perf_counter() - start:.1f} s; "
           f"inputs 'image' {shape[0]} -> 'logits' {shape[1]}")
     if args.precision != "fp32":
         return _report_precision(path)
+    if args.format == "coreml":
+        from deeplab.deploy.coreml import check_spec
+
+        spec = check_spec(path, model.num_classes, (h, w), channels=int(getattr(model, "in_channels", 3) or 3))
+        print(f"Core ML spec checked: {spec['input'][0]} {spec['input'][1]} float32 -> {spec['output'][0]} "
+              f"{spec['output'][1]} float32, deeplab metadata present. Predictions need macOS or iOS (coremltools "
+              "cannot run them on Linux): parity not measured here")
+        return 0
     if args.no_parity:
         return 0
     generator = torch.Generator().manual_seed(0)

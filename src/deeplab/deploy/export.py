@@ -21,7 +21,8 @@ Precision (:data:`EXPORT_PRECISIONS`, ``export_model(precision=...)``):
   (:mod:`deeplab.deploy.quantize`); LiteRT: full-integer int8 (:mod:`deeplab.deploy.tflite`).
 
 LiteRT (``format="tflite"``, :mod:`deeplab.deploy.tflite`) has one input size
-(``input_size``) and runs fp32 or int8.
+(``input_size``) and runs fp32 or int8; Core ML (``format="coreml"``, :mod:`deeplab.deploy.coreml`)
+one input size, fp32, and runs on Apple's systems only.
 
 For bf16 and int8 the parity against the fp32 PyTorch model on the held-out calibration
 images (pseudo-label mIoU delta, true mIoU delta where the images have masks, pixel agreement,
@@ -71,7 +72,7 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-EXPORT_FORMATS = ("onnx", "torchscript", "tflite")
+EXPORT_FORMATS = ("onnx", "torchscript", "tflite", "coreml")
 EXPORT_PRECISIONS = ("fp32", "bf16", "int8")
 DEFAULT_OPSET = 17
 
@@ -281,7 +282,7 @@ def export_model(
         int8_float_fraction: int8 only, the largest share of the convs kept float to reach the
             accuracy bound (0: quantize all but the ``KEEP_FLOAT`` groups, no search).
         report: int8 only, called with a line per quantization attempt (progress).
-        input_size: tflite only, the graph's fixed ``(H, W)`` (default 513 x 513).
+        input_size: tflite and coreml only, the graph's fixed ``(H, W)`` (default 513 x 513).
 
     Returns:
         ``path``; :func:`~deeplab.deploy.format.read_metadata` gives ``precision``,
@@ -299,6 +300,13 @@ def export_model(
     meta["precision"] = precision
     if format == "tflite":
         return _export_tflite(model, Path(path), meta, fold_bn, precision, calibration, input_size)
+    if format == "coreml":
+        if precision != "fp32":
+            raise ExportError("Core ML export writes fp32 ML Programs; pass --precision fp32")
+        from deeplab.deploy.coreml import DEFAULT_INPUT_SIZE, export_coreml
+
+        size = tuple(input_size or DEFAULT_INPUT_SIZE)
+        return export_coreml(_prepare(model, fold_bn), path, metadata=meta, input_size=(size[0], size[1]))
     if precision == "fp32":
         if format == "onnx":
             return export_onnx(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn, opset=opset)

@@ -106,13 +106,14 @@ def is_onnx(path: PathLike) -> bool:
 
 # Exported files by suffix; anything else is told apart by its content (see :func:`sniff_format`).
 EXPORTED_SUFFIXES = {".onnx": "onnx", ".xml": "openvino-ir", ".ts": "torchscript", ".torchscript": "torchscript",
-                     ".pts": "torchscript", ".tflite": "tflite"}
+                     ".pts": "torchscript", ".tflite": "tflite", ".mlpackage": "coreml"}
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 def sniff_format(path: PathLike) -> str:
     """What a model file is: ``"checkpoint"`` (``torch.save``), ``"onnx"``, ``"torchscript"``,
-    ``"openvino-ir"`` or ``"tflite"`` - the one place model files are told apart.
+    ``"openvino-ir"``, ``"tflite"`` or ``"coreml"`` (an ``.mlpackage`` folder) - the one place model
+    files are told apart.
 
     By suffix for the exported kinds, else by content: TorchScript and checkpoints are both zip
     archives, but TorchScript holds ``code/`` and ``constants.pkl``. A missing file is named by

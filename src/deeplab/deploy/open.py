@@ -285,6 +285,9 @@ def open_model(
             )
         return _open_checkpoint(path, source, entry, device=device, precision=precision,
                                 output_stride=output_stride, optimize=optimize)
+    if kind == "coreml":
+        raise ConfigError(f"{path} is a Core ML package: it runs on macOS / iOS only (Core ML has no Linux or "
+                          "Windows runtime); open the checkpoint or an ONNX / LiteRT export here")
     if torch.device(device).type != "cpu":
         raise ConfigError(f"{path} runs on the CPU through its runtime backend; drop --device {device}")
     model, meta, description, reason = _open_exported(
