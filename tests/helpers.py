@@ -1,11 +1,17 @@
 """Plain helpers shared by test modules (fixtures live in conftest.py): a tiny model and its
-checkpoint in the documented payload format, and the optional-extra markers."""
+checkpoint in the documented payload format, the optional-extra markers, and the TensorFlow
+reference runner."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -58,3 +64,19 @@ def make_checkpoint(path: Path, arch: str = "deeplabv3plus", backbone: str = "mo
         "normalization": dict(NORM),
     }
     return save_checkpoint(path, payload)
+
+
+def run_tf_reference(out: Path, *args: str) -> Dict[str, Any]:
+    """Run tests/tf_reference.py (real TensorFlow, in its own process) into ``out``; its outputs
+    (``refs.npz``) and ``"dir"``. Skips where TensorFlow is missing, except in CI, which must run it."""
+    if importlib.util.find_spec("tensorflow") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tensorflow is not installed; the test extra installs tensorflow-cpu and CI must run these")
+        pytest.skip("tensorflow is not installed (pip install -c constraints.txt -e '.[test]' installs it)")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    script = Path(__file__).resolve().parent / "tf_reference.py"
+    result = subprocess.run([sys.executable, str(script), str(out), *args], env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = np.load(out / "refs.npz")
+    return {"dir": out, **{key: data[key] for key in data.files}}

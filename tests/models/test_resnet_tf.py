@@ -12,10 +12,6 @@ reproduce them to 1e-5 (measured ~1e-13), also through the zoo's download-and-co
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -30,8 +26,8 @@ from deeplab.models import build_backbone, build_model
 from deeplab.models.backbones.resnet_tf import MaxPool2dSame, ResNetTF, unit_plan
 from deeplab.tf import ConversionError, ConversionWarning, DictSource, convert_checkpoint, convert_source
 from deeplab.tf.names import CONV, DEPTHWISE, VECTOR, backbone_rules, tf_layout
+from tests.helpers import run_tf_reference
 
-HERE = Path(__file__).resolve().parents[1]  # tests/: tf_reference.py
 BACKBONES = ("resnet_v1_50", "resnet_v1_101", "resnet_v1_50_beta", "resnet_v1_101_beta")
 
 
@@ -146,17 +142,7 @@ def test_model_and_info_accept_the_tf_backbones(capsys) -> None:
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory) -> Dict:
-    if importlib.util.find_spec("tensorflow") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tensorflow is not installed; the test extra installs tensorflow-cpu and CI must run these")
-        pytest.skip("tensorflow is not installed (pip install -c constraints.txt -e '.[test]' installs it)")
-    out = tmp_path_factory.mktemp("tf_resnet")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, str(HERE / "tf_reference.py"), str(out), "resnet"], env=env,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-4000:]
-    data = np.load(out / "refs.npz")
-    return {"dir": out, **{key: data[key] for key in data.files}}
+    return run_tf_reference(tmp_path_factory.mktemp("tf_resnet"), "resnet")
 
 
 def features(backbone: torch.nn.Module, image: np.ndarray) -> Dict[str, np.ndarray]:
@@ -214,7 +200,6 @@ def test_an_unknown_variable_inside_the_resnet_scope_fails(ref: Dict) -> None:
 def test_zoo_imagenet_resnet_downloads_converts_and_trains_from(ref: Dict, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from deeplab import zoo
-
     from tests.test_zoo import ZooServer
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

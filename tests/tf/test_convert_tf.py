@@ -25,7 +25,6 @@ outputs. Then:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -49,28 +48,17 @@ from deeplab.models.backbones.xception import XceptionSeparableConv2d
 from deeplab.nn.layers import SeparableConv2d, resize
 from deeplab.tf import CheckpointReader, convert_checkpoint
 from deeplab.tf.names import CONV, DEPTHWISE, to_torch
-
+from tests.helpers import run_tf_reference
 from tests.tf_reference import HEAD_CASES, LAYER_CASES
 
 pytestmark = [pytest.mark.slow, pytest.mark.spawn]  # real TensorFlow runs in its own process
 
-HERE = Path(__file__).resolve().parents[1]  # tests/: tf_reference.py
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory) -> Dict:
     """Run the TensorFlow side once; returns its directory and outputs."""
-    if importlib.util.find_spec("tensorflow") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tensorflow is not installed; the test extra installs tensorflow-cpu and CI must run these")
-        pytest.skip("tensorflow is not installed (pip install -c constraints.txt -e '.[test]' installs it)")
-    out = tmp_path_factory.mktemp("tf_reference")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, str(HERE / "tf_reference.py"), str(out)], env=env,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-4000:]
-    data = np.load(out / "refs.npz")
-    return {"dir": out, **{key: data[key] for key in data.files}}
+    return run_tf_reference(tmp_path_factory.mktemp("tf_reference"))
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:
@@ -277,17 +265,7 @@ def test_image_pooling_is_the_window_average_over_the_crop(ref, crop: int, outpu
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory) -> Dict:
     """tests/tf_reference.py HEAD_CASES: checkpoints, raw 0..255 images and TF's float64 logits."""
-    if importlib.util.find_spec("tensorflow") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tensorflow is not installed; the test extra installs tensorflow-cpu and CI must run these")
-        pytest.skip("tensorflow is not installed (pip install -c constraints.txt -e '.[test]' installs it)")
-    out = tmp_path_factory.mktemp("tf_heads")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([sys.executable, str(HERE / "tf_reference.py"), str(out), "heads"], env=env,
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-4000:]
-    data = np.load(out / "refs.npz")
-    return {"dir": out, **{key: data[key] for key in data.files}}
+    return run_tf_reference(tmp_path_factory.mktemp("tf_heads"), "heads")
 
 
 OUR_BACKBONE = {"MobilenetV2": "mobilenet_v2", "xception_41": "xception41", "xception_65": "xception65"}
