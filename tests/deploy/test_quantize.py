@@ -24,9 +24,8 @@ from deeplab.deploy.quantize import (
     prepare_image,
     quantize,
     quantize_onnx,
-    quantize_to_bound,
-    within_bound,
 )
+from deeplab.deploy.accuracy import quantize_to_bound, within_bound
 from deeplab.deploy.runtime import OnnxRuntimeModel, load_exported, measure_parity
 
 onnx = pytest.importorskip("onnx")

@@ -169,7 +169,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _calibration(args: argparse.Namespace, meta: Dict[str, Any], output_stride: int) -> Any:
     """The calibration set the flags name (``None`` when none is named and none is needed)."""
     from deeplab.cli.common import CLIError
-    from deeplab.deploy.quantize import calibration_set
+    from deeplab.deploy.calibration import calibration_set
 
     named = args.calib_data is not None or args.dataset is not None
     if args.precision == "fp32":

@@ -10,7 +10,7 @@ Modules, in the direction imports flow:
   :func:`export_model` with embedded metadata, at fp32 / bf16 / int8 (parity stored).
 * :mod:`~deeplab.deploy.quantize` - calibration images, int8 QDQ by ONNX Runtime or NNCF,
   the saturation-safe scheme by ISA, accuracy-aware int8 with sensitive layers kept float
-  (:func:`~deeplab.deploy.quantize.quantize_to_bound`).
+  (:func:`~deeplab.deploy.accuracy.quantize_to_bound`).
 * :mod:`~deeplab.deploy.runtime` - ONNX Runtime / OpenVINO / TorchScript backends behind the
   ``model(x) -> logits`` contract (:func:`load_exported`, with the precision it runs at) and the
   one parity measure, :func:`~deeplab.deploy.runtime.measure_parity` (pseudo-label and true mIoU

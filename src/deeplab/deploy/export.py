@@ -28,7 +28,7 @@ For bf16 and int8 the parity against the fp32 PyTorch model on the held-out cali
 images (pseudo-label mIoU delta, true mIoU delta where the images have masks, pixel agreement,
 max logit diff: :func:`deeplab.deploy.runtime.measure_parity`) is measured and stored in the
 metadata (``"parity"``), with the calibration set and method; int8 keeps its most sensitive
-layers float until the delta is within bound (:func:`deeplab.deploy.quantize.quantize_to_bound`).
+layers float until the delta is within bound (:func:`deeplab.deploy.accuracy.quantize_to_bound`).
 The policy (:mod:`deeplab.deploy.precision`) reads it.
 """
 
@@ -57,7 +57,7 @@ from deeplab.deploy.format import (
 from deeplab.deploy.optimize import fold_batchnorm
 
 if TYPE_CHECKING:
-    from deeplab.deploy.quantize import CalibrationSet
+    from deeplab.deploy.calibration import CalibrationSet
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -274,7 +274,7 @@ def export_model(
     ``"bf16"``, ``"int8"``; see the module docstring).
 
     Args:
-        calibration: images (:func:`deeplab.deploy.quantize.calibration_set`): int8 calibrates
+        calibration: images (:func:`deeplab.deploy.calibration.calibration_set`): int8 calibrates
             on them; bf16 and int8 measure parity on the held-out ones. Required for int8.
         calib_method: int8 only, a key of :data:`deeplab.deploy.quantize.CALIBRATION_METHODS`
             (default :func:`deeplab.deploy.quantize.default_calibration_method`).
@@ -312,6 +312,7 @@ def export_model(
             return export_onnx(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn, opset=opset)
         return export_torchscript(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn)
     from deeplab.deploy import quantize
+    from deeplab.deploy.accuracy import quantize_to_bound
 
     if precision == "int8":
         if format != "onnx":
@@ -327,7 +328,7 @@ def export_model(
                                      fold_bn=fold_bn, opset=opset)
             with _atomic_target(path) as target:
                 # accuracy-aware: the most sensitive layers stay float until the mIoU bound holds
-                meta["quantization"], parity = quantize.quantize_to_bound(
+                meta["quantization"], parity = quantize_to_bound(
                     float_path, target, calibration, _prepare(model, fold_bn), bound=PARITY_BOUNDS["int8"],
                     method=method, scheme=int8_scheme, max_float_fraction=int8_float_fraction, report=report)
         meta["calibration"] = calibration.describe()

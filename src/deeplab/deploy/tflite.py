@@ -39,7 +39,7 @@ from deeplab._utils import atomic_write, optional_import
 from deeplab.deploy.format import METADATA_KEY, ExportError, quiet_tracing
 
 if TYPE_CHECKING:
-    from deeplab.deploy.quantize import CalibrationSet
+    from deeplab.deploy.calibration import CalibrationSet
 
 __all__ = ["DEFAULT_INPUT_SIZE", "INSTALL_HINT", "add_metadata", "export_tflite", "fit_to_size"]
 
