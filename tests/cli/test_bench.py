@@ -14,6 +14,7 @@ import pytest
 
 from deeplab.cli import bench as bench_cli
 from deeplab.deploy import bench
+from deeplab.deploy import limits as gemm_limits
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,12 +65,12 @@ def test_bench_smoke_small_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert report["limits"]["fp32"]["samples"] and report["limits"]["fp32"]["peak"] > 0
     assert set(report["limits"]) == {"fp32", "bf16", "int8"}
     isa = report["machine"]["isa"]
-    assert set(isa["flags"]) == set(bench.ISA_FLAGS) and "torch_cpu_capability" in isa
+    assert set(isa["flags"]) == set(gemm_limits.ISA_FLAGS) and "torch_cpu_capability" in isa
     assert report["machine"]["cpu"]
 
 
 def test_bench_maps_no_executable_memory() -> None:
-    source = Path(bench.__file__).read_text()
+    source = Path(bench.__file__).read_text() + Path(gemm_limits.__file__).read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -82,7 +83,7 @@ def test_bench_maps_no_executable_memory() -> None:
 
 
 def test_limits_per_precision_positive_or_say_why() -> None:
-    limits = bench.Limits(threads=1, gemm_size=64)
+    limits = gemm_limits.Limits(threads=1, gemm_size=64)
     limits.sample()
     limits.sample()
     table = limits.as_dict()
@@ -99,7 +100,7 @@ def test_limits_per_precision_positive_or_say_why() -> None:
 
 def test_int8_limit_is_an_int_mm() -> None:
     # torch._int_mm on the CPU: int8 x int8 -> int32, exact
-    spec = bench.GEMMS["int8"]
+    spec = gemm_limits.GEMMS["int8"]
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -112,7 +113,7 @@ def test_int8_limit_is_an_int_mm() -> None:
 def test_no_path_is_ever_above_its_limit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A limit a path exceeds is not a limit: with a GEMM made slow on purpose every path beats it,
     # and the report says "underestimated" instead of a figure above 100 %.
-    slow = {"fp32": {"a GEMM 1000x too slow": lambda n, repeat: 1e-3 * bench.gemm_throughput("fp32", n, 1)}}
+    slow = {"fp32": {"a GEMM 1000x too slow": lambda n, repeat: 1e-3 * gemm_limits.gemm_throughput("fp32", n, 1)}}
     report = bench.run_bench(backbones=["mobilenet_v2"], size=65, paths=["eager", "onnxruntime"], warmup=1, repeat=2,
                              gemm_size=64, gemms=slow, log=lambda s: None)
     limit = report["limits"]["fp32"]
@@ -131,17 +132,17 @@ def test_no_path_is_ever_above_its_limit(tmp_path: Path, capsys: pytest.CaptureF
 def test_the_limit_is_the_best_gemm_and_names_it() -> None:
     gemms = {"fp32": {"slow": lambda n, repeat: 10.0, "fast": lambda n, repeat: 30.0,
                       "broken": lambda n, repeat: (_ for _ in ()).throw(RuntimeError("not installed"))}}
-    limits = bench.Limits(threads=1, gemm_size=64, precisions=("fp32",), gemms=gemms)
+    limits = gemm_limits.Limits(threads=1, gemm_size=64, precisions=("fp32",), gemms=gemms)
     limits.sample()
     entry = limits.as_dict()["fp32"]
     assert entry["peak"] == 30.0 and entry["op"] == "fast" and entry["gemms"] == {"slow": 10.0, "fast": 30.0}
     assert "not installed" in entry["gemm_errors"]["broken"]
     # the default candidates: MKL, oneDNN, ONNX Runtime, OpenVINO and numpy for fp32
-    assert len(bench.LIMIT_GEMMS["fp32"]) == 5 and any("oneDNN" in k for k in bench.LIMIT_GEMMS["fp32"])
+    assert len(gemm_limits.LIMIT_GEMMS["fp32"]) == 5 and any("oneDNN" in k for k in gemm_limits.LIMIT_GEMMS["fp32"])
 
 
 def test_limits_say_why_for_unsupported_or_emulated(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = bench.gemm_throughput
+    real = gemm_limits.gemm_throughput
 
     def fake(precision: str, n: int = 4096, repeat: int = 3) -> float:
         if precision == "bf16":
@@ -150,8 +151,8 @@ def test_limits_say_why_for_unsupported_or_emulated(monkeypatch: pytest.MonkeyPa
             return 0.01 * real("fp32", n, repeat)  # emulated: far below fp32
         return real(precision, n, repeat)
 
-    monkeypatch.setattr(bench, "gemm_throughput", fake)
-    limits = bench.Limits(threads=1, gemm_size=64)
+    monkeypatch.setattr(gemm_limits, "gemm_throughput", fake)
+    limits = gemm_limits.Limits(threads=1, gemm_size=64)
     limits.sample()
     table = limits.as_dict()
     assert table["fp32"]["peak"] > 0
@@ -162,29 +163,29 @@ def test_limits_say_why_for_unsupported_or_emulated(monkeypatch: pytest.MonkeyPa
 
 
 def test_parse_cpuinfo_avx2_only() -> None:
-    info = bench.parse_cpuinfo(AVX2_CPUINFO)
+    info = gemm_limits.parse_cpuinfo(AVX2_CPUINFO)
     assert info["cpu"] == "AMD EPYC 7B12"
     assert info["flags"] == {"avx2": True, "avx512f": False, "avx512_bf16": False, "avx512_vnni": False,
                              "amx_bf16": False, "amx_int8": False}
 
 
 def test_parse_cpuinfo_avx512_amx() -> None:
-    info = bench.parse_cpuinfo(AMX_CPUINFO)
+    info = gemm_limits.parse_cpuinfo(AMX_CPUINFO)
     assert info["cpu"] == "Intel(R) Xeon(R) Platinum 8480+"
-    assert all(info["flags"].values()) and set(info["flags"]) == set(bench.ISA_FLAGS)
+    assert all(info["flags"].values()) and set(info["flags"]) == set(gemm_limits.ISA_FLAGS)
 
 
 def test_parse_cpuinfo_without_flags() -> None:
-    info = bench.parse_cpuinfo("")
+    info = gemm_limits.parse_cpuinfo("")
     assert info["cpu"] is None and not any(info["flags"].values())
 
 
 def test_machine_isa_reads_a_cpuinfo_file(tmp_path: Path) -> None:
     path = tmp_path / "cpuinfo"
     path.write_text(AVX2_CPUINFO)
-    info = bench.machine_isa(str(path))
+    info = gemm_limits.machine_isa(str(path))
     assert info["cpu"] == "AMD EPYC 7B12" and info["flags"]["avx2"] and not info["flags"]["avx512f"]
-    assert bench.machine_isa(str(tmp_path / "missing"))["cpu"]  # falls back to platform's name
+    assert gemm_limits.machine_isa(str(tmp_path / "missing"))["cpu"]  # falls back to platform's name
 
 
 def _limits(fp32: float, bf16: Any, int8: Any) -> Dict[str, Dict[str, Any]]:
@@ -224,7 +225,7 @@ def test_percent_is_against_the_paths_own_precision(monkeypatch: pytest.MonkeyPa
 def test_markdown_table_handles_failed_paths() -> None:
     report = {
         "limits": _limits(100.0, None, None),
-        "machine": {"threads": 2, "cpu": "AMD EPYC", "isa": {"flags": dict.fromkeys(bench.ISA_FLAGS, False) | {"avx2": True},
+        "machine": {"threads": 2, "cpu": "AMD EPYC", "isa": {"flags": dict.fromkeys(gemm_limits.ISA_FLAGS, False) | {"avx2": True},
                                                              "torch_cpu_capability": "AVX2"}},
         "results": [
             {"model": "m", "path": "eager", "gmacs": 1.0, "min_s": 0.1, "median_s": 0.2, "gflops": 10.0, "gflops_min": 20.0},
