@@ -244,3 +244,21 @@ def test_export_tflite_without_the_converter_says_how_to_install(tmp_path: Path,
     assert cli.main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--input-size", "65", "65",
                      "--out", str(tmp_path / "m.onnx")]) == 2
     assert "--input-size applies to --format tflite" in capsys.readouterr().err
+
+
+@pytest.mark.tflite
+def test_bench_times_the_litert_paths_against_their_own_limits() -> None:
+    pytest.importorskip("litert_torch")
+    from deeplab.deploy import bench
+
+    assert "tflite" in bench.PATHS and "tflite" not in bench.DEFAULT_PATHS  # asked for by name only
+    report = bench.run_bench(backbones=["mobilenet_v2"], size=SIZE, paths=["tflite", "tflite_int8"], warmup=1,
+                             repeat=2, gemm_size=64, log=lambda s: None)
+    rows = {r["path"]: r for r in report["results"]}
+    assert set(rows) == {"tflite", "tflite_int8"}
+    for path, precision in (("tflite", "fp32"), ("tflite_int8", "int8")):
+        row = rows[path]
+        assert "error" not in row and row["precision"] == precision and row["median_s"] > 0
+        # never above the limit of its own precision (or the limit is reported as underestimated)
+        assert row["fraction_of_limit"] is None or 0 < row["fraction_of_limit"] <= 1
+    json.dumps(report)

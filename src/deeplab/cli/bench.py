@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from deeplab.cli.common import cli_command
-from deeplab.deploy.bench import DEFAULT_BACKBONES, PATH_SPECS, PATHS, PRECISIONS, markdown_table, run_bench
+from deeplab.deploy.bench import DEFAULT_BACKBONES, DEFAULT_PATHS, PATH_SPECS, PATHS, PRECISIONS, markdown_table, run_bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-stride", type=int, default=16, choices=[8, 16, 32])
     parser.add_argument("--regular", action="store_true", help="regular 3x3 convs in ASPP/decoder (default: separable)")
     parser.add_argument("--num-classes", type=int, default=21)
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=list(PATHS),
+                        help="deployment paths to time (tflite, tflite_int8: only by name; they need litert-torch)")
     parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS),
                         help="only the paths of these precisions (each measured against its own GEMM limit)")
     parser.add_argument("--warmup", type=int, default=2)

@@ -21,6 +21,9 @@ separable ASPP/decoder, ``1 x 3 x 513 x 513``, fp32), it measures the latency of
   per-channel weights, ONNX Runtime MinMax calibration on 2 random images: speed does not
   depend on the calibration, and the weights are random anyway; accuracy is measured by
   ``benchmarks/deploy_precision.py`` on a trained model);
+* ``tflite`` / ``tflite_int8`` (asked for by name; they need litert-torch, which has an
+  environment of its own) - the LiteRT file at the input's size, fp32 or full-integer int8, run
+  by the LiteRT interpreter (XNNPACK);
 
 each timed ``--repeat`` times after ``--warmup`` runs, *interleaved* (one run of each path in
 turn), so a neighbour's load hits all paths alike; min and median are reported. It also
@@ -92,8 +95,12 @@ PATH_SPECS: Dict[str, PathSpec] = {
     "openvino_bf16": PathSpec("OpenVINO bf16 (`INFERENCE_PRECISION_HINT`)", "bf16"),
     "onnxruntime_int8": PathSpec("ONNX Runtime int8 (QDQ, per-channel)", "int8"),
     "openvino_int8": PathSpec("OpenVINO int8 (same QDQ file)", "int8"),
+    "tflite": PathSpec("LiteRT (XNNPACK)", "fp32"),
+    "tflite_int8": PathSpec("LiteRT int8 (full integer)", "int8"),
 }
 PATHS = tuple(PATH_SPECS)
+# The LiteRT paths convert with litert-torch, which lives in an environment of its own: asked for by name.
+DEFAULT_PATHS = tuple(p for p in PATHS if not p.startswith("tflite"))
 DEFAULT_BACKBONES = ("resnet101", "xception65", "mobilenet_v2")
 
 def path_precision(result: Dict[str, Any]) -> str:
@@ -196,6 +203,8 @@ def build_paths(
                     runner = OpenVINOModel(file, threads=threads, static_shapes=True, precision=precision)
                 runner(x)  # first run: session / compiled-model setup, not inside the timed loop
                 runners[path] = _sync_runner(runner, x)
+            elif path in ("tflite", "tflite_int8"):
+                runners[path] = _sync_runner(_litert(model, x, workdir / f"{stem}.{path}.tflite", path, threads), x)
             else:
                 raise ValueError(f"unknown path {path!r}; choose from {list(PATHS)}")
         except Exception as exc:  # one backend failing (not installed, no compiler) must not end the run
@@ -203,6 +212,25 @@ def build_paths(
         log(f"  prepared {path:<12} in {time.perf_counter() - start:5.1f} s"
             + (f"  ({runners[path]})" if isinstance(runners[path], str) else ""))
     return runners
+
+
+def _litert(model: nn.Module, x: torch.Tensor, path: Path, kind: str, threads: int) -> nn.Module:
+    """The model as a LiteRT file at ``x``'s size, run by the LiteRT interpreter (int8: calibrated
+    on 2 random images, as the ONNX int8 path: speed does not depend on the calibration)."""
+    from deeplab.deploy.calibration import CalibrationSet
+    from deeplab.deploy.export import _prepare, model_metadata
+    from deeplab.deploy.runtime import TFLiteModel
+    from deeplab.deploy.tflite import export_tflite
+
+    g = torch.Generator().manual_seed(1)
+    calibration = CalibrationSet(arrays=[torch.randn(x[:1].shape, generator=g).numpy() for _ in range(2)],
+                                 names=["random-0", "random-1"], source="random")
+    precision = "int8" if kind == "tflite_int8" else "fp32"
+    export_tflite(_prepare(model, True), path, metadata=model_metadata(model), input_size=(x.shape[-2], x.shape[-1]),
+                  precision=precision, calibration=calibration if precision == "int8" else None)
+    runner = TFLiteModel(path, threads=threads)
+    runner(x)
+    return runner
 
 
 def _quantized(src: Path, dst: Path, x: torch.Tensor) -> Path:
@@ -320,7 +348,7 @@ def run_bench(
     output_stride: int = 16,
     separable: bool = True,
     num_classes: int = 21,
-    paths: Sequence[str] = PATHS,
+    paths: Sequence[str] = DEFAULT_PATHS,
     warmup: int = 2,
     repeat: int = 7,
     threads: Optional[int] = None,
