@@ -317,6 +317,24 @@ def test_cli_reference_covers_every_subcommand() -> None:
     assert docs_cli_reference.MARKER in (ROOT / "docs" / "cli.md").read_text()
 
 
+def test_every_page_is_in_the_site_navigation() -> None:
+    # mkdocs only reports a page missing from nav as INFO, so --strict does not catch it
+    import yaml
+
+    def pages(entries: object) -> List[str]:
+        if isinstance(entries, str):
+            return [entries]
+        if isinstance(entries, list):
+            return [p for e in entries for p in pages(e)]
+        if isinstance(entries, dict):
+            return [p for v in entries.values() for p in pages(v)]
+        return []
+
+    nav = set(pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))
+    on_disk = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
+    assert on_disk - nav == set(), "pages no reader can reach from the navigation"
+
+
 def test_readme_is_a_front_page() -> None:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 150
