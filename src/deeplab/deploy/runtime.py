@@ -56,6 +56,7 @@ __all__ = [
     "EXPORTED_BACKENDS",
     "ExportedModel",
     "FixedInputModel",
+    "InputSizeError",
     "OnnxRuntimeModel",
     "OpenVINOModel",
     "TFLiteModel",
@@ -311,6 +312,10 @@ class TFLiteModel(ExportedModel):
         return np.concatenate(outputs)
 
 
+class InputSizeError(DeeplabError, ValueError):
+    """An image larger than a fixed-size graph takes (a per-image error: the other images still run)."""
+
+
 class FixedInputModel(nn.Module):
     """An exported model with a fixed input size behind the any-size contract: smaller inputs
     are padded at the bottom/right with 0 (the mean pixel, as ``--pad-to`` does) and the logits
@@ -328,9 +333,9 @@ class FixedInputModel(nn.Module):
         h, w = int(x.shape[-2]), int(x.shape[-1])
         fh, fw = self.size
         if h > fh or w > fw:
-            raise DeeplabError(
+            raise InputSizeError(
                 f"{self.model.path} was exported for {fh}x{fw} inputs only and this image needs {h}x{w}; "
-                f"evaluate with --mode slide --crop-size {fh} {fw}, or re-export with `deeplab export` "
+                f"run it with --mode slide --crop-size {min(fh, fw)} (square windows that fit), or re-export with `deeplab export` "
                 + ("--input-size H W (LiteRT graphs have one size)" if getattr(self.model, "backend", None) == "tflite"
                    else "(dynamic height and width)")
             )
