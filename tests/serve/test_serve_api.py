@@ -236,6 +236,18 @@ def test_server_errors_are_one_line_never_a_traceback(error: Exception) -> None:
         assert c.get("/healthz").json()["queued"] == 0  # the failed request gave its place back
 
 
+def test_an_image_larger_than_a_fixed_size_model_is_413_naming_the_way_out() -> None:
+    from deeplab.deploy.runtime import InputSizeError
+
+    too_small = Failing(InputSizeError("model.tflite was exported for 33x33 inputs only and this image needs 49x65; "
+                                       "run it with --mode slide --crop-size 33"))
+    seg = Segmenter(too_small, classes=CLASSES, palette=PALETTE, normalization={"mean": [0.5] * 3, "std": [0.5] * 3})
+    with TestClient(create_app(seg), raise_server_exceptions=False) as c:
+        response = c.post("/v1/segment", content=photo()[0])
+        assert response.status_code == 413 and "--crop-size 33" in response.json()["detail"]
+        assert c.get("/healthz").json()["queued"] == 0
+
+
 def test_full_queue_answers_503_with_retry_after_not_a_hang(segmenter: Segmenter) -> None:
     app = create_app(segmenter, limits=ServeLimits(queue_size=2))
     worker = app.state.worker

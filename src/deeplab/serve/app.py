@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, create_model, field_validator
 
 from deeplab._utils import ConfigError, DeeplabError, jsonable, one_line
 from deeplab.config import INFERENCE_MODES, InferenceConfig
+from deeplab.deploy.runtime import InputSizeError
 from deeplab.segmenter import Segmenter
 from deeplab.serve.camera import mount_camera
 
@@ -503,6 +504,8 @@ def create_app(segmenter: Segmenter, *, limits: Optional[ServeLimits] = None,
             latency = time.perf_counter() - start
         except RequestRejected as exc:
             return error_response(exc.status, str(exc), exc.headers)
+        except InputSizeError as exc:  # larger than a fixed-size model (a LiteRT file) takes
+            return error_response(413, one_line(exc))
         except (RuntimeError, MemoryError) as exc:
             log.exception("inference failed")
             return error_response(500, f"inference failed: {one_line(exc)}")
