@@ -46,7 +46,7 @@ __all__ = ["DEFAULT_INPUT_SIZE", "INSTALL_HINT", "add_metadata", "export_tflite"
 PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_INPUT_SIZE = (513, 513)
 INSTALL_HINT = ("pip install 'deeplab[tflite]' in an environment of its own (litert-torch pins typing_extensions "
-                "4.12 and pulls transformers / huggingface_hub 2.x; see docs/deploy.md)")
+                "4.12 and pulls transformers / huggingface_hub 2.x; see docs/sharing.md)")
 
 
 def _litert_torch() -> Any:
@@ -62,8 +62,8 @@ def _litert_torch() -> Any:
 
 
 def _litert_friendly(model: nn.Module) -> nn.Module:
-    """``model`` with the image pooling's broadcast written as a multiply (same values): the
-    converter turns ``expand`` into a ``BROADCAST_TO`` the LiteRT kernels refuse."""
+    """``model``, in place, with the image pooling's broadcast written as a multiply (the values do
+    not change): the converter turns ``expand`` into a ``BROADCAST_TO`` the LiteRT kernels refuse."""
     from deeplab.models.aspp import ImagePooling
 
     for module in model.modules():
@@ -143,13 +143,14 @@ def export_tflite(
     precision: str = "fp32",
     calibration: Optional["CalibrationSet"] = None,
 ) -> Path:
-    """Convert ``model`` (BatchNorm already folded, eval mode, CPU) to a LiteRT file at ``path``.
+    """Convert ``model`` (BatchNorm already folded, eval mode, CPU; its image pooling is switched to
+    the converter-friendly form in place) to a LiteRT file at ``path``.
 
     Args:
         metadata: the deeplab JSON to embed (``precision`` is set here).
         input_size: the fixed ``(H, W)`` of the graph's input.
         precision: ``"fp32"`` or ``"int8"`` (full integer; needs ``calibration``).
-        calibration: calibration images (:func:`deeplab.deploy.quantize.calibration_set`).
+        calibration: calibration images (:func:`deeplab.deploy.calibration.calibration_set`).
 
     Raises:
         ExportError: litert-torch is not installed, int8 without calibration images, an
