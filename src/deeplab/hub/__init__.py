@@ -22,26 +22,41 @@ read, and loaded strictly into the model rebuilt from the stored config. ``HF_EN
 call time) points everything at another Hub, a mirror or a test server.
 
 Needs the ``[hub]`` extra (``huggingface_hub`` and ``safetensors``).
+
+Modules, in the direction imports flow:
+
+* :mod:`~deeplab.hub.format` - the folder contract: file names, ``hf://`` ids, :class:`HubError`,
+  the optional packages, reading and verifying a saved folder. A leaf.
+* :mod:`~deeplab.hub.card` - :func:`model_card`, the ``README.md`` from a ``config.json`` dict.
+* :mod:`~deeplab.hub.save` - :func:`save_pretrained`, :func:`save_pretrained_from_checkpoint`.
+* :mod:`~deeplab.hub.push` - :func:`push_to_hub`.
+* :mod:`~deeplab.hub.load` - :func:`load_pretrained`, :func:`load_from_hub`,
+  :func:`from_pretrained`, :func:`checkpoint_for`.
 """
 
-from __future__ import annotations
-
-from deeplab.hub.card import model_card
-from deeplab.hub.common import (
+from .card import CITATION as CITATION
+from .card import TF_REFERENCE as TF_REFERENCE
+from .card import TF_ZOO_PAGE as TF_ZOO_PAGE
+from .card import model_card
+from .format import (
     CARD_NAME,
     CONFIG_NAME,
     HUB_FORMAT,
     HUB_PREFIX,
     WEIGHTS_NAME,
     HubError,
-    HubModel,
-    PushResult,
     is_hub_id,
     parse_hub_id,
 )
-from deeplab.hub.load import checkpoint_for, from_pretrained, load_from_hub, load_pretrained
-from deeplab.hub.save import push_to_hub, save_pretrained, save_pretrained_from_checkpoint
+from .format import HUB_VERSION as HUB_VERSION
+from .format import INSTALL_HINT as INSTALL_HINT
+from .format import PathLike as PathLike
+from .load import HubModel, checkpoint_for, from_pretrained, load_from_hub, load_pretrained
+from .push import PushResult, push_to_hub
+from .save import save_pretrained, save_pretrained_from_checkpoint
 
+# CITATION, TF_REFERENCE, TF_ZOO_PAGE, HUB_VERSION, INSTALL_HINT and PathLike: module names of the
+# former hub.py, outside __all__ as they were there.
 __all__ = [
     "CARD_NAME",
     "CONFIG_NAME",

@@ -1,78 +1,88 @@
-"""Reading a model folder or a Hub repo: verified, strict, through the Hub's cache."""
+"""Loading: a saved folder (:func:`load_pretrained`) or a Hub repo through the Hub cache
+(:func:`load_from_hub`, :func:`from_pretrained`), and a deeplab checkpoint of a Hub model
+(:func:`checkpoint_for`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from deeplab._utils import load_state_dict_strict, sha256_of
-from deeplab.config import ModelConfig
-from deeplab.hub.common import (
+from .._utils import load_state_dict_strict
+from ..config import ModelConfig
+from .format import (
     CARD_NAME,
     CONFIG_NAME,
-    HUB_FORMAT,
     HUB_PREFIX,
-    HUB_VERSION,
     WEIGHTS_NAME,
     HubError,
-    HubModel,
     PathLike,
-    _cache_dir,
-    _endpoint,
-    _first_line,
-    _hf,
-    _offline,
-    _safetensors_torch,
+    first_line,
+    hub_endpoint,
     parse_hub_id,
+    read_folder_config,
+    require_huggingface_hub,
+    require_safetensors,
+    verify_weights,
 )
 
-# --------------------------------------------------------------------------- reading
+__all__ = ["HubModel", "checkpoint_for", "from_pretrained", "load_from_hub", "load_pretrained"]
+
+@dataclass
+class HubModel:
+    """What :func:`load_pretrained` returns: the model and everything ``config.json`` says of it.
+
+    Attributes:
+        model: the DeepLab model in eval mode (weights loaded strictly).
+        config: the parsed ``config.json``.
+        directory: the folder the files were read from (a snapshot in the Hub cache).
+        repo_id, revision: where it came from (``None`` for a local folder); ``revision`` is the
+            commit the files belong to when known.
+    """
+
+    model: nn.Module
+    config: Dict[str, Any]
+    directory: Path
+    repo_id: Optional[str] = None
+    revision: Optional[str] = None
+
+    @property
+    def classes(self) -> List[str]:
+        return [str(c) for c in self.config["classes"]]
+
+    @property
+    def palette(self) -> Optional[List[List[int]]]:
+        return self.config.get("palette")
+
+    @property
+    def normalization(self) -> Dict[str, List[float]]:
+        return dict(self.config["normalization"])
+
+    @property
+    def source(self) -> str:
+        if self.repo_id is None:
+            return str(self.directory)
+        return f"{HUB_PREFIX}{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
 
 
-def _read_folder_config(directory: Path, *, what: str) -> Dict[str, Any]:
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise HubError(f"{what} has no {CONFIG_NAME}; it is not a model written by deeplab save_pretrained "
-                       "(deeplab push --checkpoint best.pt writes one)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise HubError(f"cannot read {path}: {_first_line(exc)}; download it again") from exc
-    if not isinstance(config, dict) or config.get("format") != HUB_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise HubError(f"{path} is not a deeplab model config (format {found!r}, expected {HUB_FORMAT!r}); "
-                       "this repo holds another library's model")
-    if not isinstance(config.get("version"), int) or config["version"] > HUB_VERSION:
-        raise HubError(f"{path} has version {config.get('version')!r}, newer than this deeplab reads "
-                       f"(<= {HUB_VERSION}); upgrade deeplab")
-    missing = [k for k in ("model_config", "classes", "normalization", "weights") if not config.get(k)]
-    if missing:
-        raise HubError(f"{path} lacks {missing}; save the model again with deeplab save_pretrained")
-    return config
+def _cache_dir(cache_dir: Optional[PathLike]) -> Optional[str]:
+    if cache_dir is not None:
+        return os.fspath(cache_dir)
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
 
 
-def _verify_weights(path: Path, config: Mapping[str, Any], *, what: str) -> None:
-    """The weights file must be exactly the one ``config.json`` records (size, then sha256)."""
-    if not path.is_file():
-        raise HubError(f"{what} is missing; save or download the model again")
-    expected = dict(config["weights"])
-    size = path.stat().st_size
-    if size != int(expected.get("size", -1)):
-        raise HubError(f"{what} has {size} bytes but {CONFIG_NAME} records {expected.get('size')}: the file was "
-                       "changed or truncated after it was saved; refusing to load it - download it again "
-                       "(force_download=True) or ask the repo's owner to re-upload")
-    digest = sha256_of(path)
-    if digest != expected.get("sha256"):
-        raise HubError(f"{what} has sha256 {digest[:16]}... but {CONFIG_NAME} records "
-                       f"{str(expected.get('sha256'))[:16]}...: the file was changed after it was saved; refusing "
-                       "to load it - download it again (force_download=True) or ask the repo's owner to re-upload")
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def load_pretrained(directory: PathLike, *, output_stride: Optional[int] = None, what: Optional[str] = None,
@@ -83,16 +93,16 @@ def load_pretrained(directory: PathLike, *, output_stride: Optional[int] = None,
         HubError: not a deeplab folder, weights that differ from what ``config.json`` records,
             or weights that do not fit the model rebuilt from the config.
     """
-    safetensors_torch = _safetensors_torch()
+    safetensors_torch = require_safetensors()
     folder = Path(directory)
     label = what or str(folder)
-    config = _read_folder_config(folder, what=label)
+    config = read_folder_config(folder, what=label)
     weights = folder / WEIGHTS_NAME
-    _verify_weights(weights, config, what=f"{label}: {WEIGHTS_NAME}")
+    verify_weights(weights, config, what=f"{label}: {WEIGHTS_NAME}")
     try:
         model_config = ModelConfig.from_dict(dict(config["model_config"]))
     except (TypeError, ValueError) as exc:
-        raise HubError(f"{label}: {CONFIG_NAME} has an unusable model config: {_first_line(exc)}") from exc
+        raise HubError(f"{label}: {CONFIG_NAME} has an unusable model config: {first_line(exc)}") from exc
     if len(config["classes"]) != model_config.num_classes:
         raise HubError(f"{label}: {CONFIG_NAME} names {len(config['classes'])} classes for a model with "
                        f"{model_config.num_classes}; fix the file or save the model again")
@@ -101,9 +111,9 @@ def load_pretrained(directory: PathLike, *, output_stride: Optional[int] = None,
     try:
         state = safetensors_torch.load_file(str(weights), device="cpu")
     except Exception as exc:  # safetensors raises its own SafetensorError for a corrupt header
-        raise HubError(f"{label}: {WEIGHTS_NAME} is not a readable safetensors file ({_first_line(exc)}); "
+        raise HubError(f"{label}: {WEIGHTS_NAME} is not a readable safetensors file ({first_line(exc)}); "
                        "download it again") from exc
-    from deeplab.models import build_model_from_config
+    from ..models import build_model_from_config
 
     model = build_model_from_config(model_config, pretrained_backbone=None)
     load_state_dict_strict(
@@ -119,7 +129,7 @@ def load_pretrained(directory: PathLike, *, output_stride: Optional[int] = None,
 def _download(repo_id: str, revision: Optional[str], *, cache_dir: Optional[PathLike], token: Optional[str],
               force_download: bool) -> Tuple[Path, Optional[str]]:
     """``config.json``, ``model.safetensors`` and the card into the Hub cache; their snapshot folder."""
-    hf = _hf()
+    hf = require_huggingface_hub()
     errors = hf.errors
     offline = _offline()
     where = _cache_dir(cache_dir)
@@ -128,7 +138,7 @@ def _download(repo_id: str, revision: Optional[str], *, cache_dir: Optional[Path
     for filename in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
         try:
             paths[filename] = hf.hf_hub_download(
-                repo_id, filename, revision=revision, cache_dir=where, token=token, endpoint=_endpoint(),
+                repo_id, filename, revision=revision, cache_dir=where, token=token, endpoint=hub_endpoint(),
                 local_files_only=offline, force_download=force_download and not offline,
             )
         except errors.LocalEntryNotFoundError as exc:
@@ -138,7 +148,7 @@ def _download(repo_id: str, revision: Optional[str], *, cache_dir: Optional[Path
             if offline:
                 raise HubError(f"{label}: {filename} is not in the Hub cache {cache} and HF_HUB_OFFLINE=1 forbids "
                                "downloading it; load it once online (or copy the cache), or unset HF_HUB_OFFLINE") from exc
-            raise HubError(f"cannot download {label} ({_first_line(exc)}) and {filename} is not in the Hub cache "
+            raise HubError(f"cannot download {label} ({first_line(exc)}) and {filename} is not in the Hub cache "
                            f"{cache}; check the network or HF_ENDPOINT") from exc
         except errors.RepositoryNotFoundError as exc:
             raise HubError(f"{label}: no such model repo, or it is private (log in: HF_TOKEN or "
@@ -152,9 +162,9 @@ def _download(repo_id: str, revision: Optional[str], *, cache_dir: Optional[Path
             # (after LocalEntryNotFoundError, its subclass)
             raise HubError(f"{label} has no {filename}; it is not a deeplab model (upload one with deeplab push)") from exc
         except errors.HfHubHTTPError as exc:
-            raise HubError(f"cannot download {filename} of {label}: {_first_line(exc)}") from exc
+            raise HubError(f"cannot download {filename} of {label}: {first_line(exc)}") from exc
         except OSError as exc:  # huggingface_hub's size check after a download ("Consistency check failed")
-            raise HubError(f"cannot download {filename} of {label}: {_first_line(exc)}; try again "
+            raise HubError(f"cannot download {filename} of {label}: {first_line(exc)}; try again "
                            "(force_download=True)") from exc
     snapshot = Path(paths[CONFIG_NAME]).parent
     if Path(paths[WEIGHTS_NAME]).parent != snapshot:
@@ -219,7 +229,7 @@ def checkpoint_for(source: str, *, revision: Optional[str] = None, cache_dir: Op
     ``$TORCH_HOME/hub/checkpoints/deeplab/hub/ORG--NAME/SHA256[:16].pt``, and carries the
     classes, palette, normalisation, dataset and the Hub provenance.
     """
-    from deeplab.checkpoint import save_checkpoint
+    from ..checkpoint import save_checkpoint
 
     loaded = load_from_hub(source, revision=revision, cache_dir=cache_dir, token=token)
     digest = str(loaded.config["weights"]["sha256"])

@@ -1,4 +1,5 @@
-"""Writing a model folder (:func:`save_pretrained`) and uploading it (:func:`push_to_hub`)."""
+"""Writing a model folder: :func:`save_pretrained` (a model) and
+:func:`save_pretrained_from_checkpoint` (a deeplab checkpoint, with its figures and provenance)."""
 
 from __future__ import annotations
 
@@ -9,34 +10,13 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import nn
 
-from deeplab._utils import atomic_write, jsonable, unwrap_model
-from deeplab._version import __version__
-from deeplab.config import ModelConfig
-from deeplab.hub.card import model_card
-from deeplab.hub.common import (
-    CARD_NAME,
-    CONFIG_NAME,
-    HUB_FORMAT,
-    HUB_VERSION,
-    WEIGHTS_NAME,
-    HubError,
-    PathLike,
-    PushResult,
-    _endpoint,
-    _first_line,
-    _hf,
-    _safetensors_torch,
-    parse_hub_id,
-)
-from deeplab.hub.load import _read_folder_config, _verify_weights
+from .._utils import atomic_write, jsonable, unwrap_model
+from .._version import __version__
+from ..config import ModelConfig
+from .card import model_card
+from .format import CARD_NAME, CONFIG_NAME, HUB_FORMAT, HUB_VERSION, WEIGHTS_NAME, HubError, PathLike, require_safetensors
 
-# --------------------------------------------------------------------------- writing
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    with atomic_write(path) as handle:
-        handle.write(data)
-
+__all__ = ["save_pretrained", "save_pretrained_from_checkpoint"]
 
 def _model_config(model: nn.Module) -> ModelConfig:
     config = getattr(model, "config", None)
@@ -80,7 +60,7 @@ def save_pretrained(
     Returns:
         The folder.
     """
-    safetensors_torch = _safetensors_torch()
+    safetensors_torch = require_safetensors()
     bare = unwrap_model(model)
     config = _model_config(bare)
     state = {key: value.detach().cpu().contiguous() for key, value in bare.state_dict().items()}
@@ -96,7 +76,8 @@ def save_pretrained(
 
     # safetensors' header is canonical (sorted keys, fixed dtype names), so equal weights give equal bytes
     weights_bytes = safetensors_torch.save(state, metadata={"format": "pt", "library": "deeplab"})
-    _write_atomically(directory / WEIGHTS_NAME, weights_bytes)
+    with atomic_write(directory / WEIGHTS_NAME) as handle:
+        handle.write(weights_bytes)
     parameters = sum(int(p.numel()) for p in bare.parameters())
     card_config: Dict[str, Any] = {
         "format": HUB_FORMAT,
@@ -121,8 +102,10 @@ def save_pretrained(
             "dtype": sorted({str(v.dtype).replace("torch.", "") for v in state.values()}),
         },
     }
-    _write_atomically(directory / CONFIG_NAME, (json.dumps(card_config, indent=2) + "\n").encode())
-    _write_atomically(directory / CARD_NAME, model_card(card_config).encode())
+    with atomic_write(directory / CONFIG_NAME) as handle:
+        handle.write((json.dumps(card_config, indent=2) + "\n").encode())
+    with atomic_write(directory / CARD_NAME) as handle:
+        handle.write(model_card(card_config).encode())
     return directory
 
 
@@ -134,7 +117,7 @@ def save_pretrained_from_checkpoint(checkpoint: PathLike, save_directory: PathLi
     and (for a converted TF zoo model) its provenance and the zoo's own figure come from the
     checkpoint.
     """
-    from deeplab.checkpoint import load_model
+    from ..checkpoint import load_model
 
     model, ckpt = load_model(checkpoint, map_location="cpu")
     dataset = dict(ckpt.get("dataset") or {})
@@ -175,60 +158,3 @@ def save_pretrained_from_checkpoint(checkpoint: PathLike, save_directory: PathLi
         normalization=ckpt.get("normalization"), dataset=dataset, metrics=metrics, evaluation=evaluation,
         training=training, source=source, name=name or (zoo.get("name") if zoo else None),
     )
-
-
-# --------------------------------------------------------------------------- uploading
-
-
-def push_to_hub(
-    save_directory: PathLike,
-    repo_id: str,
-    *,
-    token: Optional[str] = None,
-    revision: Optional[str] = None,
-    private: bool = False,
-    commit_message: Optional[str] = None,
-    create_repo: bool = True,
-) -> PushResult:
-    """Upload a folder written by :func:`save_pretrained` to the Hub repo ``repo_id``.
-
-    The folder is checked first (its weights must match the size and sha256 that its
-    ``config.json`` records), the repo is created when missing, and the three files go up in one
-    commit (the weights through the Hub's large-file protocol).
-
-    Args:
-        save_directory: the folder.
-        repo_id: ``org/name`` (an ``hf://`` prefix is accepted).
-        token: a write token (default: ``HF_TOKEN`` / the one ``huggingface-cli login`` stored).
-        revision: the branch to commit to (default ``main``).
-        private: create the repo private.
-        commit_message: default "Upload deeplab <arch> <backbone>".
-        create_repo: create the repo if it does not exist.
-
-    Raises:
-        HubError: a folder that is not a saved model, or the Hub refusing (the message says why).
-    """
-    hf = _hf()
-    directory = Path(save_directory)
-    config = _read_folder_config(directory, what=str(directory))
-    _verify_weights(directory / WEIGHTS_NAME, config, what=str(directory / WEIGHTS_NAME))
-    repo, pinned = parse_hub_id(repo_id, revision)
-    branch = pinned or "main"
-    api = hf.HfApi(endpoint=_endpoint(), token=token)
-    message = commit_message or f"Upload deeplab {config['model_config'].get('arch')} {config['model_config'].get('backbone')}"
-    try:
-        if create_repo:
-            api.create_repo(repo, private=private, exist_ok=True, repo_type="model")
-        if branch != "main":
-            api.create_branch(repo, branch=branch, exist_ok=True)
-        info = api.upload_folder(repo_id=repo, folder_path=str(directory), revision=branch, commit_message=message,
-                                 allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME], repo_type="model")
-    except hf.errors.HfHubHTTPError as exc:
-        raise HubError(f"the Hub refused the upload to {repo}: {_first_line(exc)}; check the token "
-                       "(HF_TOKEN or `huggingface-cli login`, with write access) and the repo name") from exc
-    except (OSError, ValueError) as exc:
-        raise HubError(f"cannot upload {directory} to {repo}: {_first_line(exc)}") from exc
-    endpoint = (_endpoint() or hf.constants.ENDPOINT).rstrip("/")
-    return PushResult(repo_id=repo, revision=branch, commit=str(info.oid), url=f"{endpoint}/{repo}")
-
-
