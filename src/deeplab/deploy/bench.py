@@ -218,7 +218,7 @@ def _litert(model: nn.Module, x: torch.Tensor, path: Path, kind: str, threads: i
     """The model as a LiteRT file at ``x``'s size, run by the LiteRT interpreter (int8: calibrated
     on 2 random images, as the ONNX int8 path: speed does not depend on the calibration)."""
     from deeplab.deploy.calibration import CalibrationSet
-    from deeplab.deploy.export import _prepare, model_metadata
+    from deeplab.deploy.export import model_metadata, prepare_for_export
     from deeplab.deploy.runtime import TFLiteModel
     from deeplab.deploy.tflite import export_tflite
 
@@ -226,7 +226,7 @@ def _litert(model: nn.Module, x: torch.Tensor, path: Path, kind: str, threads: i
     calibration = CalibrationSet(arrays=[torch.randn(x[:1].shape, generator=g).numpy() for _ in range(2)],
                                  names=["random-0", "random-1"], source="random")
     precision = "int8" if kind == "tflite_int8" else "fp32"
-    export_tflite(_prepare(model, True), path, metadata=model_metadata(model), input_size=(x.shape[-2], x.shape[-1]),
+    export_tflite(prepare_for_export(model, True), path, metadata=model_metadata(model), input_size=(x.shape[-2], x.shape[-1]),
                   precision=precision, calibration=calibration if precision == "int8" else None)
     runner = TFLiteModel(path, threads=threads)
     runner(x)

@@ -67,6 +67,7 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "model_metadata",
+    "prepare_for_export",
     "write_onnx_metadata",
 ]
 
@@ -127,7 +128,9 @@ def model_metadata(
 # --------------------------------------------------------------------------- export
 
 
-def _prepare(model: nn.Module, fold_bn: bool) -> nn.Module:
+def prepare_for_export(model: nn.Module, fold_bn: bool) -> nn.Module:
+    """A float32, CPU, eval-mode copy of ``model`` with BatchNorm folded (``fold_bn``): what every
+    exporter converts and what parity is measured against."""
     model = copy.deepcopy(model).float().cpu().eval()
     if fold_bn:
         model = fold_batchnorm(model, inplace=True)
@@ -185,7 +188,7 @@ def export_onnx(
         raise ExportError("ONNX export needs the onnx package: pip install 'deeplab[onnx]'") from exc
     path = Path(path)
     meta = dict(metadata) if metadata is not None else model_metadata(model)
-    prepared = _prepare(model, fold_bn)
+    prepared = prepare_for_export(model, fold_bn)
     x = _example(prepared, example_input)
     axes = {0: "batch", 2: "height", 3: "width"}
     with _atomic_target(path) as tmp:
@@ -230,7 +233,7 @@ def export_torchscript(
     """
     path = Path(path)
     meta = dict(metadata) if metadata is not None else model_metadata(model)
-    prepared = _prepare(model, fold_bn)
+    prepared = prepare_for_export(model, fold_bn)
     x = _example(prepared, example_input)
     with quiet_tracing(), torch.no_grad():
         traced = torch.jit.trace(prepared, (x,), check_trace=False)
@@ -306,7 +309,7 @@ def export_model(
         from deeplab.deploy.coreml import DEFAULT_INPUT_SIZE, export_coreml
 
         size = tuple(input_size or DEFAULT_INPUT_SIZE)
-        return export_coreml(_prepare(model, fold_bn), path, metadata=meta, input_size=(size[0], size[1]))
+        return export_coreml(prepare_for_export(model, fold_bn), path, metadata=meta, input_size=(size[0], size[1]))
     if precision == "fp32":
         if format == "onnx":
             return export_onnx(model, path, metadata=meta, example_input=example_input, fold_bn=fold_bn, opset=opset)
@@ -329,7 +332,7 @@ def export_model(
             with _atomic_target(path) as target:
                 # accuracy-aware: the most sensitive layers stay float until the mIoU bound holds
                 meta["quantization"], parity = quantize_to_bound(
-                    float_path, target, calibration, _prepare(model, fold_bn), bound=PARITY_BOUNDS["int8"],
+                    float_path, target, calibration, prepare_for_export(model, fold_bn), bound=PARITY_BOUNDS["int8"],
                     method=method, scheme=int8_scheme, max_float_fraction=int8_float_fraction, report=report)
         meta["calibration"] = calibration.describe()
         _, which = _parity_inputs(model, calibration)
@@ -357,7 +360,7 @@ def _export_tflite(model: nn.Module, path: Path, meta: Dict[str, Any], fold_bn: 
     from deeplab.deploy.tflite import DEFAULT_INPUT_SIZE, add_metadata, export_tflite
 
     size = tuple(input_size or DEFAULT_INPUT_SIZE)
-    path = export_tflite(_prepare(model, fold_bn), path, metadata=meta, input_size=(size[0], size[1]),
+    path = export_tflite(prepare_for_export(model, fold_bn), path, metadata=meta, input_size=(size[0], size[1]),
                          precision=precision, calibration=calibration)
     if precision == "fp32" and calibration is None:
         return path  # the caller checks fp32 logits against PyTorch (deeplab export prints it)
@@ -393,7 +396,7 @@ def _measure_parity(model: nn.Module, path: PathLike, meta: Dict[str, Any], cali
     runner: nn.Module = load_exported(path, backend=backend, precision=precision, metadata=meta)
     if isinstance(runner, TFLiteModel):  # one input size: images are padded to it
         runner = FixedInputModel(runner, runner.input_size)
-    reference = _prepare(model, fold_bn)
+    reference = prepare_for_export(model, fold_bn)
     real = calibration if calibration is not None and calibration.parity else None
     result = measure_parity(reference, runner, arrays, sizes=real.parity_sizes if real else None,
                             masks=real.parity_masks if real else None)
