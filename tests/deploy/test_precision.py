@@ -122,9 +122,9 @@ def test_exports_round_trip_with_precision_metadata(exports: Dict[str, Path]) ->
 def test_stored_parity_is_the_accuracy_the_file_has(exports: Dict[str, Path], calib: Any) -> None:
     # The contract, on any CPU: the file stores its pseudo-label mIoU delta against fp32 on the
     # held-out images, measured again here it is the same, and the policy reads the bound from it.
-    from deeplab.deploy.export import _prepare
+    from deeplab.deploy.export import prepare_for_export
 
-    reference = _prepare(tiny_model(), True)
+    reference = prepare_for_export(tiny_model(), True)
     for key, backend in (("bf16-torchscript", "torchscript"), ("int8-onnx", "onnxruntime")):
         meta = read_metadata(exports[key])
         parity, precision = meta["parity"], meta["precision"]
