@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from deeplab.deploy.export import export_model, model_metadata
-    from deeplab.deploy.format import ExportError, sniff_format
+    from deeplab.deploy.format import FIXED_INPUT_SIZE, ExportError, sniff_format
     from deeplab.deploy.open import open_model
     from deeplab.deploy.runtime import check_parity
     from deeplab.models import DeepLabV3
@@ -126,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         report=lambda line: print(line, flush=True))
     files = [p for p in Path(path).rglob("*") if p.is_file()] if Path(path).is_dir() else [Path(path)]  # .mlpackage: a folder
     size_mb = sum(p.stat().st_size for p in files) / 2**20
-    h, w = args.input_size or (513, 513)
+    h, w = args.input_size or FIXED_INPUT_SIZE
     shape = ("(batch, 3, height, width)", f"(batch, {model.num_classes}, height, width)") if args.format in (
         "onnx", "torchscript") else (f"(1, 3, {h}, {w})", f"(1, {model.num_classes}, {h}, {w})")
     print(f"wrote {path} ({size_mb:.1f} MiB, {args.precision}) in {time.perf_counter() - start:.1f} s; "

@@ -27,12 +27,11 @@ import torch
 from torch import nn
 
 from deeplab._utils import optional_import
-from deeplab.deploy.format import METADATA_KEY, ExportError, quiet_tracing
+from deeplab.deploy.format import FIXED_INPUT_SIZE, METADATA_KEY, ExportError, quiet_tracing
 
-__all__ = ["DEFAULT_INPUT_SIZE", "check_spec", "export_coreml"]
+__all__ = ["check_spec", "export_coreml"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-DEFAULT_INPUT_SIZE = (513, 513)
 
 
 def _coremltools() -> Any:
@@ -46,7 +45,7 @@ def _coremltools() -> Any:
 
 
 def export_coreml(model: nn.Module, path: PathLike, *, metadata: Mapping[str, Any],
-                  input_size: Tuple[int, int] = DEFAULT_INPUT_SIZE) -> Path:
+                  input_size: Tuple[int, int] = FIXED_INPUT_SIZE) -> Path:
     """Convert ``model`` (BatchNorm folded, eval mode, CPU) to an ``.mlpackage`` at ``path``.
 
     Written beside ``path`` first and renamed into place, so a failed export leaves nothing.

@@ -47,6 +47,7 @@ from torch import nn
 
 from deeplab._utils import atomic_write
 from deeplab.deploy.format import (
+    FIXED_INPUT_SIZE,
     METADATA_FORMAT,
     METADATA_KEY,
     METADATA_VERSION,
@@ -306,9 +307,9 @@ def export_model(
     if format == "coreml":
         if precision != "fp32":
             raise ExportError("Core ML export writes fp32 ML Programs; pass --precision fp32")
-        from deeplab.deploy.coreml import DEFAULT_INPUT_SIZE, export_coreml
+        from deeplab.deploy.coreml import export_coreml
 
-        size = tuple(input_size or DEFAULT_INPUT_SIZE)
+        size = tuple(input_size or FIXED_INPUT_SIZE)
         return export_coreml(prepare_for_export(model, fold_bn), path, metadata=meta, input_size=(size[0], size[1]))
     if precision == "fp32":
         if format == "onnx":
@@ -357,9 +358,9 @@ def export_model(
 def _export_tflite(model: nn.Module, path: Path, meta: Dict[str, Any], fold_bn: bool, precision: str,
                    calibration: Optional["CalibrationSet"], input_size: Optional[Tuple[int, int]]) -> Path:
     """A LiteRT file; an int8 one (or any given calibration images) gets its measured parity."""
-    from deeplab.deploy.tflite import DEFAULT_INPUT_SIZE, add_metadata, export_tflite
+    from deeplab.deploy.tflite import add_metadata, export_tflite
 
-    size = tuple(input_size or DEFAULT_INPUT_SIZE)
+    size = tuple(input_size or FIXED_INPUT_SIZE)
     path = export_tflite(prepare_for_export(model, fold_bn), path, metadata=meta, input_size=(size[0], size[1]),
                          precision=precision, calibration=calibration)
     if precision == "fp32" and calibration is None:

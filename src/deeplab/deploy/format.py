@@ -30,6 +30,7 @@ __all__ = [
     "METADATA_FORMAT",
     "METADATA_KEY",
     "METADATA_VERSION",
+    "FIXED_INPUT_SIZE",
     "TORCHSCRIPT_METADATA_FILE",
     "ExportError",
     "is_onnx",
@@ -46,6 +47,9 @@ METADATA_KEY = "deeplab"
 TORCHSCRIPT_METADATA_FILE = "deeplab.json"
 METADATA_FORMAT = "deeplab-export"
 METADATA_VERSION = 1
+# The input size of the formats whose graphs have one (LiteRT, Core ML) unless asked otherwise: the
+# paper's eval crop.
+FIXED_INPUT_SIZE = (513, 513)
 
 
 class ExportError(DeeplabError, RuntimeError):

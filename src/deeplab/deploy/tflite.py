@@ -36,15 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from deeplab._utils import atomic_write, optional_import
-from deeplab.deploy.format import METADATA_KEY, ExportError, quiet_tracing
+from deeplab.deploy.format import FIXED_INPUT_SIZE, METADATA_KEY, ExportError, quiet_tracing
 
 if TYPE_CHECKING:
     from deeplab.deploy.calibration import CalibrationSet
 
-__all__ = ["DEFAULT_INPUT_SIZE", "INSTALL_HINT", "add_metadata", "export_tflite", "fit_to_size"]
+__all__ = ["INSTALL_HINT", "add_metadata", "export_tflite", "fit_to_size"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-DEFAULT_INPUT_SIZE = (513, 513)
 INSTALL_HINT = ("pip install 'deeplab[tflite]' in an environment of its own (litert-torch pins typing_extensions "
                 "4.12 and pulls transformers / huggingface_hub 2.x; see docs/sharing.md)")
 
@@ -139,7 +138,7 @@ def export_tflite(
     path: PathLike,
     *,
     metadata: Mapping[str, Any],
-    input_size: Tuple[int, int] = DEFAULT_INPUT_SIZE,
+    input_size: Tuple[int, int] = FIXED_INPUT_SIZE,
     precision: str = "fp32",
     calibration: Optional["CalibrationSet"] = None,
 ) -> Path:
