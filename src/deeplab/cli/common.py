@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeV
 
 import yaml
 
-from deeplab._utils import DeeplabError, one_line, print_config  # noqa: F401 - print_config: re-exported for the subcommands
+from deeplab._utils import DeeplabError, one_line
 from deeplab.config import INFERENCE_MODES, INFERENCE_PRECISIONS, OUTPUT_STRIDES, InferenceConfig
 from deeplab.data import DATASETS, build_dataset
 from deeplab.data.base import SegmentationDataset, Transform

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from deeplab import distributed as dist_utils
+from deeplab._utils import print_config
 from deeplab.cli.common import (
     CLIError,
     add_data_args,
@@ -36,7 +37,6 @@ from deeplab.cli.common import (
     cli_command,
     inference_config,
     make_dataset,
-    print_config,
     resolve_model_source,
     zoo_comparison,
 )
