@@ -16,11 +16,11 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from deeplab.config import ModelConfig, TrainConfig
 from deeplab import distributed as D
+from deeplab.checkpoint import load_checkpoint
+from deeplab.config import ModelConfig, TrainConfig
 from deeplab.train import sampling as S
 from deeplab.train import train
-
 from tests.conftest import ToySegData
 
 # ----------------------------------------------------------------------------- stand-ins
@@ -277,6 +277,12 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             result[name] = {"state": {k: v.clone() for k, v in model.state_dict().items()},
                             "step": res.step, "best": res.best_metric,
                             "syncbn": sum(isinstance(m, D.CPUSyncBatchNorm) for m in model.modules())}
+        torch.manual_seed(0)
+        model = SegNet()
+        train(model, seg_data(), _cfg(Path(out_dir) / "qat", qat=True, freeze_bn=True), transform=flip_noise,
+              model_config=ModelConfig(num_classes=3), progress=False)
+        result["qat"] = {"state": {k: v.clone() for k, v in model.state_dict().items()},
+                         "qat": load_checkpoint(Path(out_dir) / "qat" / "last.pt")["qat"]}
     except Exception:
         result["error"] = traceback.format_exc()
     finally:
@@ -319,6 +325,19 @@ def test_ddp_two_ranks_equal_one_process_with_double_batch(tmp_path: Path) -> No
         moved = (model.state_dict()["body.0.weight"] - initial["body.0.weight"]).abs().max()
         assert moved > 1e-3
         assert ranks[0][name]["best"] == pytest.approx(0.2)  # eval_fn ran on both ranks
+
+    # --qat: every rank rounds with the range of the whole global batch (all-reduced), so the ranges
+    # and the weights are those of one process with the double batch
+    torch.manual_seed(0)
+    model = SegNet()
+    train(model, seg_data(), _cfg(tmp_path / "single_qat", qat=True, freeze_bn=True), transform=flip_noise,
+          model_config=ModelConfig(num_classes=3), progress=False)
+    single_qat = load_checkpoint(tmp_path / "single_qat" / "last.pt")["qat"]
+    assert len(single_qat["ranges"]) == 3  # the three convs of SegNet
+    for name, (lo, hi) in single_qat["ranges"].items():
+        assert ranks[0]["qat"]["qat"]["ranges"][name] == pytest.approx([lo, hi], rel=1e-6, abs=1e-7)
+    _assert_states_close(ranks[0]["qat"]["state"], ranks[1]["qat"]["state"], atol=0)
+    _assert_states_close(ranks[0]["qat"]["state"], model.state_dict(), atol=1e-5)
 
     # the two accumulation settings differ (BN sees other micro-batches), so equality
     # above is not vacuous

@@ -267,6 +267,10 @@ class TrainRecipe(_PlainDict):
         lovasz_per_image: Lovász-softmax averaged per image instead of flat over the batch.
         augment: albumentations pipeline (YAML, ``A.save`` format) applied to image and mask
             before the paper's scale/crop/flip; ``None``: the paper's recipe only.
+        qat: quantization-aware fine-tuning for the int8 export: the convolutions it quantizes
+            compute with int8-rounded weights and inputs over tracked input ranges, which the
+            checkpoint keeps and ``deeplab export --precision int8`` writes into the file (see
+            ``deeplab.train.qat``). Needs ``freeze_bn``; start from a trained checkpoint.
     """
 
     lr: float = 0.007
@@ -299,6 +303,7 @@ class TrainRecipe(_PlainDict):
     dice_smooth: float = 1.0
     lovasz_per_image: bool = False
     augment: Optional[str] = None
+    qat: bool = False
 
     _TUPLES: ClassVar[Dict[str, type]] = {"scale_range": float, "class_weights": float}
 
@@ -323,6 +328,9 @@ class TrainRecipe(_PlainDict):
             problems.append(f"scale_range must be (low, high) with 0 < low <= high, got {self.scale_range}")
         if self.amp_dtype not in AMP_DTYPES:
             problems.append(f"unknown amp_dtype {self.amp_dtype!r}; choose from {list(AMP_DTYPES)}")
+        if self.qat and not self.freeze_bn:
+            problems.append("qat fine-tunes with BatchNorm frozen (the folded int8 weights it simulates need fixed "
+                            "statistics): add freeze_bn (--freeze-bn)")
         return problems + self._loss_problems()
 
     def _loss_problems(self) -> List[str]:

@@ -297,7 +297,7 @@ def test_cli_export_refuses_lossy_int8_and_auto_never_runs_it(tmp_path: Path, ca
     assert "calibration: 3 image(s)" in captured.out and "the source has 4 of the 40 asked for" in captured.out
     assert "pseudo-label mIoU" in captured.out
     assert "loses more than 1 mIoU at int8" in captured.err and "Fix:" in captured.err
-    assert "--calib-images" in captured.err and "--int8-float-fraction" in captured.err
+    assert "--calib-images" in captured.err and "--int8-float-fraction" in captured.err and "--qat" in captured.err
     meta = read_metadata(tmp_path / out)
     assert meta["parity"]["miou_delta"] > PARITY_BOUNDS["int8"] and meta["quantization"]["method"] == "minmax"
     assert not parity_within_bound(meta["parity"], "int8")

@@ -118,12 +118,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise CLIError("--format tflite writes fp32 or int8; for bf16 export ONNX (OpenVINO) or TorchScript")
     meta = model_metadata(model, classes=card.classes, palette=card.palette, normalization=card.normalization)
     calibration = _calibration(args, meta, model.output_stride)
+    qat = _qat_ranges(args)
     start = time.perf_counter()
     path = export_model(model, args.out, format=args.format, metadata=meta, fold_bn=not args.no_fold_bn,
                         opset=args.opset, precision=args.precision, calibration=calibration,
                         calib_method=args.calib_method, int8_scheme=args.int8_scheme,
                         int8_float_fraction=args.int8_float_fraction, input_size=args.input_size,
-                        report=lambda line: print(line, flush=True))
+                        report=lambda line: print(line, flush=True), qat=qat)
     files = [p for p in Path(path).rglob("*") if p.is_file()] if Path(path).is_dir() else [Path(path)]  # .mlpackage: a folder
     size_mb = sum(p.stat().st_size for p in files) / 2**20
     h, w = args.input_size or FIXED_INPUT_SIZE
@@ -194,6 +195,20 @@ def _calibration(args: argparse.Namespace, meta: Dict[str, Any], output_stride: 
     return calib
 
 
+def _qat_ranges(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """The ranges a ``--qat`` checkpoint tracked, for an int8 ONNX export; ``None`` otherwise."""
+    if args.precision != "int8" or not Path(args.checkpoint).is_file():
+        return None
+    from deeplab.checkpoint import load_checkpoint
+
+    qat = load_checkpoint(args.checkpoint, map_location="cpu").get("qat")
+    if qat and args.format != "onnx":
+        print(f"note: {args.checkpoint} holds int8 input ranges from quantization-aware fine-tuning; the "
+              f"{args.format} int8 converter calibrates its own (ONNX exports use them)", flush=True)
+        return None
+    return dict(qat) if qat else None
+
+
 def _report_precision(path: Path) -> int:
     """Print the stored parity of a bf16/int8 export; 1 (and the fix) if it is outside its mIoU bound."""
     from deeplab.deploy.format import read_metadata
@@ -207,6 +222,8 @@ def _report_precision(path: Path) -> int:
         print(f"quantized by {quant['tool']} ({quant['method']}, {quant['weights']} weights, scheme {quant.get('scheme')}: "
               f"{quant.get('scheme_reason')}); float layers: {', '.join(quant['keep_float']) or 'none'}"
               + (f" + {len(sensitive)} sensitive: {', '.join(sensitive)}" if sensitive else ""))
+        if quant.get("qat_ranges"):
+            print(f"input ranges of {quant['qat_ranges']} tensor(s) from quantization-aware fine-tuning")
         cost = quant.get("float_cost")
         if cost:
             print(f"speed cost of the float layers: {cost['mixed_s']:.3f} s vs {cost['all_int8_s']:.3f} s all-int8 "
@@ -225,8 +242,9 @@ def _report_precision(path: Path) -> int:
                    "delta), or deploy the fp32 LiteRT file (LiteRT int8 is all-integer: no layer can stay float)")
         else:
             fix = ("calibrate on more images like the deployment's (--calib-images, --dataset with masks for the true "
-                   "delta), let more layers stay float (--int8-float-fraction, up to 1), or deploy fp32/bf16 "
-                   "(quantization-aware fine-tuning is not implemented yet)")
+                   "delta), let more layers stay float (--int8-float-fraction, up to 1), fine-tune for int8 "
+                   "(deeplab train --init-from CKPT --freeze-bn --qat ...) and export that run's checkpoint, "
+                   "or deploy fp32/bf16")
         print(f"deeplab export: {path} loses more than {bound:g} mIoU at {precision} "
               f"({parity_text(parity, precision)}); precision auto will not run it. Fix: {fix}", file=sys.stderr)
         return 1

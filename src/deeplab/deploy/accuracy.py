@@ -203,6 +203,7 @@ def quantize_to_bound(
     max_float_fraction: float = 0.5,
     sensitivity_images: int = 2,
     report: Optional[Callable[[str], None]] = None,
+    activation_ranges: Optional[Mapping[str, Sequence[float]]] = None,
 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Accuracy-aware int8: quantize ``float_path`` into ``dst`` and keep layers in float until the
     held-out accuracy is within ``bound``.
@@ -213,6 +214,8 @@ def quantize_to_bound(
        4, ... in float, each with the conv that makes its input (:func:`with_producers`; ONNX
        Runtime ``nodes_to_exclude``; the calibration ranges are reused),
        measuring each attempt, until the bound holds or ``max_float_fraction`` of the convs are float.
+       ``activation_ranges`` (tensor -> ``(lo, hi)``, from a ``--qat`` run) replace calibrated ranges
+       in every attempt.
     3. Write the first attempt within the bound, else the most accurate one (its parity then says
        it is out of bound; :mod:`deeplab.deploy.precision` refuses it).
 
@@ -232,7 +235,8 @@ def quantize_to_bound(
         def attempt(extra: Sequence[str]) -> Tuple[Path, Dict[str, Any], Dict[str, Any]]:
             out = Path(tmp) / f"int8-{len(extra)}.onnx"
             info = quantize(float_path, out, calibration.calibration, method=method, keep_float=keep_float,
-                            scheme=scheme, float_nodes=extra, calibration_cache=cache)
+                            scheme=scheme, float_nodes=extra, calibration_cache=cache,
+                            activation_ranges=activation_ranges)
             runner = OnnxRuntimeModel(out, metadata={"precision": "int8", "quantization": info})
             parity = measure_parity(ref, runner, arrays, sizes=sizes, masks=masks)
             note = (f", true mIoU delta {parity['true_miou_delta']:+.2f}" if parity.get("true_miou_delta") is not None

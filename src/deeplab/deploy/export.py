@@ -272,6 +272,7 @@ def export_model(
     int8_float_fraction: float = 0.5,
     report: Optional[Callable[[str], None]] = None,
     input_size: Optional[Tuple[int, int]] = None,
+    qat: Optional[Mapping[str, Any]] = None,
 ) -> Path:
     """:func:`export_onnx`, :func:`export_torchscript` or :func:`deeplab.deploy.tflite.export_tflite`
     by ``format`` (``"onnx"``/``"torchscript"``/``"tflite"``), at ``precision`` (``"fp32"``,
@@ -287,6 +288,9 @@ def export_model(
             accuracy bound (0: quantize all but the ``KEEP_FLOAT`` groups, no search).
         report: int8 only, called with a line per quantization attempt (progress).
         input_size: tflite and coreml only, the graph's fixed ``(H, W)`` (default 513 x 513).
+        qat: int8 ONNX only, what a ``--qat`` checkpoint saved (``ckpt["qat"]``,
+            :func:`deeplab.train.qat.qat_state`): its tracked input ranges replace the calibrated
+            ones of the convs' inputs, so the file rounds as the fine-tuning did.
 
     Returns:
         ``path``; :func:`~deeplab.deploy.format.read_metadata` gives ``precision``,
@@ -330,11 +334,14 @@ def export_model(
         with tempfile.TemporaryDirectory(prefix="deeplab-int8-") as tmp:
             float_path = export_onnx(model, Path(tmp) / "fp32.onnx", metadata=meta, example_input=example_input,
                                      fold_bn=fold_bn, opset=opset)
+            reference = prepare_for_export(model, fold_bn)
+            ranges = _qat_ranges(reference, float_path, qat, int8_scheme, report) if qat else None
             with _atomic_target(path) as target:
                 # accuracy-aware: the most sensitive layers stay float until the mIoU bound holds
                 meta["quantization"], parity = quantize_to_bound(
-                    float_path, target, calibration, prepare_for_export(model, fold_bn), bound=PARITY_BOUNDS["int8"],
-                    method=method, scheme=int8_scheme, max_float_fraction=int8_float_fraction, report=report)
+                    float_path, target, calibration, reference, bound=PARITY_BOUNDS["int8"], method=method,
+                    scheme=int8_scheme, max_float_fraction=int8_float_fraction,
+                    report=report, activation_ranges=ranges)
         meta["calibration"] = calibration.describe()
         _, which = _parity_inputs(model, calibration)
         parity.update(backend="onnxruntime", precision=precision, inputs=which, reference="fp32 PyTorch")
@@ -353,6 +360,29 @@ def export_model(
     else:
         _rewrite_torchscript_metadata(path, meta)
     return Path(path)
+
+
+def _qat_ranges(model: nn.Module, float_path: Path, qat: Mapping[str, Any], scheme: Optional[str],
+               report: Optional[Callable[[str], None]]) -> Dict[str, Any]:
+    """The ONNX tensor -> ``(lo, hi)`` ranges of a ``--qat`` checkpoint's convs."""
+    from deeplab.deploy.quantize import conv_input_tensors
+
+    tensors = conv_input_tensors(model, float_path)
+    saved = dict(qat.get("ranges") or {})
+    unknown = sorted(set(saved) - set(tensors))
+    if unknown:
+        raise ExportError(f"the checkpoint's QAT ranges name convs this model lacks ({unknown[:3]}); "
+                          "export the model they were tracked on")
+    from deeplab.deploy.quantize import resolve_scheme
+
+    written = resolve_scheme(scheme)[0]
+    if written != qat.get("scheme") and report is not None:
+        report(f"note: the fine-tuning rounded weights as {qat.get('scheme')}, this export writes {written} "
+               "(--int8-scheme)")
+    if report is not None:
+        report(f"int8 input ranges of {len(saved)} conv(s) from quantization-aware fine-tuning (the checkpoint's "
+               "tracked ranges; calibration measures the rest)")
+    return {tensors[name]: (float(lo), float(hi)) for name, (lo, hi) in saved.items()}
 
 
 def _export_tflite(model: nn.Module, path: Path, meta: Dict[str, Any], fold_bn: bool, precision: str,

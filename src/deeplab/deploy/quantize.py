@@ -40,7 +40,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -66,6 +66,7 @@ __all__ = [
     "CalibrationError",
     "CalibrationSet",
     "calibration_set",
+    "conv_input_tensors",
     "default_calibration_method",
     "float_node_names",
     "measure_parity",
@@ -74,6 +75,8 @@ __all__ = [
     "quantize",
     "quantize_onnx",
     "quantize_openvino",
+    "resolve_scheme",
+    "set_cached_ranges",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -218,7 +221,8 @@ def _check_method(method: str) -> None:
         )
 
 
-def _scheme(scheme: Optional[str]) -> Tuple[str, str]:
+def resolve_scheme(scheme: Optional[str]) -> Tuple[str, str]:
+    """``(scheme, why)``: ``scheme`` checked, or this CPU's (:func:`deeplab.cpu.int8_scheme`) for ``None``/``"auto"``."""
     from deeplab.cpu import INT8_SCHEMES, int8_scheme
 
     if scheme is None or scheme == "auto":
@@ -245,21 +249,27 @@ def quantize(
     scheme: Optional[str] = None,
     float_nodes: Sequence[str] = (),
     calibration_cache: Optional[PathLike] = None,
+    activation_ranges: Optional[Mapping[str, Sequence[float]]] = None,
 ) -> Dict[str, Any]:
     """int8 QDQ quantization by ``method``: ``"nncf"`` (:func:`quantize_openvino`) or an ONNX
-    Runtime calibration method (:func:`quantize_onnx`, per-channel weights). ``None``:
-    :func:`default_calibration_method`.
+    Runtime calibration method (:func:`quantize_onnx`, per-channel weights, ``activation_ranges``
+    in place of calibrated ones). ``None``: :func:`default_calibration_method`.
 
     Raises:
         ValueError: an unknown method (the message lists them).
+        ExportError: ``activation_ranges`` with ``"nncf"`` (NNCF measures its own).
     """
     method = method or default_calibration_method()
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose from {list(CALIBRATION_METHODS)}")
     if method == "nncf":
+        if activation_ranges:
+            raise ExportError("the ranges a --qat run tracked go into ONNX Runtime's quantizer; pass --calib-method "
+                              "percentile (or minmax / entropy for the tensors QAT did not track)")
         return quantize_openvino(src, dst, calibration, keep_float=keep_float, scheme=scheme, float_nodes=float_nodes)
     return quantize_onnx(src, dst, calibration, method=method, keep_float=keep_float, scheme=scheme,
-                         float_nodes=float_nodes, calibration_cache=calibration_cache)
+                         float_nodes=float_nodes, calibration_cache=calibration_cache,
+                         activation_ranges=activation_ranges)
 
 
 @contextlib.contextmanager
@@ -293,6 +303,7 @@ def quantize_onnx(
     scheme: Optional[str] = None,
     float_nodes: Sequence[str] = (),
     calibration_cache: Optional[PathLike] = None,
+    activation_ranges: Optional[Mapping[str, Sequence[float]]] = None,
 ) -> Dict[str, Any]:
     """Static int8 quantization of the fp32 ONNX file ``src`` into ``dst`` (QDQ).
 
@@ -309,10 +320,14 @@ def quantize_onnx(
         float_nodes: further node names left in float (:func:`quantize_to_bound`'s choice).
         calibration_cache: a JSON file of tensor ranges: written by the first call, read (no
             calibration run) by later ones with the same calibration.
+        activation_ranges: ONNX tensor name -> ``(lo, hi)`` used instead of the calibrated range
+            (the ranges a ``--qat`` fine-tuning tracked, :func:`conv_input_tensors` names them);
+            the other tensors keep their calibrated ranges.
 
     Returns:
         What was done, for the metadata: ``{"tool", "format", "method", "per_channel",
-        "weights", "activations", "scheme", "scheme_reason", "keep_float", "float_nodes"}``.
+        "weights", "activations", "scheme", "scheme_reason", "keep_float", "float_nodes"}``
+        (and ``"qat_ranges"``, how many tensors took a given range).
 
     Raises:
         ExportError: onnxruntime is missing, or quantization failed.
@@ -326,7 +341,7 @@ def quantize_onnx(
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     except ImportError as exc:
         raise ExportError("int8 export needs onnx and onnxruntime: pip install 'deeplab[onnx]'") from exc
-    scheme, scheme_reason = _scheme(scheme)
+    scheme, scheme_reason = resolve_scheme(scheme)
     proto = onnx.load(str(src))
     exclude = float_node_names(proto, keep_float)
     exclude += [n for n in float_nodes if n not in exclude]
@@ -341,22 +356,29 @@ def quantize_onnx(
         calibration = pad_to_common(calibration)
     # resolved before the chdir below: relative paths name the caller's folder
     src_path, dst_path = str(Path(src).resolve()), str(Path(dst).resolve())
+    if activation_ranges and calibration_cache is None:  # the given ranges go in through the cache
+        calibration_cache = Path(tempfile.mkdtemp(prefix="deeplab-quant-cache-")) / "ranges.json"
+    cache = None if calibration_cache is None else str(Path(calibration_cache).resolve())
     try:
         with _quiet_scratch_dir():
-            quantize_static(
-                src_path,
-                dst_path,
-                _ArrayReader(input_name, calibration),
-                quant_format=QuantFormat.QDQ,
-                per_channel=per_channel,
-                reduce_range=scheme == "u8s7",
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
-                nodes_to_exclude=exclude,
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-                calibration_cache_path=None if calibration_cache is None else str(Path(calibration_cache).resolve()),
-            )
+            for _ in range(2):
+                quantize_static(
+                    src_path,
+                    dst_path,
+                    _ArrayReader(input_name, calibration),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    reduce_range=scheme == "u8s7",
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+                    nodes_to_exclude=exclude,
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                    calibration_cache_path=cache,
+                )
+                # once more only when the calibration just measured ranges the given ones replace
+                if not (activation_ranges and cache and set_cached_ranges(cache, activation_ranges)):
+                    break
     except Exception as exc:  # onnxruntime raises plain exceptions with long messages
         raise ExportError(f"int8 quantization of {src} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
     return {
@@ -371,7 +393,74 @@ def quantize_onnx(
         "scheme_reason": scheme_reason,
         "keep_float": list(keep_float),
         "float_nodes": _compute_nodes(exclude),
+        **({"qat_ranges": len(activation_ranges)} if activation_ranges else {}),
     }
+
+
+def set_cached_ranges(cache: PathLike, ranges: Mapping[str, Sequence[float]]) -> bool:
+    """Put ``ranges`` (tensor name -> ``(lo, hi)``) into an ONNX Runtime calibration cache, in place.
+
+    Returns:
+        Whether anything changed (``False``: the cache holds them already).
+
+    Raises:
+        ExportError: a tensor the calibration did not measure (not an activation of this graph).
+    """
+    from onnxruntime.quantization.calibrate import TensorData, load_tensors_data, save_tensors_data
+
+    data = load_tensors_data(cache)
+    missing = [name for name in ranges if name not in data]
+    if missing:
+        raise ExportError(f"the given activation ranges name {len(missing)} tensor(s) this graph does not calibrate "
+                          f"(first: {missing[0]!r}); were they tracked on another model?")
+    changed = False
+    for name, (lo, hi) in ranges.items():
+        new = (np.float32(lo), np.float32(hi))
+        if tuple(np.float32(v) for v in np.ravel(data[name].range_value)) != new:
+            data[name] = TensorData(lowest=new[0], highest=new[1])
+            changed = True
+    if changed:
+        save_tensors_data(data, cache)
+    return changed
+
+
+def conv_input_tensors(model: Any, onnx_path: PathLike) -> Dict[str, str]:
+    """Conv module name of ``model`` -> the ONNX tensor its ``Conv`` node reads in ``onnx_path``.
+
+    ``model`` is the module the file was exported from (BatchNorm folded or not: conv names stay).
+    The exporter writes nodes in execution order, so the convs are paired by the order a forward
+    pass calls them, each pair checked by weight shape.
+
+    Raises:
+        ExportError: the graph's convs do not pair up with the model's.
+    """
+    import onnx
+    import torch
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    nodes = [n for n in proto.graph.node if n.op_type == "Conv"]
+    shapes = {init.name: tuple(init.dims) for init in proto.graph.initializer}
+    called: List[Tuple[str, Tuple[int, ...]]] = []
+    hooks = [module.register_forward_pre_hook(
+        lambda m, _, name=name: called.append((name, tuple(m.weight.shape))))
+        for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    try:
+        stride = int(getattr(model, "output_stride", 16) or 16)
+        channels = int(getattr(model, "in_channels", 3) or 3)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, 4 * stride + 1, 4 * stride + 1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if len(called) != len(nodes):
+        raise ExportError(f"{onnx_path} has {len(nodes)} Conv nodes but the model calls {len(called)} convs; "
+                          "export the checkpoint the ranges were tracked on")
+    out: Dict[str, str] = {}
+    for (name, shape), node in zip(called, nodes):
+        if node.input[1] in shapes and shapes[node.input[1]] != shape:
+            raise ExportError(f"conv {name} {shape} does not match ONNX node {node.name} {shapes[node.input[1]]}")
+        out[name] = str(node.input[0])
+    return out
 
 
 # --------------------------------------------------------------------------- OpenVINO NNCF
@@ -402,7 +491,7 @@ def quantize_openvino(
         raise ExportError("--quantizer nncf needs NNCF: pip install 'deeplab[openvino]'") from exc
     if not calibration:
         raise ValueError("quantize_openvino needs at least one calibration array")
-    scheme, scheme_reason = _scheme(scheme)
+    scheme, scheme_reason = resolve_scheme(scheme)
     proto = onnx.load(str(src))
     exclude = float_node_names(proto, keep_float)
     exclude += [n for n in float_nodes if n not in exclude]

@@ -58,14 +58,8 @@ from deeplab.losses import Criterion, build_criterion
 from deeplab.train.checks import StopOnSignal, check_arguments, check_batch
 from deeplab.train.loader import SeededDataset, build_train_loader, close_loader
 from deeplab.train.logging import RunLog, progress_bar, show_on_bar, train_record
-from deeplab.train.optim import (
-    AmpSettings,
-    PolyLR,
-    amp_settings,
-    build_optimizer,
-    freeze_batchnorm,
-    set_train_mode,
-)
+from deeplab.train.optim import AmpSettings, PolyLR, amp_settings, build_optimizer, freeze_batchnorm, set_train_mode
+from deeplab.train.qat import disable_fake_quant, enable_fake_quant
 from deeplab.train.resume import (
     CheckpointMeta,
     Restored,
@@ -276,6 +270,7 @@ def train(
         run.bar.close()
         run.log.close()
         close_loader(run.loader)
+        disable_fake_quant(run.model)  # the caller's model computes in float again (its ranges are in last.pt)
 
     finish_result(run, state, result, cfg)
     barrier()  # nobody returns (and e.g. destroys the group) while rank 0 still writes
@@ -460,6 +455,8 @@ def setup_model(
         model = convert_sync_batchnorm(model, device=device)
     if cfg.freeze_bn:
         freeze_batchnorm(model)
+    if cfg.qat:  # after SyncBatchNorm conversion, which would replace the patched modules
+        enable_fake_quant(model)
     if optimizer is None:
         optimizer = build_optimizer(model, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                     decay_norm_and_bias=cfg.decay_norm_and_bias,

@@ -39,6 +39,7 @@ from deeplab.checkpoint import (
 )
 from deeplab.config import ModelConfig, RunSettings, TrainConfig
 from deeplab.distributed import broadcast_object, get_rank
+from deeplab.train.qat import load_qat_state, qat_state
 from deeplab.train.sampling import derive_seed
 
 __all__ = [
@@ -153,6 +154,7 @@ def checkpoint_payload(
         "dataset": to_plain(dict(meta.dataset or {})),
         "metrics": to_plain(dict(last_eval)),
         "best": to_plain(dict(best)),
+        "qat": qat_state(model),  # None unless --qat: the tracked int8 input ranges (deeplab.train.qat)
     }
 
 
@@ -352,6 +354,7 @@ def restore(
             "freeze_bn / decay settings or the model changed since it was written"
         ) from exc
     scheduler.load_state_dict(ckpt["scheduler"])
+    load_qat_state(model, ckpt.get("qat"))
     if scaler is not None and ckpt["scaler"]:
         scaler.load_state_dict(ckpt["scaler"])
     step = int(ckpt["step"])
