@@ -1,7 +1,8 @@
 """Accuracy-aware int8 (:func:`quantize_to_bound`): quantize, measure the mIoU delta against fp32 on
 the held-out images (:func:`deeplab.deploy.runtime.measure_parity`), and while it is over the bound
 keep the most sensitive layers (:func:`layer_sensitivity`) in float, each with the conv that makes
-its input (:func:`with_producers`).
+its input (:func:`with_producers`). With ``method="nncf"`` NNCF's own accuracy control does the
+search (:func:`deeplab.deploy.nncf_control.nncf_accuracy_control`), validated by the same gate.
 """
 
 from __future__ import annotations
@@ -216,6 +217,12 @@ def quantize_to_bound(
     3. Write the first attempt within the bound, else the most accurate one (its parity then says
        it is out of bound; :mod:`deeplab.deploy.precision` refuses it).
 
+    ``method="nncf"`` (with ``max_float_fraction > 0``): steps 1-3 are NNCF's
+    ``quantize_with_accuracy_control`` with our gate as its validation function
+    (:func:`deeplab.deploy.nncf_control.nncf_accuracy_control`); its metadata adds
+    ``"reverted_ops"`` and ``"accuracy_control"``, and the parity is measured again on the written
+    file as for the other methods.
+
     Returns:
         ``(quantization, parity)`` for the metadata. ``quantization`` adds to :func:`quantize`'s
         ``"sensitive_float"`` (the convs kept float for accuracy), ``"attempts"`` (ranked layers ->
@@ -226,6 +233,9 @@ def quantize_to_bound(
     method = method or default_calibration_method()
     ref = _CachedReference(reference)
     arrays, sizes, masks = calibration.parity, calibration.parity_sizes, calibration.parity_masks
+    if method == "nncf" and max_float_fraction > 0:
+        return _nncf_to_bound(float_path, dst, calibration, ref, bound=bound, keep_float=keep_float, scheme=scheme,
+                              max_float_fraction=max_float_fraction, report=report)
     with tempfile.TemporaryDirectory(prefix="deeplab-int8-search-") as tmp:
         cache = Path(tmp) / "ranges.json" if method != "nncf" else None
 
@@ -274,3 +284,30 @@ def quantize_to_bound(
             info["float_cost"] = {"all_int8_s": base, "mixed_s": mixed, "slowdown": mixed / base if base else None}
         Path(dst).write_bytes(path.read_bytes())
     return info, parity
+
+
+def _nncf_to_bound(
+    float_path: PathLike,
+    dst: PathLike,
+    calibration: CalibrationSet,
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    bound: float,
+    keep_float: Sequence[str],
+    scheme: Optional[str],
+    max_float_fraction: float,
+    report: Optional[Callable[[str], None]],
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """:func:`quantize_to_bound` by NNCF's accuracy control, with the same ``float_cost`` record."""
+    from deeplab.deploy.nncf_control import nncf_accuracy_control
+
+    with tempfile.TemporaryDirectory(prefix="deeplab-int8-nncf-") as tmp:
+        result = nncf_accuracy_control(float_path, tmp, calibration, reference, bound=bound, keep_float=keep_float,
+                                       scheme=scheme, max_float_fraction=max_float_fraction, report=report)
+        info = result.info
+        if result.path != result.plain_path and info["reverted_ops"]:
+            x = calibration.parity[0]
+            base, mixed = _latency(result.plain_path, info, x), _latency(result.path, info, x)
+            info["float_cost"] = {"all_int8_s": base, "mixed_s": mixed, "slowdown": mixed / base if base else None}
+        Path(dst).write_bytes(result.path.read_bytes())
+    return info, result.parity
