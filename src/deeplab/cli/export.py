@@ -70,13 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--calib-images", type=int, default=40,
                        help="images to read; a fifth (at least 1) are held out to measure parity (40: 32 calibrate)")
     group.add_argument("--calib-method", default=None, choices=["nncf", "percentile", "minmax", "entropy"],
-                       help="int8 calibration (default: percentile, chosen by measurement; nncf's files run fast in OpenVINO only)")
+                       help="int8 calibration (default: percentile, chosen by measurement); nncf: OpenVINO NNCF with accuracy "
+                            "control (quantize_with_accuracy_control validated by the mIoU gate; its files run fast in "
+                            "OpenVINO only)")
     group.add_argument("--int8-scheme", default="auto", choices=["auto", "u8s8", "u8s7"],
                        help="int8 weights: u8s8 8-bit (VNNI/AMX CPUs), u8s7 7-bit (no int16 saturation without VNNI); "
                             "auto: this CPU's")
     group.add_argument("--int8-float-fraction", type=float, default=0.5,
                        help="int8: the largest share of the convs kept float (most sensitive first) to reach the 1.0 mIoU "
-                            "bound; 0 quantizes every layer outside the logits / image pool / resizes")
+                            "bound (nncf: NNCF's steps); 0 quantizes every layer outside the logits / image pool / resizes")
     return parser
 
 
