@@ -211,8 +211,10 @@ def _report_precision(path: Path) -> int:
               + (f" + {len(sensitive)} sensitive: {', '.join(sensitive)}" if sensitive else ""))
         cost = quant.get("float_cost")
         if cost:
+            ov = cost.get("openvino")
             print(f"speed cost of the float layers: {cost['mixed_s']:.3f} s vs {cost['all_int8_s']:.3f} s all-int8 "
-                  f"({cost['slowdown']:.2f}x) on one held-out image")
+                  f"({cost['slowdown']:.2f}x) on one held-out image"
+                  + (f"; OpenVINO {ov['mixed_s']:.3f} s vs {ov['all_int8_s']:.3f} s ({ov['slowdown']:.2f}x)" if ov else ""))
     print(f"parity ({precision} {parity['backend']} vs fp32 PyTorch, {parity['images']} {parity['inputs']}): "
           f"{parity_text(parity, precision)}; pseudo-label mIoU {parity['pseudo_miou']:.2f}, "
           f"pixel agreement {100 * parity['pixel_agreement']:.2f}%, max |diff| of logits {parity['max_logit_diff']:.3g}")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from deeplab._utils import optional_import
 from deeplab.deploy.calibration import CalibrationSet
 from deeplab.deploy.quantize import KEEP_FLOAT, default_calibration_method, quantize
 from deeplab.deploy.runtime import OnnxRuntimeModel, measure_parity
@@ -177,10 +178,13 @@ class _CachedReference:
         return self.cache[key]
 
 
-def _latency(path: Path, info: Mapping[str, Any], x: np.ndarray, runs: int = 3) -> float:
+def _latency(path: Path, info: Mapping[str, Any], x: np.ndarray, runs: int = 3, backend: str = "onnxruntime") -> float:
     import time
 
-    runner = OnnxRuntimeModel(path, metadata={"precision": "int8", "quantization": dict(info)})
+    from deeplab.deploy.runtime import OpenVINOModel
+
+    kind = OpenVINOModel if backend == "openvino" else OnnxRuntimeModel
+    runner = kind(path, metadata={"precision": "int8", "quantization": dict(info)})
     t = torch.from_numpy(x)
     runner(t)
     times = []
@@ -307,7 +311,14 @@ def _nncf_to_bound(
         info = result.info
         if result.path != result.plain_path and info["reverted_ops"]:
             x = calibration.parity[0]
-            base, mixed = _latency(result.plain_path, info, x), _latency(result.path, info, x)
-            info["float_cost"] = {"all_int8_s": base, "mixed_s": mixed, "slowdown": mixed / base if base else None}
+
+            def cost(backend: str) -> Dict[str, Any]:
+                base = _latency(result.plain_path, info, x, backend=backend)
+                mixed = _latency(result.path, info, x, backend=backend)
+                return {"all_int8_s": base, "mixed_s": mixed, "slowdown": mixed / base if base else None}
+
+            info["float_cost"] = cost("onnxruntime")
+            if optional_import("openvino") is not None:  # where NNCF's QDQ runs fast (ONNX Runtime does not fuse it)
+                info["float_cost"]["openvino"] = cost("openvino")
         Path(dst).write_bytes(result.path.read_bytes())
     return info, result.parity
