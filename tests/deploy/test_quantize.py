@@ -472,3 +472,14 @@ def test_nncf_validation_function_is_the_gate(tmp_path: Path, colour_calib: Cali
     parity = validate.parity(constant)
     assert gate_metric(parity) == pytest.approx(expected)
     assert (parity["true_miou"] if with_masks else parity["pseudo_miou"]) == pytest.approx(expected)
+
+
+def test_nncf_missing_is_one_clear_error(tmp_path: Path, colour_calib: CalibrationSet,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    net = ColourNet().eval()
+    src = export_plain_onnx(net, tmp_path / "fp32.onnx", colour_calib.arrays[0])
+    monkeypatch.setitem(sys.modules, "nncf", None)  # import nncf -> ImportError
+    with pytest.raises(ExportError, match=r"--calib-method nncf needs NNCF: pip install 'deeplab\[openvino\]'"):
+        quantize_to_bound(src, tmp_path / "int8.onnx", colour_calib, net, bound=1.0, method="nncf")
