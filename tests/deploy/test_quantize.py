@@ -403,3 +403,83 @@ def test_int8_loads_in_onnxruntime_and_openvino(tmp_path: Path, fp32_file: Path)
     # by at most a few quantization steps, far below the logits' spread.
     spread = ort_out.abs().max().item()
     assert (ort_out - ov_out).abs().max().item() <= 0.25 * spread
+
+
+# --------------------------------------------------------------------------- NNCF accuracy control
+
+
+def test_nncf_accuracy_control_keeps_the_sensitive_layer_float(tmp_path: Path, colour_calib: CalibrationSet) -> None:
+    pytest.importorskip("nncf")
+    from deeplab.deploy.precision import gate_delta
+
+    bad = with_outlier(ColourNet()).eval()
+    src = export_plain_onnx(bad, tmp_path / "fp32.onnx", colour_calib.arrays[0])
+    # NNCF's plain int8 (no search) loses the function, as ONNX Runtime's does
+    info, parity = quantize_to_bound(src, tmp_path / "plain.onnx", colour_calib, bad, bound=1.0, method="nncf",
+                                     max_float_fraction=0.0)
+    assert not within_bound(parity, 1.0) and info["tool"].startswith("nncf")
+    lines: List[str] = []
+    info, parity = quantize_to_bound(src, tmp_path / "int8.onnx", colour_calib, bad, bound=1.0, method="nncf",
+                                     report=lines.append)
+    delta, which = gate_delta(parity)
+    assert which == "pseudo-label mIoU delta" and delta is not None and delta <= 1.0
+    # NNCF reverted the conv reading the outlier tensor, and it is float in the file
+    assert "/body/body.6/Conv" in info["sensitive_float"] and "/body/body.6/Conv" in info["float_nodes"]
+    assert info["attempts"][0]["float_ops"] == 0 and info["attempts"][0]["miou_delta"] > 10
+    assert info["attempts"][-1]["miou_delta"] <= 1.0 and info["float_cost"]["slowdown"] > 0
+    if info["float_cost"].get("openvino"):  # where NNCF's files are meant to run
+        assert info["float_cost"]["openvino"]["slowdown"] > 0
+    assert info["accuracy_control"]["max_drop"] == pytest.approx(1.0 - info["accuracy_control"]["fp32_file_delta"])
+    assert len(lines) == len(info["attempts"]) and "reverted to float" in lines[-1]
+    # the stored figure is what the written file does, measured as the other methods measure it
+    runner = OnnxRuntimeModel(tmp_path / "int8.onnx", metadata={"precision": "int8", "quantization": info})
+    again = measure_parity(bad, runner, colour_calib.parity, sizes=colour_calib.parity_sizes)
+    assert again["miou_delta"] == pytest.approx(parity["miou_delta"])
+
+
+class _Constant(torch.nn.Module):
+    """Logits that say class 0 everywhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], 3, x.shape[2], x.shape[3])
+        logits[:, 0] = 1.0
+        return logits + 0 * x[:, :1]
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_nncf_validation_function_is_the_gate(tmp_path: Path, colour_calib: CalibrationSet, with_masks: bool) -> None:
+    pytest.importorskip("nncf")
+    from deeplab.deploy.nncf_control import GateValidation, gate_metric
+
+    net = ColourNet().eval()
+    with torch.no_grad():  # the reference's own classes: its true mIoU on these masks is 100
+        labels = [net(torch.from_numpy(a)).argmax(1)[0, :h, :w].numpy()
+                  for a, (h, w) in zip(colour_calib.arrays, colour_calib.sizes)]
+    calib = CalibrationSet(arrays=colour_calib.arrays, names=colour_calib.names, source="test",
+                           held_out=colour_calib.held_out, sizes=colour_calib.sizes,
+                           masks=labels if with_masks else [None] * len(labels))
+    validate = GateValidation(net, calib, {"precision": "int8", "quantization": {"scheme": "u8s8"}}, tmp_path)
+    fp32 = onnx.load(str(export_plain_onnx(net, tmp_path / "fp32.onnx", colour_calib.arrays[0])))
+    constant = onnx.load(str(export_plain_onnx(_Constant(), tmp_path / "constant.onnx", colour_calib.arrays[0])))
+    items = list(range(len(calib.parity)))
+    assert validate(fp32, items) == pytest.approx(100.0)
+    # class 0 everywhere: IoU of class 0 is its share of the pixels, 0 for the other two
+    ref = np.concatenate([m.ravel() for m in labels[len(labels) - calib.held_out:]])
+    assert set(np.unique(ref)) == {0, 1, 2}
+    expected = 100.0 * float(np.mean(ref == 0)) / 3
+    assert validate(constant, items) == pytest.approx(expected)
+    # ... which is what the gate reads: 100 - the true delta with masks, the pseudo-label mIoU without
+    parity = validate.parity(constant)
+    assert gate_metric(parity) == pytest.approx(expected)
+    assert (parity["true_miou"] if with_masks else parity["pseudo_miou"]) == pytest.approx(expected)
+
+
+def test_nncf_missing_is_one_clear_error(tmp_path: Path, colour_calib: CalibrationSet,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    net = ColourNet().eval()
+    src = export_plain_onnx(net, tmp_path / "fp32.onnx", colour_calib.arrays[0])
+    monkeypatch.setitem(sys.modules, "nncf", None)  # import nncf -> ImportError
+    with pytest.raises(ExportError, match=r"--calib-method nncf needs NNCF: pip install 'deeplab\[openvino\]'"):
+        quantize_to_bound(src, tmp_path / "int8.onnx", colour_calib, net, bound=1.0, method="nncf")

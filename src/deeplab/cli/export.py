@@ -70,13 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--calib-images", type=int, default=40,
                        help="images to read; a fifth (at least 1) are held out to measure parity (40: 32 calibrate)")
     group.add_argument("--calib-method", default=None, choices=["nncf", "percentile", "minmax", "entropy"],
-                       help="int8 calibration (default: percentile, chosen by measurement; nncf's files run fast in OpenVINO only)")
+                       help="int8 calibration (default: percentile, chosen by measurement); nncf: OpenVINO NNCF with accuracy "
+                            "control (quantize_with_accuracy_control validated by the mIoU gate; its files run fast in "
+                            "OpenVINO only)")
     group.add_argument("--int8-scheme", default="auto", choices=["auto", "u8s8", "u8s7"],
                        help="int8 weights: u8s8 8-bit (VNNI/AMX CPUs), u8s7 7-bit (no int16 saturation without VNNI); "
                             "auto: this CPU's")
     group.add_argument("--int8-float-fraction", type=float, default=0.5,
                        help="int8: the largest share of the convs kept float (most sensitive first) to reach the 1.0 mIoU "
-                            "bound; 0 quantizes every layer outside the logits / image pool / resizes")
+                            "bound (nncf: NNCF's steps); 0 quantizes every layer outside the logits / image pool / resizes")
     return parser
 
 
@@ -226,8 +228,10 @@ def _report_precision(path: Path) -> int:
             print(f"input ranges of {quant['qat_ranges']} tensor(s) from quantization-aware fine-tuning")
         cost = quant.get("float_cost")
         if cost:
+            ov = cost.get("openvino")
             print(f"speed cost of the float layers: {cost['mixed_s']:.3f} s vs {cost['all_int8_s']:.3f} s all-int8 "
-                  f"({cost['slowdown']:.2f}x) on one held-out image")
+                  f"({cost['slowdown']:.2f}x) on one held-out image"
+                  + (f"; OpenVINO {ov['mixed_s']:.3f} s vs {ov['all_int8_s']:.3f} s ({ov['slowdown']:.2f}x)" if ov else ""))
     print(f"parity ({precision} {parity['backend']} vs fp32 PyTorch, {parity['images']} {parity['inputs']}): "
           f"{parity_text(parity, precision)}; pseudo-label mIoU {parity['pseudo_miou']:.2f}, "
           f"pixel agreement {100 * parity['pixel_agreement']:.2f}%, max |diff| of logits {parity['max_logit_diff']:.3g}")

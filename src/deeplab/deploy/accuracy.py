@@ -1,7 +1,8 @@
 """Accuracy-aware int8 (:func:`quantize_to_bound`): quantize, measure the mIoU delta against fp32 on
 the held-out images (:func:`deeplab.deploy.runtime.measure_parity`), and while it is over the bound
 keep the most sensitive layers (:func:`layer_sensitivity`) in float, each with the conv that makes
-its input (:func:`with_producers`).
+its input (:func:`with_producers`). With ``method="nncf"`` NNCF's own accuracy control does the
+search (:func:`deeplab.deploy.nncf_control.nncf_accuracy_control`), validated by the same gate.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from deeplab._utils import optional_import
 from deeplab.deploy.calibration import CalibrationSet
-from deeplab.deploy.quantize import KEEP_FLOAT, default_calibration_method, quantize
+from deeplab.deploy.format import ExportError
+from deeplab.deploy.quantize import KEEP_FLOAT, QAT_NEEDS_ORT, default_calibration_method, quantize
 from deeplab.deploy.runtime import OnnxRuntimeModel, measure_parity
 
 __all__ = ["layer_sensitivity", "quantize_to_bound", "with_producers", "within_bound"]
@@ -176,10 +179,13 @@ class _CachedReference:
         return self.cache[key]
 
 
-def _latency(path: Path, info: Mapping[str, Any], x: np.ndarray, runs: int = 3) -> float:
+def _latency(path: Path, info: Mapping[str, Any], x: np.ndarray, runs: int = 3, backend: str = "onnxruntime") -> float:
     import time
 
-    runner = OnnxRuntimeModel(path, metadata={"precision": "int8", "quantization": dict(info)})
+    from deeplab.deploy.runtime import OpenVINOModel
+
+    kind = OpenVINOModel if backend == "openvino" else OnnxRuntimeModel
+    runner = kind(path, metadata={"precision": "int8", "quantization": dict(info)})
     t = torch.from_numpy(x)
     runner(t)
     times = []
@@ -219,6 +225,12 @@ def quantize_to_bound(
     3. Write the first attempt within the bound, else the most accurate one (its parity then says
        it is out of bound; :mod:`deeplab.deploy.precision` refuses it).
 
+    ``method="nncf"`` (with ``max_float_fraction > 0``): steps 1-3 are NNCF's
+    ``quantize_with_accuracy_control`` with our gate as its validation function
+    (:func:`deeplab.deploy.nncf_control.nncf_accuracy_control`); its metadata adds
+    ``"reverted_ops"`` and ``"accuracy_control"``, and the parity is measured again on the written
+    file as for the other methods.
+
     Returns:
         ``(quantization, parity)`` for the metadata. ``quantization`` adds to :func:`quantize`'s
         ``"sensitive_float"`` (the convs kept float for accuracy), ``"attempts"`` (ranked layers ->
@@ -229,6 +241,11 @@ def quantize_to_bound(
     method = method or default_calibration_method()
     ref = _CachedReference(reference)
     arrays, sizes, masks = calibration.parity, calibration.parity_sizes, calibration.parity_masks
+    if method == "nncf" and activation_ranges:
+        raise ExportError(QAT_NEEDS_ORT)
+    if method == "nncf" and max_float_fraction > 0:
+        return _nncf_to_bound(float_path, dst, calibration, ref, bound=bound, keep_float=keep_float, scheme=scheme,
+                              max_float_fraction=max_float_fraction, report=report)
     with tempfile.TemporaryDirectory(prefix="deeplab-int8-search-") as tmp:
         cache = Path(tmp) / "ranges.json" if method != "nncf" else None
 
@@ -278,3 +295,37 @@ def quantize_to_bound(
             info["float_cost"] = {"all_int8_s": base, "mixed_s": mixed, "slowdown": mixed / base if base else None}
         Path(dst).write_bytes(path.read_bytes())
     return info, parity
+
+
+def _nncf_to_bound(
+    float_path: PathLike,
+    dst: PathLike,
+    calibration: CalibrationSet,
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    bound: float,
+    keep_float: Sequence[str],
+    scheme: Optional[str],
+    max_float_fraction: float,
+    report: Optional[Callable[[str], None]],
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """:func:`quantize_to_bound` by NNCF's accuracy control, with the same ``float_cost`` record."""
+    from deeplab.deploy.nncf_control import nncf_accuracy_control
+
+    with tempfile.TemporaryDirectory(prefix="deeplab-int8-nncf-") as tmp:
+        result = nncf_accuracy_control(float_path, tmp, calibration, reference, bound=bound, keep_float=keep_float,
+                                       scheme=scheme, max_float_fraction=max_float_fraction, report=report)
+        info = result.info
+        if result.path != result.plain_path and info["reverted_ops"]:
+            x = calibration.parity[0]
+
+            def cost(backend: str) -> Dict[str, Any]:
+                base = _latency(result.plain_path, info, x, backend=backend)
+                mixed = _latency(result.path, info, x, backend=backend)
+                return {"all_int8_s": base, "mixed_s": mixed, "slowdown": mixed / base if base else None}
+
+            info["float_cost"] = cost("onnxruntime")
+            if optional_import("openvino") is not None:  # where NNCF's QDQ runs fast (ONNX Runtime does not fuse it)
+                info["float_cost"]["openvino"] = cost("openvino")
+        Path(dst).write_bytes(result.path.read_bytes())
+    return info, result.parity

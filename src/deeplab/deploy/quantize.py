@@ -9,8 +9,9 @@
 * :func:`quantize_openvino` - the same with OpenVINO NNCF (``pip install 'deeplab[openvino]'``),
   written as an ONNX file with QDQ nodes both runtimes read.
 * :func:`deeplab.deploy.accuracy.quantize_to_bound` - accuracy-aware int8: quantize, measure the
-  pseudo-label mIoU delta against fp32 on the held-out images, and while it is over the bound keep
-  the most sensitive layers in float.
+  gate's mIoU delta against fp32 on the held-out images, and while it is over the bound keep
+  the most sensitive layers in float. With ``"nncf"`` that is NNCF's own accuracy control
+  (``nncf.quantize_with_accuracy_control``, :mod:`deeplab.deploy.nncf_control`) validated by the gate.
 
 Which layers stay float (:data:`KEEP_FLOAT`), decided by measurement on the demo model
 (MobileNetV2 after ``deeplab demo``, mIoU on its 4 photos, fp32 51.32):
@@ -39,6 +40,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -63,6 +65,7 @@ __all__ = [
     "FALLBACK_CALIBRATION_METHOD",
     "IMAGE_SUFFIXES",
     "KEEP_FLOAT",
+    "NNCFSetup",
     "CalibrationError",
     "CalibrationSet",
     "calibration_set",
@@ -70,6 +73,7 @@ __all__ = [
     "default_calibration_method",
     "float_node_names",
     "measure_parity",
+    "nncf_setup",
     "pad_to_common",
     "prepare_image",
     "quantize",
@@ -96,6 +100,9 @@ FALLBACK_CALIBRATION_METHOD = "percentile"
 # Layer groups that may stay float -> how to find their nodes in an exported graph.
 LAYER_GROUPS = ("logits", "image_pool", "resize", "stem", "depthwise", "decoder")
 KEEP_FLOAT: Tuple[str, ...] = ("logits", "image_pool", "resize")
+# NNCF measures its own ranges: the ones a --qat run tracked need ONNX Runtime's quantizer
+QAT_NEEDS_ORT = ("the ranges a --qat run tracked go into ONNX Runtime's quantizer; pass --calib-method percentile "
+                 "(or minmax / entropy for the tensors QAT did not track)")
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
@@ -264,8 +271,7 @@ def quantize(
         raise ValueError(f"unknown calibration method {method!r}; choose from {list(CALIBRATION_METHODS)}")
     if method == "nncf":
         if activation_ranges:
-            raise ExportError("the ranges a --qat run tracked go into ONNX Runtime's quantizer; pass --calib-method "
-                              "percentile (or minmax / entropy for the tensors QAT did not track)")
+            raise ExportError(QAT_NEEDS_ORT)
         return quantize_openvino(src, dst, calibration, keep_float=keep_float, scheme=scheme, float_nodes=float_nodes)
     return quantize_onnx(src, dst, calibration, method=method, keep_float=keep_float, scheme=scheme,
                          float_nodes=float_nodes, calibration_cache=calibration_cache,
@@ -466,53 +472,56 @@ def conv_input_tensors(model: Any, onnx_path: PathLike) -> Dict[str, str]:
 # --------------------------------------------------------------------------- OpenVINO NNCF
 
 
-def quantize_openvino(
+@dataclass
+class NNCFSetup:
+    """What ``nncf.quantize`` and ``nncf.quantize_with_accuracy_control`` take for an ONNX file
+    (:func:`nncf_setup`), and the metadata of the result."""
+
+    nncf: Any  # the nncf module
+    model: Any  # the fp32 ``onnx.ModelProto``
+    input_name: str
+    dataset: Any  # ``nncf.Dataset`` of the calibration arrays
+    subset_size: int
+    ignored_scope: Any  # ``nncf.IgnoredScope`` of the layers kept float
+    advanced: Optional[Any]  # ``AdvancedQuantizationParameters`` or None
+    info: Dict[str, Any]  # the ``quantization`` metadata (see :func:`quantize_openvino`)
+
+
+def nncf_setup(
     src: PathLike,
-    dst: PathLike,
     calibration: Sequence[np.ndarray],
     *,
     keep_float: Sequence[str] = KEEP_FLOAT,
     scheme: Optional[str] = None,
     float_nodes: Sequence[str] = (),
-) -> Dict[str, Any]:
-    """Static int8 quantization of ``src`` with OpenVINO NNCF (``nncf.quantize`` on the ONNX graph).
-
-    NNCF's ONNX backend writes QDQ nodes, so ``dst`` runs in ONNX Runtime and OpenVINO alike.
-    NNCF picks its own calibration statistics (min / quantile per its preset). Scheme ``"u8s7"``
-    turns on NNCF's overflow fix (7-bit weights) everywhere, not only in the first layer.
+) -> NNCFSetup:
+    """Load ``src`` and prepare NNCF's arguments: the calibration dataset, the ignored scope
+    (``keep_float`` groups and ``float_nodes``) and, for scheme ``"u8s7"``, the overflow fix.
 
     Raises:
-        ExportError: nncf is not installed, or quantization failed.
+        ExportError: nncf is not installed.
+        ValueError: no calibration arrays, unknown layer group or scheme.
     """
     try:
         import nncf
         import onnx
     except ImportError as exc:
-        raise ExportError("--quantizer nncf needs NNCF: pip install 'deeplab[openvino]'") from exc
+        raise ExportError("--calib-method nncf needs NNCF: pip install 'deeplab[openvino]'") from exc
     if not calibration:
-        raise ValueError("quantize_openvino needs at least one calibration array")
+        raise ValueError("NNCF quantization needs at least one calibration array")
     scheme, scheme_reason = resolve_scheme(scheme)
     proto = onnx.load(str(src))
     exclude = float_node_names(proto, keep_float)
     exclude += [n for n in float_nodes if n not in exclude]
     input_name = proto.graph.input[0].name
-    dataset = nncf.Dataset(list(calibration), lambda x: {input_name: x})
     # NNCF logs every ignored node at INFO; its progress bars stay
     logging.getLogger("nncf").setLevel(logging.WARNING)
-    options: Dict[str, Any] = {}
+    advanced = None
     if scheme == "u8s7":
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
-        options["advanced_parameters"] = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
-    try:
-        quantized = nncf.quantize(
-            proto, dataset, subset_size=len(calibration),
-            ignored_scope=nncf.IgnoredScope(names=exclude, validate=False), **options,
-        )
-    except Exception as exc:
-        raise ExportError(f"NNCF quantization of {src} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
-    onnx.save(quantized, str(dst))
-    return {
+        advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
+    info = {
         "tool": f"nncf {getattr(nncf, '__version__', '?')}",
         "format": "QDQ",
         "method": "nncf",
@@ -524,3 +533,40 @@ def quantize_openvino(
         "keep_float": list(keep_float),
         "float_nodes": _compute_nodes(exclude),
     }
+    return NNCFSetup(
+        nncf=nncf, model=proto, input_name=input_name,
+        dataset=nncf.Dataset(list(calibration), lambda x: {input_name: x}), subset_size=len(calibration),
+        ignored_scope=nncf.IgnoredScope(names=exclude, validate=False), advanced=advanced, info=info,
+    )
+
+
+def quantize_openvino(
+    src: PathLike,
+    dst: PathLike,
+    calibration: Sequence[np.ndarray],
+    *,
+    keep_float: Sequence[str] = KEEP_FLOAT,
+    scheme: Optional[str] = None,
+    float_nodes: Sequence[str] = (),
+) -> Dict[str, Any]:
+    """Static int8 quantization of ``src`` with OpenVINO NNCF (``nncf.quantize`` on the ONNX graph),
+    no accuracy control (that is :func:`deeplab.deploy.nncf_control.nncf_accuracy_control`).
+
+    NNCF's ONNX backend writes QDQ nodes, so ``dst`` runs in ONNX Runtime and OpenVINO alike.
+    NNCF picks its own calibration statistics (min / quantile per its preset). Scheme ``"u8s7"``
+    turns on NNCF's overflow fix (7-bit weights) everywhere, not only in the first layer.
+
+    Raises:
+        ExportError: nncf is not installed, or quantization failed.
+    """
+    import onnx
+
+    setup = nncf_setup(src, calibration, keep_float=keep_float, scheme=scheme, float_nodes=float_nodes)
+    options = {} if setup.advanced is None else {"advanced_parameters": setup.advanced}
+    try:
+        quantized = setup.nncf.quantize(setup.model, setup.dataset, subset_size=setup.subset_size,
+                                        ignored_scope=setup.ignored_scope, **options)
+    except Exception as exc:
+        raise ExportError(f"NNCF quantization of {src} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+    onnx.save(quantized, str(dst))
+    return dict(setup.info)
