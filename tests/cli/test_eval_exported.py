@@ -153,3 +153,44 @@ def test_fixed_input_size_graphs_are_padded_and_cropped() -> None:
     assert logits.shape == (1, 2, 5, 9) and torch.equal(logits[:, 0], x[:, 0])
     with pytest.raises(DeeplabError, match="--mode slide --crop-size 8 "):
         fixed(torch.randn(1, 3, 9, 9))
+
+
+def test_a_fixed_size_onnx_file_opens_padded_everywhere(tmp_path: Path) -> None:
+    """An ONNX file whose input has one size (as static-shape tools write them) opens wrapped by default:
+    smaller images run padded (= the checkpoint at --pad-to that size), larger ones are refused with
+    the way out, and ``fixed_input=False`` hands over the raw runtime."""
+    import onnx
+
+    from deeplab import InferenceConfig, Segmenter
+    from deeplab.deploy.open import open_model
+    from deeplab.deploy.runtime import InputSizeError
+
+    model = voc_model()
+    path = export_onnx(model, tmp_path / "dyn.onnx", metadata=model_metadata(model, classes=VOC_CLASSES,
+                                                                             normalization=NORM))
+    proto = onnx.load(str(path))
+    for value, channels in ((proto.graph.input[0], 3), (proto.graph.output[0], 21)):
+        for dim, size in zip(value.type.tensor_type.shape.dim, (1, channels, 49, 65)):
+            dim.Clear()
+            dim.dim_value = size
+    fixed_path = tmp_path / "fixed.onnx"
+    onnx.save(proto, str(fixed_path))
+    runner, card = open_model(fixed_path)
+    assert isinstance(runner, FixedInputModel) and runner.size == (49, 65)
+    assert card.exported is not None and card.exported["input_size"] == [49, 65]
+    image = (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)
+    padded = Segmenter.from_checkpoint(_checkpoint(tmp_path, model), inference=InferenceConfig(pad_to=(49, 65)))
+    labels = Segmenter.open(fixed_path).predict(image)
+    agree = (labels == padded.predict(image)).mean()
+    assert labels.shape == (40, 50) and agree >= 1 - MAX_MOVED
+    with pytest.raises(InputSizeError, match="exported for 49x65 inputs only"):
+        Segmenter.open(fixed_path).predict(np.zeros((60, 50, 3), np.uint8))
+    raw, _ = open_model(fixed_path, fixed_input=False)
+    assert not isinstance(raw, FixedInputModel)
+    with pytest.raises(Exception, match="(?i)dimension"):  # ONNX Runtime itself takes one size only
+        raw(torch.zeros(1, 3, 40, 50))
+
+
+def _checkpoint(tmp_path: Path, model: nn.Module) -> Path:
+    return save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": model.config.to_dict(),
+                                               "classes": list(VOC_CLASSES), "normalization": NORM})

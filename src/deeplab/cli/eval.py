@@ -114,8 +114,7 @@ def open_model_to_eval(args: argparse.Namespace, inference: InferenceConfig) -> 
     if kind != "checkpoint" and args.device not in ("auto", "cpu"):
         raise CLIError(f"{path} runs on the CPU through its runtime backend; drop --device {args.device}")
     precision = None if inference.precision == "auto" else inference.precision
-    return open_model(path, backend=args.backend, precision=precision, output_stride=inference.output_stride,
-                      fixed_input=True)
+    return open_model(path, backend=args.backend, precision=precision, output_stride=inference.output_stride)
 
 
 # --------------------------------------------------------------------------- outputs beyond the table

@@ -246,7 +246,7 @@ def open_model(
     optimize: bool = False,
     threads: Optional[int] = None,
     static_shapes: bool = False,
-    fixed_input: bool = False,
+    fixed_input: bool = True,
     mirror: Optional[str] = None,
     progress: bool = True,
 ) -> Tuple[nn.Module, ModelCard]:
@@ -263,7 +263,10 @@ def open_model(
         output_stride: rebuild a checkpoint at this output stride; an exported file's is fixed.
         optimize: checkpoints: fold BatchNorm (and fuse, except for bf16) for inference.
         threads, static_shapes: runtime options of exported files.
-        fixed_input: wrap an exported graph of one input size in :class:`FixedInputModel`.
+        fixed_input: wrap an exported graph of one input size in :class:`FixedInputModel`
+            (smaller images padded to it and the logits cropped back, larger ones refused with the
+            way out); ``False``: the raw runtime, which rejects every other size (LiteRT files are
+            always wrapped).
         mirror, progress: where a zoo name is downloaded from, and the download's progress bar.
 
     Raises:
