@@ -386,3 +386,30 @@ def test_float32_forward_matches_float64() -> None:
     assert y32.dtype == torch.float32
     scale = y64.abs().max().item()
     torch.testing.assert_close(y32.double(), y64, rtol=0.0, atol=FLOAT32_RTOL * scale)
+
+
+def test_cpu_inference_runs_channels_last_with_the_same_result_in_the_callers_layout() -> None:
+    """Eval mode on the CPU computes in NHWC (faster oneDNN convolutions): the logits equal the NCHW
+    computation up to float32 rounding of the reordered sums and come back contiguous; training and
+    export (``channels_last_inference = False``) keep the input's layout."""
+    torch.manual_seed(0)
+    model = build_model(arch="deeplabv3plus", backbone="mobilenet_v2", num_classes=5).eval()
+    x = torch.randn(1, 3, 65, 81, generator=torch.Generator().manual_seed(1))
+    layouts = []
+    hook = model.backbone.register_forward_pre_hook(
+        lambda m, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        nhwc = model(x)
+        model.channels_last_inference = False
+        nchw = model(x)
+        model.channels_last_inference = True
+        model.train()
+        model(x)
+    hook.remove()
+    assert layouts == [True, False, False]
+    assert nhwc.is_contiguous() and nhwc.shape == nchw.shape == (1, 5, 65, 81)
+    # float32: each logit is a sum of O(1e4) products; reordering moves it by a few ulps of the scale
+    torch.testing.assert_close(nhwc, nchw, rtol=0, atol=1e-5 * float(nchw.abs().max()))
+    from deeplab.deploy.export import prepare_for_export
+
+    assert prepare_for_export(model, fold_bn=True).channels_last_inference is False and model.channels_last_inference

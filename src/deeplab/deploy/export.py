@@ -133,6 +133,9 @@ def prepare_for_export(model: nn.Module, fold_bn: bool) -> nn.Module:
     """A float32, CPU, eval-mode copy of ``model`` with BatchNorm folded (``fold_bn``): what every
     exporter converts and what parity is measured against."""
     model = copy.deepcopy(model).float().cpu().eval()
+    for module in model.modules():  # graphs in the layout they are fed (no memory-format ops traced in)
+        if hasattr(module, "channels_last_inference"):
+            setattr(module, "channels_last_inference", False)  # noqa: B010 - a plain flag, not a submodule
     if fold_bn:
         model = fold_batchnorm(model, inplace=True)
     return model
