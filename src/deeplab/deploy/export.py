@@ -368,7 +368,7 @@ def export_model(
 def _qat_ranges(model: nn.Module, float_path: Path, qat: Mapping[str, Any], scheme: Optional[str],
                report: Optional[Callable[[str], None]]) -> Dict[str, Any]:
     """The ONNX tensor -> ``(lo, hi)`` ranges of a ``--qat`` checkpoint's convs."""
-    from deeplab.deploy.quantize import conv_input_tensors
+    from deeplab.deploy.quantize import conv_input_tensors, resolve_scheme
 
     tensors = conv_input_tensors(model, float_path)
     saved = dict(qat.get("ranges") or {})
@@ -376,8 +376,6 @@ def _qat_ranges(model: nn.Module, float_path: Path, qat: Mapping[str, Any], sche
     if unknown:
         raise ExportError(f"the checkpoint's QAT ranges name convs this model lacks ({unknown[:3]}); "
                           "export the model they were tracked on")
-    from deeplab.deploy.quantize import resolve_scheme
-
     written = resolve_scheme(scheme)[0]
     if written != qat.get("scheme") and report is not None:
         report(f"note: the fine-tuning rounded weights as {qat.get('scheme')}, this export writes {written} "
