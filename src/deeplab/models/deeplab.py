@@ -137,7 +137,7 @@ class DeepLabV3(nn.Module):
         self.check_input(x)
         size = x.shape[-2:]
         nhwc = (getattr(self, "channels_last_inference", False) and not self.training and x.device.type == "cpu"
-                and not x.is_contiguous(memory_format=torch.channels_last))
+                and not torch.compiler.is_compiling() and not x.is_contiguous(memory_format=torch.channels_last))
         if nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
         features = self.backbone(x)
