@@ -182,7 +182,7 @@ def test_int8_export_uses_the_tracked_ranges_and_rounds_as_qat_did(tmp_path: Pat
         float_out = model(images[0])
 
     float_path = export_onnx(model, tmp_path / "fp32.onnx")
-    tensors = conv_input_tensors(model, float_path)
+    tensors = conv_input_tensors(model, float_path, images[0])
     assert list(tensors) == ["a.0", "b.0", "head"] and tensors["a.0"] == "image"
     given = {tensors[k]: v for k, v in ranges.ranges.items()}
     info = quantize_onnx(float_path, tmp_path / "int8.onnx", [x.numpy() for x in images], method="minmax",

@@ -338,7 +338,8 @@ def export_model(
             float_path = export_onnx(model, Path(tmp) / "fp32.onnx", metadata=meta, example_input=example_input,
                                      fold_bn=fold_bn, opset=opset)
             reference = prepare_for_export(model, fold_bn)
-            ranges = _qat_ranges(reference, float_path, qat, int8_scheme, report) if qat else None
+            ranges = (_qat_ranges(reference, float_path, _example(model, example_input), qat, int8_scheme, report)
+                      if qat else None)
             with _atomic_target(path) as target:
                 # accuracy-aware: the most sensitive layers stay float until the mIoU bound holds
                 meta["quantization"], parity = quantize_to_bound(
@@ -365,12 +366,12 @@ def export_model(
     return Path(path)
 
 
-def _qat_ranges(model: nn.Module, float_path: Path, qat: Mapping[str, Any], scheme: Optional[str],
-               report: Optional[Callable[[str], None]]) -> Dict[str, Any]:
+def _qat_ranges(model: nn.Module, float_path: Path, example: torch.Tensor, qat: Mapping[str, Any],
+               scheme: Optional[str], report: Optional[Callable[[str], None]]) -> Dict[str, Any]:
     """The ONNX tensor -> ``(lo, hi)`` ranges of a ``--qat`` checkpoint's convs."""
     from deeplab.deploy.quantize import conv_input_tensors, resolve_scheme
 
-    tensors = conv_input_tensors(model, float_path)
+    tensors = conv_input_tensors(model, float_path, example)
     saved = dict(qat.get("ranges") or {})
     unknown = sorted(set(saved) - set(tensors))
     if unknown:

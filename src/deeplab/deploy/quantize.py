@@ -362,11 +362,11 @@ def quantize_onnx(
         calibration = pad_to_common(calibration)
     # resolved before the chdir below: relative paths name the caller's folder
     src_path, dst_path = str(Path(src).resolve()), str(Path(dst).resolve())
-    if activation_ranges and calibration_cache is None:  # the given ranges go in through the cache
-        calibration_cache = Path(tempfile.mkdtemp(prefix="deeplab-quant-cache-")) / "ranges.json"
     cache = None if calibration_cache is None else str(Path(calibration_cache).resolve())
     try:
         with _quiet_scratch_dir():
+            if activation_ranges and cache is None:  # the given ranges go in through a cache in the scratch folder
+                cache = str(Path.cwd() / "ranges.json")
             for _ in range(2):
                 quantize_static(
                     src_path,
@@ -430,12 +430,12 @@ def set_cached_ranges(cache: PathLike, ranges: Mapping[str, Sequence[float]]) ->
     return changed
 
 
-def conv_input_tensors(model: Any, onnx_path: PathLike) -> Dict[str, str]:
+def conv_input_tensors(model: Any, onnx_path: PathLike, example: Any) -> Dict[str, str]:
     """Conv module name of ``model`` -> the ONNX tensor its ``Conv`` node reads in ``onnx_path``.
 
     ``model`` is the module the file was exported from (BatchNorm folded or not: conv names stay).
     The exporter writes nodes in execution order, so the convs are paired by the order a forward
-    pass calls them, each pair checked by weight shape.
+    pass on ``example`` (an input tensor) calls them, each pair checked by weight shape.
 
     Raises:
         ExportError: the graph's convs do not pair up with the model's.
@@ -451,10 +451,8 @@ def conv_input_tensors(model: Any, onnx_path: PathLike) -> Dict[str, str]:
         lambda m, _, name=name: called.append((name, tuple(m.weight.shape))))
         for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
     try:
-        stride = int(getattr(model, "output_stride", 16) or 16)
-        channels = int(getattr(model, "in_channels", 3) or 3)
         with torch.no_grad():
-            model.eval()(torch.zeros(1, channels, 4 * stride + 1, 4 * stride + 1))
+            model.eval()(example)
     finally:
         for hook in hooks:
             hook.remove()
